@@ -1,0 +1,6 @@
+// Precompiled header for the libtorch-facing layers: the narrow ATen header, never <torch/torch.h>.
+#pragma once
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <string>
+#include <vector>
