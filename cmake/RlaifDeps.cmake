@@ -36,6 +36,7 @@ find_package(SQLite3 REQUIRED)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
+pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)  # local fake API servers in tests; later `serve`
 find_package(Threads REQUIRED)
 if(RLAIF_TESTS)
   find_package(GTest REQUIRED)
