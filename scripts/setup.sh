@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import torch, transformers, tokenizers, safetensors, peft, jinja2, numpy, tensorboard' 2>/dev/null; then
+if ! .venv/bin/python -c 'import torch, transformers, tokenizers, safetensors, peft, jinja2, numpy, tensorboard, gguf' 2>/dev/null; then
   echo "[setup] installing Python packages (torch 2.11.0 and test references) into .venv"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -r scripts/requirements.txt
