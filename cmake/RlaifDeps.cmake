@@ -27,7 +27,14 @@ get_filename_component(RLAIF_TORCH_LIB_DIR ${TORCH_LIBRARY} DIRECTORY)
 set(CMAKE_BUILD_RPATH ${RLAIF_TORCH_LIB_DIR})
 set(CMAKE_INSTALL_RPATH ${RLAIF_TORCH_LIB_DIR})
 
-find_package(fmt REQUIRED)
+# fmt: libtorch's headers ship fmt 12 (torch/include/fmt), which would shadow Debian's fmt 9 in any file that
+# also sees torch's include path. One fmt for all: torch's copy, header-only, for torch-free layers too.
+get_filename_component(_torch_root ${RLAIF_TORCH_LIB_DIR} DIRECTORY)
+file(COPY ${_torch_root}/include/fmt DESTINATION ${CMAKE_BINARY_DIR}/third_party/include)
+add_library(rlaif_fmt INTERFACE)
+target_include_directories(rlaif_fmt SYSTEM INTERFACE ${CMAKE_BINARY_DIR}/third_party/include)
+target_compile_definitions(rlaif_fmt INTERFACE FMT_HEADER_ONLY=1)
+add_library(fmt::fmt ALIAS rlaif_fmt)
 find_package(nlohmann_json REQUIRED)
 find_package(yaml-cpp REQUIRED)
 find_package(CLI11 REQUIRED)

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(build-essential cmake ninja-build ccache pkg-config python3-venv
   libyaml-cpp-dev nlohmann-json3-dev libcurl4-openssl-dev libcli11-dev libpcre2-dev libutf8proc-dev
-  libsqlite3-dev libcpp-httplib-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev)
+  libsqlite3-dev libcpp-httplib-dev libgtest-dev libgmock-dev libbenchmark-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

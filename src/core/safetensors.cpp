@@ -2,6 +2,8 @@
 // the file, valid JSON, known dtypes, shape × dtype size == byte span, spans contiguous and inside the buffer.
 #include "core/safetensors.h"
 
+#include <fmt/ranges.h>
+
 #include <algorithm>
 #include <cstring>
 

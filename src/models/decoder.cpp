@@ -1,0 +1,124 @@
+// Forward pass of the Llama-style decoder (Llama, Qwen2). Numerics follow transformers step by step (RMSNorm
+// in float32 then cast, rotary tables in float32, softmax in float32) so logits match it to rounding.
+#include "models/decoder.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace rlaif {
+
+DecoderModel::DecoderModel(ModelConfig config, ModelWeights weights)
+    : config_(std::move(config)), weights_(std::move(weights)), inv_freq_(rope_inv_freq(config_)) {}
+
+std::shared_ptr<DecoderModel> DecoderModel::load(const std::filesystem::path& dir, const LoadOptions& opt) {
+  ModelConfig c = load_model_config(dir);
+  ModelWeights w = load_hf_weights(dir, c, opt);
+  return std::make_shared<DecoderModel>(std::move(c), std::move(w));
+}
+
+at::Tensor rope_inv_freq(const ModelConfig& c) {
+  const int64_t dim = c.head_dim;
+  at::Tensor exponent = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / static_cast<double>(dim);
+  at::Tensor inv_freq = 1.0 / at::pow(c.rope.theta, exponent);
+  if (c.rope.type == "llama3") {
+    const double factor = c.rope.factor, low = c.rope.low_freq_factor, high = c.rope.high_freq_factor;
+    const double old_len = static_cast<double>(c.rope.original_max_position_embeddings);
+    const double low_freq_wavelen = old_len / low, high_freq_wavelen = old_len / high;
+    at::Tensor wavelen = 2 * M_PI / inv_freq;
+    at::Tensor scaled = at::where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq);
+    at::Tensor smooth = (old_len / wavelen - low) / (high - low);
+    at::Tensor smoothed = (1 - smooth) * scaled / factor + smooth * scaled;
+    at::Tensor medium = (wavelen >= high_freq_wavelen).logical_and(wavelen <= low_freq_wavelen);
+    inv_freq = at::where(medium, smoothed, scaled);
+  }
+  return inv_freq;
+}
+
+at::Tensor positions_from_mask(const at::Tensor& mask) {
+  at::Tensor pos = mask.to(at::kLong).cumsum(-1) - 1;
+  return pos.masked_fill(mask.eq(0), 1);
+}
+
+namespace {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  at::Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return w * h.to(x.scalar_type());
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+}  // namespace
+
+at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tensor& mask) const {
+  const ModelConfig& c = config_;
+  const int64_t B = tokens.size(0), T = tokens.size(1), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
+  const at::Device dev = weights_.embed.device();
+  const at::ScalarType dt = weights_.embed.scalar_type();
+  RLAIF_CHECK(tokens.dim() == 2 && mask.sizes() == tokens.sizes(), "tokens [B,T] and mask [B,T]");
+  const at::Tensor ids = tokens.to(dev, at::kLong);
+  const at::Tensor m = mask.to(dev, at::kBool);
+
+  at::Tensor h = at::embedding(weights_.embed, ids);  // [B, T, D]
+
+  // Rotary tables from mask-derived positions, in float32 as transformers does, then cast to the model dtype.
+  at::Tensor pos = positions_from_mask(m).to(at::kFloat);                        // [B, T]
+  at::Tensor freqs = pos.unsqueeze(-1) * inv_freq_.to(dev).view({1, 1, -1});    // [B, T, hd/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1);                                 // [B, T, hd]
+  at::Tensor cos = emb.cos().to(dt).unsqueeze(1), sin = emb.sin().to(dt).unsqueeze(1);  // [B, 1, T, hd]
+
+  // Causal mask AND key padding; each query also sees itself so padded rows stay finite (never read).
+  at::Tensor causal = at::ones({T, T}, at::TensorOptions().dtype(at::kBool).device(dev)).tril();
+  at::Tensor allowed = causal.unsqueeze(0).logical_and(m.unsqueeze(1));          // [B, T, T]
+  allowed = allowed.logical_or(at::eye(T, at::TensorOptions().dtype(at::kBool).device(dev)).unsqueeze(0));
+  allowed = allowed.unsqueeze(1);                                                // [B, 1, T, T]
+
+  for (const LayerWeights& L : weights_.layers) {
+    at::Tensor x = rms_norm(h, L.input_norm, c.rms_norm_eps);                    // [B, T, D]
+    at::Tensor q = linear(x, L.wq, L.bq).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
+    at::Tensor k = linear(x, L.wk, L.bk).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+    at::Tensor v = linear(x, L.wv, L.bv).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+    if (KV != H) {  // grouped-query attention: each KV head serves H/KV query heads
+      k = k.repeat_interleave(H / KV, 1);                                        // [B, H, T, hd]
+      v = v.repeat_interleave(H / KV, 1);
+    }
+    // Scores and softmax in float32, as transformers' eager attention.
+    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(hd)));  // [B, H, T, T]
+    scores = scores.to(at::kFloat).masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+    at::Tensor probs = at::softmax(scores, -1).to(dt);
+    at::Tensor o = at::matmul(probs, v);                                         // [B, H, T, hd]
+    o = o.transpose(1, 2).reshape({B, T, H * hd});                               // [B, T, H*hd]
+    h = h + linear(o, L.wo, L.bo);                                               // [B, T, D]
+
+    x = rms_norm(h, L.post_norm, c.rms_norm_eps);
+    at::Tensor gate = linear(x, L.w_gate, L.b_gate), up = linear(x, L.w_up, L.b_up);  // [B, T, F]
+    h = h + linear(at::silu(gate) * up, L.w_down, L.b_down);                     // [B, T, D]
+  }
+  return rms_norm(h, weights_.final_norm, c.rms_norm_eps);                       // [B, T, D]
+}
+
+at::Tensor DecoderModel::forward(const at::Tensor& tokens, const at::Tensor& mask) const {
+  return at::linear(hidden_states(tokens, mask), weights_.lm_head);              // [B, T, V]
+}
+
+at::Tensor DecoderModel::token_logprobs(const at::Tensor& tokens, const at::Tensor& mask, const at::Tensor& targets,
+                                        int64_t chunk_rows) const {
+  at::Tensor h = hidden_states(tokens, mask);                                    // [B, T, D]
+  const int64_t B = h.size(0), T = h.size(1);
+  at::Tensor flat = chunked_target_logprobs(h.reshape({B * T, h.size(2)}), weights_.lm_head,
+                                            targets.to(h.device(), at::kLong).reshape({B * T}), chunk_rows);
+  return flat.view({B, T});                                                      // [B, T] float32
+}
+
+}  // namespace rlaif

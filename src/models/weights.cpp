@@ -1,0 +1,240 @@
+// Weight name table (HF ↔ GGUF ↔ slot) and loading from safetensors checkpoints with zero-copy mmap views.
+#include "models/weights.h"
+
+#include <map>
+#include <set>
+
+#include "core/error.h"
+#include "core/logging.h"
+#include "core/safetensors.h"
+#include <fmt/ranges.h>
+
+namespace rlaif {
+
+namespace fs = std::filesystem;
+
+const std::vector<WeightName>& weight_names() {
+  using S = WeightSlot;
+  static const std::vector<WeightName> kNames = {
+      {S::kEmbed, "model.embed_tokens.weight", "token_embd.weight", false},
+      {S::kFinalNorm, "model.norm.weight", "output_norm.weight", false},
+      {S::kLmHead, "lm_head.weight", "output.weight", false},
+      {S::kInputNorm, "model.layers.{L}.input_layernorm.weight", "blk.{L}.attn_norm.weight", true},
+      {S::kQ, "model.layers.{L}.self_attn.q_proj.weight", "blk.{L}.attn_q.weight", true},
+      {S::kQBias, "model.layers.{L}.self_attn.q_proj.bias", "blk.{L}.attn_q.bias", true},
+      {S::kK, "model.layers.{L}.self_attn.k_proj.weight", "blk.{L}.attn_k.weight", true},
+      {S::kKBias, "model.layers.{L}.self_attn.k_proj.bias", "blk.{L}.attn_k.bias", true},
+      {S::kV, "model.layers.{L}.self_attn.v_proj.weight", "blk.{L}.attn_v.weight", true},
+      {S::kVBias, "model.layers.{L}.self_attn.v_proj.bias", "blk.{L}.attn_v.bias", true},
+      {S::kO, "model.layers.{L}.self_attn.o_proj.weight", "blk.{L}.attn_output.weight", true},
+      {S::kOBias, "model.layers.{L}.self_attn.o_proj.bias", "blk.{L}.attn_output.bias", true},
+      {S::kPostNorm, "model.layers.{L}.post_attention_layernorm.weight", "blk.{L}.ffn_norm.weight", true},
+      {S::kGate, "model.layers.{L}.mlp.gate_proj.weight", "blk.{L}.ffn_gate.weight", true},
+      {S::kGateBias, "model.layers.{L}.mlp.gate_proj.bias", "blk.{L}.ffn_gate.bias", true},
+      {S::kUp, "model.layers.{L}.mlp.up_proj.weight", "blk.{L}.ffn_up.weight", true},
+      {S::kUpBias, "model.layers.{L}.mlp.up_proj.bias", "blk.{L}.ffn_up.bias", true},
+      {S::kDown, "model.layers.{L}.mlp.down_proj.weight", "blk.{L}.ffn_down.weight", true},
+      {S::kDownBias, "model.layers.{L}.mlp.down_proj.bias", "blk.{L}.ffn_down.bias", true},
+  };
+  return kNames;
+}
+
+static bool slot_present(WeightSlot s, const ModelConfig& c) {
+  using S = WeightSlot;
+  switch (s) {
+    case S::kLmHead: return !c.tie_word_embeddings;
+    case S::kQBias: case S::kKBias: case S::kVBias: return c.qkv_bias;
+    case S::kOBias: return c.o_bias;
+    case S::kGateBias: case S::kUpBias: case S::kDownBias: return c.mlp_bias;
+    default: return true;
+  }
+}
+
+static std::string with_layer(const char* pattern, int layer) {
+  std::string s = pattern;
+  if (auto p = s.find("{L}"); p != std::string::npos) s.replace(p, 3, std::to_string(layer));
+  return s;
+}
+
+std::vector<std::pair<std::string, std::pair<WeightSlot, int>>> expected_tensors(const ModelConfig& c,
+                                                                                 bool gguf_names) {
+  std::vector<std::pair<std::string, std::pair<WeightSlot, int>>> out;
+  for (const auto& n : weight_names()) {
+    if (!slot_present(n.slot, c)) continue;
+    const char* pattern = gguf_names ? n.gguf : n.hf;
+    if (!n.per_layer) {
+      out.push_back({pattern, {n.slot, -1}});
+      continue;
+    }
+    for (int l = 0; l < c.num_layers; ++l) out.push_back({with_layer(pattern, l), {n.slot, l}});
+  }
+  return out;
+}
+
+at::Tensor& weight_ref(ModelWeights& w, WeightSlot slot, int layer) {
+  using S = WeightSlot;
+  switch (slot) {
+    case S::kEmbed: return w.embed;
+    case S::kFinalNorm: return w.final_norm;
+    case S::kLmHead: return w.lm_head;
+    default: break;
+  }
+  RLAIF_CHECK(layer >= 0 && layer < static_cast<int>(w.layers.size()), "layer {}", layer);
+  LayerWeights& L = w.layers[layer];
+  switch (slot) {
+    case S::kInputNorm: return L.input_norm;
+    case S::kQ: return L.wq;
+    case S::kQBias: return L.bq;
+    case S::kK: return L.wk;
+    case S::kKBias: return L.bk;
+    case S::kV: return L.wv;
+    case S::kVBias: return L.bv;
+    case S::kO: return L.wo;
+    case S::kOBias: return L.bo;
+    case S::kPostNorm: return L.post_norm;
+    case S::kGate: return L.w_gate;
+    case S::kGateBias: return L.b_gate;
+    case S::kUp: return L.w_up;
+    case S::kUpBias: return L.b_up;
+    case S::kDown: return L.w_down;
+    case S::kDownBias: return L.b_down;
+    default: break;
+  }
+  RLAIF_CHECK(false, "unhandled slot {}", static_cast<int>(slot));
+  return w.embed;
+}
+
+static at::ScalarType to_scalar_type(DType t, const std::string& name) {
+  switch (t) {
+    case DType::kF32: return at::kFloat;
+    case DType::kF16: return at::kHalf;
+    case DType::kBF16: return at::kBFloat16;
+    case DType::kF64: return at::kDouble;
+    case DType::kI64: return at::kLong;
+    case DType::kI32: return at::kInt;
+    case DType::kI16: return at::kShort;
+    case DType::kI8: return at::kChar;
+    case DType::kU8: return at::kByte;
+    case DType::kBool: return at::kBool;
+    case DType::kU32: return at::kUInt32;
+    case DType::kU16: return at::kUInt16;
+    case DType::kU64: return at::kUInt64;
+    default:
+      throw Error("weights", fmt::format("tensor '{}' has dtype {} which cannot be used as a weight", name, dtype_name(t)));
+  }
+}
+
+at::ScalarType parse_torch_dtype(const std::string& name) {
+  if (name == "bf16" || name == "bfloat16") return at::kBFloat16;
+  if (name == "fp16" || name == "f16" || name == "float16" || name == "half") return at::kHalf;
+  if (name == "fp32" || name == "f32" || name == "float32" || name == "float") return at::kFloat;
+  throw Error("weights", fmt::format("unknown dtype '{}'", name), "use bf16, fp16 or fp32");
+}
+
+ModelWeights load_hf_weights(const fs::path& dir, const ModelConfig& c, const LoadOptions& opt) {
+  const Checkpoint ckpt = Checkpoint::open_dir(dir);
+  const auto expected = expected_tensors(c);
+  std::set<std::string> expected_names;
+  for (const auto& e : expected) expected_names.insert(e.first);
+
+  std::vector<std::string> missing, unexpected;
+  for (const auto& e : expected)
+    if (!ckpt.find(e.first)) missing.push_back(e.first);
+  for (const auto& name : ckpt.names()) {
+    if (expected_names.count(name)) continue;
+    // Tolerated extras: rotary buffers some old Llama checkpoints saved, and a redundant copy of a tied head.
+    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;
+    if (name == "lm_head.weight" && c.tie_word_embeddings) continue;
+    unexpected.push_back(name);
+  }
+  if (!missing.empty() || !unexpected.empty()) {
+    std::string msg = fmt::format("{}: checkpoint does not match its config.json ({} {} layers)", dir.string(),
+                                  c.architecture, c.num_layers);
+    if (!missing.empty()) msg += fmt::format("; missing tensors: {}", fmt::join(missing, ", "));
+    if (!unexpected.empty()) msg += fmt::format("; unexpected tensors: {}", fmt::join(unexpected, ", "));
+    throw Error("weights", msg, "the files may be from another model or a different transformers version");
+  }
+
+  ModelWeights w;
+  w.layers.resize(c.num_layers);
+  for (const auto& [name, where] : expected) {
+    const TensorView* v = ckpt.find(name);
+    const at::ScalarType st = to_scalar_type(v->dtype, name);
+    auto owner = ckpt.owner(name);
+    // Zero-copy view of the private mapping; the deleter keeps the mapping alive as long as the tensor.
+    at::Tensor t = at::from_blob(v->data, v->shape, [owner](void*) {}, at::TensorOptions().dtype(st));
+    if (st != opt.dtype || opt.device != at::kCPU) t = t.to(opt.device, opt.dtype);
+    weight_ref(w, where.first, where.second) = t;
+  }
+  if (c.tie_word_embeddings) w.lm_head = w.embed;
+
+  // Shapes against the config, so a mismatched checkpoint fails here and not deep inside a matmul.
+  const int64_t D = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
+  auto expect_shape = [&](const at::Tensor& t, std::vector<int64_t> shape, const std::string& what) {
+    if (t.sizes().vec() != shape)
+      throw Error("weights", fmt::format("{}: {} has shape [{}], config.json implies [{}]", dir.string(), what,
+                                         fmt::join(t.sizes(), ", "), fmt::join(shape, ", ")));
+  };
+  expect_shape(w.embed, {c.vocab_size, D}, "model.embed_tokens.weight");
+  for (int l = 0; l < c.num_layers; ++l) {
+    const auto& L = w.layers[l];
+    const std::string p = fmt::format("layer {} ", l);
+    expect_shape(L.wq, {c.num_heads * hd, D}, p + "q_proj");
+    expect_shape(L.wk, {c.num_kv_heads * hd, D}, p + "k_proj");
+    expect_shape(L.wv, {c.num_kv_heads * hd, D}, p + "v_proj");
+    expect_shape(L.wo, {D, c.num_heads * hd}, p + "o_proj");
+    expect_shape(L.w_gate, {F, D}, p + "gate_proj");
+    expect_shape(L.w_up, {F, D}, p + "up_proj");
+    expect_shape(L.w_down, {D, F}, p + "down_proj");
+  }
+  return w;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> named_weights(const ModelWeights& w, const ModelConfig& c) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  auto& mw = const_cast<ModelWeights&>(w);
+  for (const auto& [name, where] : expected_tensors(c)) out.push_back({name, weight_ref(mw, where.first, where.second)});
+  return out;
+}
+
+}  // namespace rlaif
+
+namespace rlaif {
+
+static DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kF32;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    case at::kDouble: return DType::kF64;
+    case at::kLong: return DType::kI64;
+    case at::kInt: return DType::kI32;
+    case at::kShort: return DType::kI16;
+    case at::kChar: return DType::kI8;
+    case at::kByte: return DType::kU8;
+    case at::kBool: return DType::kBool;
+    case at::kUInt32: return DType::kU32;
+    default: RLAIF_CHECK(false, "no safetensors dtype for {}", c10::toString(t)); return DType::kF32;
+  }
+}
+
+std::map<std::string, at::Tensor> load_safetensors(const fs::path& path) {
+  auto f = SafetensorsFile::open(path);
+  std::map<std::string, at::Tensor> out;
+  for (const auto& v : f->tensors())
+    out[v.name] = at::from_blob(v.data, v.shape, at::TensorOptions().dtype(to_scalar_type(v.dtype, v.name))).clone();
+  return out;
+}
+
+void save_safetensors(const fs::path& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  SafetensorsWriter w;
+  for (const auto& [name, t] : tensors) {
+    at::Tensor c = t.detach().to(at::kCPU).contiguous();
+    w.add(name, to_dtype(c.scalar_type()), c.sizes().vec(), c.data_ptr(), c.nbytes());
+  }
+  for (const auto& [k, v] : metadata) w.set_metadata(k, v);
+  w.write(path);
+}
+
+}  // namespace rlaif

@@ -1,0 +1,73 @@
+// The weight tensors of a decoder model, shared by the trainer (autograd leaves) and the generation engine
+// (read in place). Loading maps checkpoint names onto slots through one data table (weights.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "models/model_config.h"
+
+namespace rlaif {
+
+struct LayerWeights {
+  at::Tensor input_norm;               // [D]
+  at::Tensor wq, bq, wk, bk, wv, bv;   // [H*hd, D], [KV*hd, D] (+ biases)
+  at::Tensor wo, bo;                   // [D, H*hd]
+  at::Tensor post_norm;                // [D]
+  at::Tensor w_gate, b_gate, w_up, b_up;  // [F, D]
+  at::Tensor w_down, b_down;           // [D, F]
+};
+
+struct ModelWeights {
+  at::Tensor embed;       // [V, D]
+  at::Tensor final_norm;  // [D]
+  at::Tensor lm_head;     // [V, D]; the same tensor as `embed` when tied
+  std::vector<LayerWeights> layers;
+};
+
+// Where a tensor lives in ModelWeights; the name table maps each slot to its HF and GGUF names.
+enum class WeightSlot {
+  kEmbed, kFinalNorm, kLmHead, kInputNorm, kQ, kQBias, kK, kKBias, kV, kVBias, kO, kOBias,
+  kPostNorm, kGate, kGateBias, kUp, kUpBias, kDown, kDownBias
+};
+
+struct WeightName {
+  WeightSlot slot;
+  const char* hf;    // "{L}" stands for the layer index
+  const char* gguf;  // llama.cpp's name, same convention
+  bool per_layer;
+};
+const std::vector<WeightName>& weight_names();
+
+// Expected HF name → slot for a config (only the tensors this config has, e.g. biases only if enabled).
+std::vector<std::pair<std::string, std::pair<WeightSlot, int>>> expected_tensors(const ModelConfig& c,
+                                                                                 bool gguf_names = false);
+at::Tensor& weight_ref(ModelWeights& w, WeightSlot slot, int layer);
+
+struct LoadOptions {
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
+};
+
+// Loads an HF folder (config.json + safetensors, sharded or not). Tensors whose dtype and device already
+// match are zero-copy views of the file mapping (private, so in-place updates never touch the file).
+// Missing or unexpected tensors are an Error listing them.
+ModelWeights load_hf_weights(const std::filesystem::path& dir, const ModelConfig& c, const LoadOptions& opt);
+
+// Every weight with its HF name, in checkpoint order (a tied lm_head is listed once, as the embedding).
+std::vector<std::pair<std::string, at::Tensor>> named_weights(const ModelWeights& w, const ModelConfig& c);
+
+at::ScalarType parse_torch_dtype(const std::string& name);
+
+// Whole safetensors files as named tensors (adapters, optimizer state, reference outputs). Loaded tensors own
+// their memory (copied out of the mapping); saving writes atomically and moves tensors to CPU first.
+std::map<std::string, at::Tensor> load_safetensors(const std::filesystem::path& path);
+void save_safetensors(const std::filesystem::path& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});  // "bf16"/"bfloat16", "fp32"/"float32", ...
+
+}  // namespace rlaif
