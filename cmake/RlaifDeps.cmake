@@ -43,7 +43,12 @@ find_package(SQLite3 REQUIRED)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
-pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)  # local fake API servers in tests; later `serve`
+# cpp-httplib: local fake API servers in tests; later `serve`. Found directly: its .pc file drags in brotli's.
+find_path(HTTPLIB_INCLUDE_DIR httplib.h REQUIRED)
+find_library(HTTPLIB_LIBRARY cpp-httplib REQUIRED)
+add_library(rlaif_httplib INTERFACE)
+target_include_directories(rlaif_httplib SYSTEM INTERFACE ${HTTPLIB_INCLUDE_DIR})
+target_link_libraries(rlaif_httplib INTERFACE ${HTTPLIB_LIBRARY})
 find_package(Threads REQUIRED)
 if(RLAIF_TESTS)
   find_package(GTest REQUIRED)

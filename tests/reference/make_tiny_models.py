@@ -63,7 +63,7 @@ def run(model, ids, mask, pos, targets, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--bf16-device", default=None)
+    ap.add_argument("--bf16-device", default=os.environ.get("RLAIF_REF_BF16_DEVICE"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     for i, (name, cls, cfg, shard) in enumerate(models()):

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (see docs/DEVICE.md): builds rlaif with CUDA against the machine's preinstalled torch,
+# runs the GPU tests and benchmarks, and writes logs and results under $OUT. The Debian dev packages the build
+# needs travel as .deb files in .device/debs (scripts/device_prepare.sh fetches them) and are unpacked into a
+# private sysroot, never into /.
+# Usage: scripts/device.sh [build|test|bench|all]...   (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.device/out}
+mkdir -p "$OUT"
+STAGES=${*:-all}
+PY=${RLAIF_DEVICE_PYTHON:-python3}
+SYSROOT=$PWD/.device/sysroot
+LIBDIR=$SYSROOT/usr/lib/x86_64-linux-gnu
+BUILD=${RLAIF_DEVICE_BUILD:-build-device}
+TORCH_PREFIX=$($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')
+TORCH_LIB=$($PY -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')
+log() { echo "[device] $*" | tee -a "$OUT/summary.txt"; }
+has() { [[ " $STAGES " == *" $1 "* || " $STAGES " == *" all "* ]]; }
+
+if [ ! -d "$SYSROOT" ]; then
+  for d in .device/debs/*.deb; do dpkg -x "$d" "$SYSROOT"; done
+  # Dev symlinks whose runtime library we did not carry point at the machine's own copy of that soname.
+  for l in "$LIBDIR"/*.so; do
+    [ -e "$l" ] && continue
+    t=$(basename "$(readlink "$l")")   # e.g. libcurl.so.4.8.0
+    ver=${t#*.so.}
+    ln -sf "/usr/lib/x86_64-linux-gnu/${t%%.so.*}.so.${ver%%.*}" "$l"
+  done
+fi
+export PKG_CONFIG_PATH=$LIBDIR/pkgconfig:$SYSROOT/usr/share/pkgconfig
+export PKG_CONFIG_SYSROOT_DIR=$SYSROOT
+export LD_LIBRARY_PATH=$LIBDIR:$TORCH_LIB:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+if has build; then
+  t0=$(date +%s)
+  cmake -S . -B "$BUILD" -G Ninja -DRLAIF_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DRLAIF_PYTHON="$(command -v $PY)" \
+    -DCMAKE_PREFIX_PATH="$SYSROOT/usr;$TORCH_PREFIX" -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 \
+    || { tail -40 "$OUT/cmake.log"; log "cmake failed"; exit 1; }
+  ninja -C "$BUILD" ${RLAIF_DEVICE_TARGETS:-} > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" -A3 "$OUT/build.log" | head -60; log "build failed"; exit 1; }
+  log "build ok in $(( $(date +%s) - t0 )) s"
+fi
+
+if has test; then
+  # The reference models also get transformers' bf16 outputs on this GPU.
+  export RLAIF_REF_BF16_DEVICE=cuda
+  RLAIF_TEST_DEVICE=cuda ctest --test-dir "$BUILD" -L "model|kernel|golden" ${RLAIF_DEVICE_TESTS:+-R "$RLAIF_DEVICE_TESTS"} \
+    --output-on-failure -j 4 \
+    > "$OUT/ctest_cuda.log" 2>&1
+  log "GPU tests (model|kernel|golden, RLAIF_TEST_DEVICE=cuda): $(grep -E 'tests passed' "$OUT/ctest_cuda.log")"
+  grep -E "^\[(fp32|bf16)" -r "$BUILD/Testing/Temporary/LastTest.log" | sort -u > "$OUT/parity.txt" || true
+  grep -A30 "FAILED" "$OUT/ctest_cuda.log" | head -60
+fi
+
+if has bench; then
+  for b in "$BUILD"/bench/bench_*; do
+    [ -x "$b" ] || continue
+    name=$(basename "$b")
+    case "$name" in bench_tokenizer) continue ;; esac
+    log "running $name"
+    "$b" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || log "$name failed (see $name.log)"
+    tail -15 "$OUT/$name.log"
+  done
+fi
+cat "$OUT/summary.txt"
