@@ -1,0 +1,88 @@
+// Tokenizer equality with Hugging Face `tokenizers`, id for id, on every code prompt, all GSM8K test
+// questions and answers, HumanEval prompts + solutions, MBPP texts + code and ~470 generated edge cases.
+// The expected ids come from tests/reference/tokenizer_reference.py at test time.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/gguf.h"
+#include "core/io.h"
+#include "test_util.h"
+#include "text/tokenizer.h"
+
+namespace fs = std::filesystem;
+using namespace rlaif;
+using nlohmann::json;
+
+namespace {
+
+const fs::path& work_dir() {
+  static const fs::path d = test::temp_dir("tokenizer_hf");
+  return d;
+}
+
+std::string script() { return (test::source_dir() / "tests/reference/tokenizer_reference.py").string(); }
+
+const std::vector<std::string>& corpus() {
+  static const std::vector<std::string> texts = [] {
+    const fs::path out = work_dir() / "corpus.json";
+    std::string log;
+    const int rc = test::run_command("RLAIF_SHARED_DATA=" + test::shared_data().string() + " " + test::python() + " " +
+                                     script() + " corpus " + out.string(), &log);
+    if (rc != 0) throw std::runtime_error("corpus generation failed: " + log);
+    return json::parse(read_file(out)).get<std::vector<std::string>>();
+  }();
+  return texts;
+}
+
+json reference(const std::string& kind, const fs::path& src) {
+  const fs::path out = work_dir() / (kind + ".json");
+  (void)corpus();
+  std::string log;
+  const std::string cmd = test::python() + " " + script() + " encode " + kind + " " + src.string() + " " +
+                          (work_dir() / "corpus.json").string() + " " + out.string();
+  EXPECT_EQ(test::run_command(cmd, &log), 0) << cmd << "\n" << log;
+  return json::parse(read_file(out));
+}
+
+void expect_equal_to_hf(const Tokenizer& tok, const json& ref) {
+  const auto& texts = corpus();
+  ASSERT_GT(texts.size(), 5000u);
+  EXPECT_EQ(tok.vocab_size(), ref["vocab_size"].get<int32_t>());
+  size_t mismatches = 0, roundtrips = 0;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    const auto want = ref["ids"][i].get<std::vector<int32_t>>();
+    const auto got = tok.encode(texts[i]);
+    if (got != want && ++mismatches <= 5) {
+      ADD_FAILURE() << "text " << i << " " << json(texts[i]).dump() << "\n ours: " << json(got).dump()
+                    << "\n   hf: " << json(want).dump();
+    }
+    const std::string dec = tok.decode(want);
+    EXPECT_EQ(dec, ref["decoded"][i].get<std::string>()) << "decode of text " << i;
+    if (ref["roundtrip"][i].get<bool>()) {
+      EXPECT_EQ(dec, texts[i]) << "round trip of text " << i;
+      ++roundtrips;
+    }
+  }
+  EXPECT_EQ(mismatches, 0u) << "of " << texts.size();
+  EXPECT_GT(roundtrips, texts.size() * 9 / 10);
+}
+
+}  // namespace
+
+TEST(TokenizerHf, Qwen25VocabMergesFolderEqualsTransformers) {
+  const fs::path dir = test::shared_data() / "qwen2.5";
+  expect_equal_to_hf(Tokenizer::from_dir(dir), reference("qwen_dir", dir));
+}
+
+TEST(TokenizerHf, Qwen3TokenizerJsonEqualsTokenizers) {
+  const fs::path dir = test::shared_data() / "qwen3-tokenizer";
+  expect_equal_to_hf(Tokenizer::from_dir(dir), reference("json", dir));
+}
+
+TEST(TokenizerHf, SmolLM2GgufEqualsTokenizersBuiltFromGgufVocab) {
+  const fs::path file = test::source_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf";
+  ASSERT_TRUE(fs::exists(file)) << "run scripts/setup.sh";
+  auto g = GgufFile::open(file);
+  expect_equal_to_hf(Tokenizer::from_gguf(*g), reference("gguf_bpe", file));
+}
