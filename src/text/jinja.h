@@ -29,7 +29,8 @@ struct Value {
   int64_t i = 0;
   double f = 0;
   std::string s;                   // string, or the missing name for undefined, or a function's name
-  std::shared_ptr<List> list;      // lists (and tuples, which templates only unpack)
+  std::shared_ptr<List> list;      // lists and tuples
+  bool tuple = false;              // a list that prints as a Python tuple: (1, 2)
   std::shared_ptr<Dict> dict;      // dicts and namespaces (namespaces are mutable, shared by reference)
   std::shared_ptr<Function> fn;
 

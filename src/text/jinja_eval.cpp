@@ -295,7 +295,9 @@ class Renderer {
       case Expr::Kind::kTuple: {
         List l;
         for (const auto& a : e.args) l.push_back(eval(*a));
-        return Value::make_list(std::move(l));
+        Value v = Value::make_list(std::move(l));
+        v.tuple = e.kind == Expr::Kind::kTuple;
+        return v;
       }
       case Expr::Kind::kDict: {
         Value d = Value::make_dict();
@@ -642,7 +644,10 @@ class Renderer {
       if (name == "items" || name == "keys" || name == "values") {
         List out;
         for (const auto& [k, v] : *self.dict) {
-          if (name == "items") out.push_back(Value::make_list({Value::string(k), v}));
+          if (name == "items") {
+            out.push_back(Value::make_list({Value::string(k), v}));
+            out.back().tuple = true;
+          }
           else out.push_back(name == "keys" ? Value::string(k) : v);
         }
         return Value::make_list(std::move(out));

@@ -245,8 +245,9 @@ std::string repr(const Value& v) {
     case K::kFloat: return float_repr(v.f);
     case K::kString: return str_repr(v.s);
     case K::kList: {
-      std::string out = "[";
+      std::string out = v.tuple ? "(" : "[";
       for (size_t k = 0; k < v.list->size(); ++k) out += (k ? ", " : "") + repr((*v.list)[k]);
+      if (v.tuple) return out + (v.list->size() == 1 ? ",)" : ")");
       return out + "]";
     }
     case K::kDict:
@@ -290,7 +291,7 @@ bool equal(const Value& a, const Value& b) {
     case K::kNone: return true;
     case K::kString: return a.s == b.s;
     case K::kList:
-      if (a.list->size() != b.list->size()) return false;
+      if (a.tuple != b.tuple || a.list->size() != b.list->size()) return false;  // (1,) != [1] in Python
       for (size_t k = 0; k < a.list->size(); ++k)
         if (!equal((*a.list)[k], (*b.list)[k])) return false;
       return true;

@@ -72,7 +72,7 @@ const std::vector<Snippet>& snippets() {
        "{{ greet('Al', punct='?') }} {{ greet(name='Cy') }}"},
       {"{{ 'y' if x else 'n' }}[{{ 'y' if x }}]{{ x and 'a' }}{{ x or 'b' }}{{ 0 or none }}{{ 1 < 2 < 3 }}"
        "{{ 3 > 2 > 2 }}{{ 'a' ~ 1 ~ none ~ y }}{{ not x }}{{ not (x or 1) }}", {{"x", 0}}},
-      {"{% set body %}  hello {{ 1 + 1 }}\n{% endset %}[{{ body }}]{% set a, b = 1, 2 %}{{ a }}{{ b }}{% set t = (1, 'x') %}{{ t[1] }}"},
+      {"{% set body %}  hello {{ 1 + 1 }}\n{% endset %}[{{ body }}]{% set a, b = 1, 2 %}{{ a }}{{ b }}{% set t = (1, 'x') %}{{ t[1] }}{{ t }}{{ (1,) }}{{ () }}{{ {'a': 1}.items()|list }}"},
       {"{{ 'a\\tb\\n\\u00e9\\x41\\\\' }}{{ \"it's\" }}{{ 'x' 'y' }}{{ 'q\\'q' }}"},
       {"{{ x|tojson(indent=4) }}|{{ x|tojson(separators=(',', ':')) }}|{{ x|tojson(sort_keys=true) }}|"
        "{{ x|tojson(ensure_ascii=true) }}|{{ [] |tojson(indent=2) }}{{ {}|tojson(indent=2) }}|{{ 'ctl\\x01\\x7f'|tojson }}",
