@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "models/layers.h"
 
 namespace rlaif {
 
@@ -40,24 +41,6 @@ at::Tensor positions_from_mask(const at::Tensor& mask) {
   return pos.masked_fill(mask.eq(0), 1);
 }
 
-namespace {
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  at::Tensor h = x.to(at::kFloat);
-  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return w * h.to(x.scalar_type());
-}
-
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
-}
-
-at::Tensor rotate_half(const at::Tensor& x) {
-  const int64_t half = x.size(-1) / 2;
-  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-}
-
-}  // namespace
 
 at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tensor& mask) const {
   const ModelConfig& c = config_;
@@ -68,13 +51,10 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
   const at::Tensor ids = tokens.to(dev, at::kLong);
   const at::Tensor m = mask.to(dev, at::kBool);
 
-  at::Tensor h = at::embedding(weights_.embed, ids);  // [B, T, D]
-
-  // Rotary tables from mask-derived positions, in float32 as transformers does, then cast to the model dtype.
-  at::Tensor pos = positions_from_mask(m).to(at::kFloat);                        // [B, T]
-  at::Tensor freqs = pos.unsqueeze(-1) * inv_freq_.to(dev).view({1, 1, -1});    // [B, T, hd/2]
-  at::Tensor emb = at::cat({freqs, freqs}, -1);                                 // [B, T, hd]
-  at::Tensor cos = emb.cos().to(dt).unsqueeze(1), sin = emb.sin().to(dt).unsqueeze(1);  // [B, 1, T, hd]
+  at::Tensor h = at::embedding(weights_.embed, ids);                             // [B, T, D]
+  auto [cos, sin] = layers::rope_tables(positions_from_mask(m), inv_freq_, dt);   // [B, T, hd]
+  cos = cos.unsqueeze(1);                                                        // [B, 1, T, hd]
+  sin = sin.unsqueeze(1);
 
   // Causal mask AND key padding; each query also sees itself so padded rows stay finite (never read).
   at::Tensor causal = at::ones({T, T}, at::TensorOptions().dtype(at::kBool).device(dev)).tril();
@@ -83,29 +63,23 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
   allowed = allowed.unsqueeze(1);                                                // [B, 1, T, T]
 
   for (const LayerWeights& L : weights_.layers) {
-    at::Tensor x = rms_norm(h, L.input_norm, c.rms_norm_eps);                    // [B, T, D]
-    at::Tensor q = linear(x, L.wq, L.bq).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
-    at::Tensor k = linear(x, L.wk, L.bk).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
-    at::Tensor v = linear(x, L.wv, L.bv).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
-    q = q * cos + rotate_half(q) * sin;
-    k = k * cos + rotate_half(k) * sin;
+    at::Tensor x = layers::rms_norm(h, L.input_norm, c.rms_norm_eps);                    // [B, T, D]
+    at::Tensor q = layers::linear(x, L.wq, L.bq).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
+    at::Tensor k = layers::linear(x, L.wk, L.bk).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+    at::Tensor v = layers::linear(x, L.wv, L.bv).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+    q = layers::apply_rope(q, cos, sin);
+    k = layers::apply_rope(k, cos, sin);
     if (KV != H) {  // grouped-query attention: each KV head serves H/KV query heads
       k = k.repeat_interleave(H / KV, 1);                                        // [B, H, T, hd]
       v = v.repeat_interleave(H / KV, 1);
     }
-    // Scores and softmax in float32, as transformers' eager attention.
-    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(hd)));  // [B, H, T, T]
-    scores = scores.to(at::kFloat).masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
-    at::Tensor probs = at::softmax(scores, -1).to(dt);
-    at::Tensor o = at::matmul(probs, v);                                         // [B, H, T, hd]
+    at::Tensor o = layers::attention(q, k, v, allowed);                          // [B, H, T, hd]
     o = o.transpose(1, 2).reshape({B, T, H * hd});                               // [B, T, H*hd]
-    h = h + linear(o, L.wo, L.bo);                                               // [B, T, D]
-
-    x = rms_norm(h, L.post_norm, c.rms_norm_eps);
-    at::Tensor gate = linear(x, L.w_gate, L.b_gate), up = linear(x, L.w_up, L.b_up);  // [B, T, F]
-    h = h + linear(at::silu(gate) * up, L.w_down, L.b_down);                     // [B, T, D]
+    h = h + layers::linear(o, L.wo, L.bo);                                       // [B, T, D]
+    x = layers::rms_norm(h, L.post_norm, c.rms_norm_eps);
+    h = h + layers::swiglu(x, L.w_gate, L.b_gate, L.w_up, L.b_up, L.w_down, L.b_down);  // [B, T, D]
   }
-  return rms_norm(h, weights_.final_norm, c.rms_norm_eps);                       // [B, T, D]
+  return layers::rms_norm(h, weights_.final_norm, c.rms_norm_eps);                       // [B, T, D]
 }
 
 at::Tensor DecoderModel::forward(const at::Tensor& tokens, const at::Tensor& mask) const {

@@ -86,7 +86,8 @@ TEST_P(ModelParity, Bf16WithinTransformersOwnBf16Error) {
   EXPECT_LE(lp_err, 0.1);
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyModels, ModelParity, ::testing::ValuesIn(kModels));
+INSTANTIATE_TEST_SUITE_P(TinyModels, ModelParity, ::testing::ValuesIn(kModels),
+                         [](const auto& info) { return std::string(info.param); });
 
 TEST(ModelLoading, ConfigsOfRealCheckpointsParse) {
   // The real Qwen2.5-7B config.json (v4 spelling: rope_theta at top level).

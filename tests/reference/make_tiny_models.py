@@ -60,6 +60,20 @@ def run(model, ids, mask, pos, targets, device):
             "logits": logits.contiguous(), "logprobs": logprobs.contiguous()}
 
 
+@torch.no_grad()
+def greedy_reference(model, d, seed):
+    """transformers' greedy generate, 64 new tokens, for prompts of different lengths (each run alone)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in (5, 11, 17, 3):
+        prompt = torch.randint(0, VOCAB, (1, n), generator=g)
+        gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=64,
+                             min_new_tokens=64, pad_token_id=0, eos_token_id=None)
+        out.append({"prompt": prompt[0].tolist(), "tokens": gen[0, n:].tolist()})
+    with open(os.path.join(d, "expected_greedy.json"), "w") as f:
+        json.dump(out, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -80,6 +94,7 @@ def main():
         model.save_pretrained(d, **kwargs)
         ids, mask, pos, targets = batch(7 + i)
         save_file(run(model, ids, mask, pos, targets, "cpu"), os.path.join(d, "expected_fp32.safetensors"))
+        greedy_reference(model, d, 100 + i)
         if a.bf16_device:
             save_file(run(model.to(torch.bfloat16), ids, mask, pos, targets, a.bf16_device),
                       os.path.join(d, "expected_bf16.safetensors"))

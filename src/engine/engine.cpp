@@ -1,0 +1,319 @@
+// Engine loop: admit (reserve KV blocks) → prefill (prompt once, fork samples) → decode_step (one token for
+// every running sequence) → retire (free blocks, let waiting requests in). The model step runs on the weights'
+// device with ATen ops and the numerics of models/layers.h, so its log-probs equal the training forward's.
+#include "engine/engine.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <numeric>
+#include <unordered_set>
+
+#include "core/error.h"
+#include "core/logging.h"
+#include "models/layers.h"
+
+namespace rlaif {
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+struct Engine::Seq {
+  int64_t request = 0, sample = 0;
+  const SamplingParams* params = nullptr;
+  std::vector<int32_t> context;    // prompt + generated
+  int64_t prompt_len = 0;
+  int64_t cached = 0;              // tokens whose K/V are in the cache
+  std::vector<int> blocks;
+  std::vector<int32_t> generated;
+  std::vector<float> logprobs, processed;
+  std::optional<SampleRng> rng;
+  int64_t max_len = 0;             // prompt + max_new_tokens: the most blocks it may ever hold
+  std::string finish;
+};
+
+Engine::Engine(std::shared_ptr<DecoderModel> model, EngineOptions options)
+    : model_(std::move(model)), options_(std::move(options)), inv_freq_(rope_inv_freq(model_->config())) {
+  RLAIF_CHECK(options_.max_batch > 0 && options_.block_size > 0, "engine options");
+}
+
+std::string Engine::backend() const {
+  const at::Tensor& w = model_->weights().embed;
+  return fmt::format("{}, {}", w.device().is_cuda() ? "cuda" : "cpu", c10::toString(w.scalar_type()));
+}
+
+int64_t Engine::blocks_for(int64_t tokens) const { return (tokens + options_.block_size - 1) / options_.block_size; }
+
+// Worst-case blocks for a request: the shared full prompt blocks once, then each sample's own tail.
+int64_t Engine::reservation(const GenerationRequest& r) const {
+  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.params.max_new_tokens;
+  const int64_t shared = options_.share_prefix ? static_cast<int64_t>(r.prompt.size()) / options_.block_size : 0;
+  return shared + r.num_samples * (blocks_for(total) - shared);
+}
+
+void Engine::ensure_cache(const std::vector<GenerationRequest>& requests) {
+  int64_t need = 0, longest = 0;
+  for (const auto& r : requests) {
+    need = std::max(need, reservation(r));
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(r.prompt.size()) + r.params.max_new_tokens);
+  }
+  int64_t blocks = options_.num_blocks > 0 ? options_.num_blocks
+                                           : std::max(need, options_.max_batch * blocks_for(longest));
+  if (options_.num_blocks > 0 && need > blocks)
+    throw Error("engine", fmt::format("one request needs {} KV blocks but the cache has {}", need, blocks),
+                "raise the engine's num_blocks or lower max_new_tokens / num_samples");
+  if (cache_ && cache_->num_blocks() >= blocks) return;
+  const at::Tensor& w = model_->weights().embed;
+  cache_ = std::make_unique<PagedKvCache>(model_->config(), blocks, options_.block_size, w.scalar_type(), w.device());
+}
+
+void Engine::grow_blocks(Seq& s, int64_t new_len) {
+  while (static_cast<int64_t>(s.blocks.size()) < blocks_for(new_len)) {
+    s.blocks.push_back(cache_->alloc());
+  }
+}
+
+void Engine::release(Seq& s) {
+  for (int b : s.blocks) cache_->release(b);
+  s.blocks.clear();
+}
+
+at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector<std::vector<int32_t>>& new_tokens) {
+  const ModelConfig& c = model_->config();
+  const ModelWeights& W = model_->weights();
+  const at::Device dev = W.embed.device();
+  const at::ScalarType dt = W.embed.scalar_type();
+  const int64_t S = static_cast<int64_t>(seqs.size()), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
+  const int64_t bs = options_.block_size;
+  int64_t Tq = 0, Lk = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    Tq = std::max<int64_t>(Tq, new_tokens[i].size());
+    Lk = std::max<int64_t>(Lk, seqs[i]->cached + new_tokens[i].size());
+  }
+  // Host-side index tensors: new tokens padded to Tq, their cache rows, and every context row padded to Lk.
+  std::vector<int64_t> tok(S * Tq, 0), pos(S * Tq, 0), write_rows, write_src, ctx(S * Lk, 0), key_pos(S * Lk, 1 << 30),
+      last(S, 0);
+  for (int64_t i = 0; i < S; ++i) {
+    Seq& s = *seqs[i];
+    const int64_t n = new_tokens[i].size(), start = s.cached;
+    grow_blocks(s, start + n);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = start + j;
+      tok[i * Tq + j] = new_tokens[i][j];
+      pos[i * Tq + j] = p;
+      write_rows.push_back(s.blocks[p / bs] * bs + p % bs);
+      write_src.push_back(i * Tq + j);
+    }
+    for (int64_t j = n; j < Tq; ++j) pos[i * Tq + j] = start + n - 1;  // padding queries repeat the last position
+    for (int64_t p = 0; p < start + n; ++p) {
+      ctx[i * Lk + p] = s.blocks[p / bs] * bs + p % bs;
+      key_pos[i * Lk + p] = p;
+    }
+    last[i] = i * Tq + n - 1;
+    s.cached = start + n;
+  }
+  auto to_dev = [&](const std::vector<int64_t>& v, std::vector<int64_t> shape) {
+    return at::tensor(v, at::kLong).view(shape).to(dev);
+  };
+  const at::Tensor tokens = to_dev(tok, {S, Tq}), positions = to_dev(pos, {S, Tq});
+  const at::Tensor rows = to_dev(write_rows, {-1}), src = to_dev(write_src, {-1});
+  const at::Tensor ctx_rows = to_dev(ctx, {S * Lk}), kpos = to_dev(key_pos, {S, 1, 1, Lk});
+  const at::Tensor allowed = kpos <= positions.view({S, 1, Tq, 1});                      // [S, 1, Tq, Lk]
+
+  at::Tensor h = at::embedding(W.embed, tokens);                                        // [S, Tq, D]
+  auto [cos, sin] = layers::rope_tables(positions, inv_freq_, dt);                       // [S, Tq, hd]
+  cos = cos.unsqueeze(1);                                                               // [S, 1, Tq, hd]
+  sin = sin.unsqueeze(1);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = W.layers[l];
+    at::Tensor x = layers::rms_norm(h, L.input_norm, c.rms_norm_eps);                   // [S, Tq, D]
+    at::Tensor q = layers::linear(x, L.wq, L.bq).view({S, Tq, H, hd}).transpose(1, 2);  // [S, H, Tq, hd]
+    at::Tensor k = layers::linear(x, L.wk, L.bk).view({S, Tq, KV, hd}).transpose(1, 2); // [S, KV, Tq, hd]
+    at::Tensor v = layers::linear(x, L.wv, L.bv).view({S * Tq, KV, hd});                // [S*Tq, KV, hd]
+    q = layers::apply_rope(q, cos, sin);
+    k = layers::apply_rope(k, cos, sin).transpose(1, 2).reshape({S * Tq, KV, hd});      // [S*Tq, KV, hd]
+    // Write the new K/V into their cache rows, then read each sequence's whole context back.
+    cache_->keys(l).index_copy_(0, rows, k.index_select(0, src));
+    cache_->values(l).index_copy_(0, rows, v.index_select(0, src));
+    at::Tensor K = cache_->keys(l).index_select(0, ctx_rows).view({S, Lk, KV, hd}).transpose(1, 2);  // [S, KV, Lk, hd]
+    at::Tensor V = cache_->values(l).index_select(0, ctx_rows).view({S, Lk, KV, hd}).transpose(1, 2);
+    if (KV != H) {
+      K = K.repeat_interleave(H / KV, 1);                                               // [S, H, Lk, hd]
+      V = V.repeat_interleave(H / KV, 1);
+    }
+    at::Tensor o = layers::attention(q, K, V, allowed);                                 // [S, H, Tq, hd]
+    o = o.transpose(1, 2).reshape({S, Tq, H * hd});                                     // [S, Tq, H*hd]
+    h = h + layers::linear(o, L.wo, L.bo);                                              // [S, Tq, D]
+    x = layers::rms_norm(h, L.post_norm, c.rms_norm_eps);
+    h = h + layers::swiglu(x, L.w_gate, L.b_gate, L.w_up, L.b_up, L.w_down, L.b_down);  // [S, Tq, D]
+  }
+  at::Tensor hl = h.view({S * Tq, -1}).index_select(0, to_dev(last, {S}));              // [S, D]
+  return at::linear(layers::rms_norm(hl, W.final_norm, c.rms_norm_eps), W.lm_head);    // [S, V]
+}
+
+std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationRequest>& requests,
+                                              const GenerateCallbacks& cb) {
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const auto& r = requests[i];
+    if (r.prompt.empty()) throw Error("engine", fmt::format("request {} has an empty prompt", i), "start with BOS or text");
+    if (r.num_samples < 1) throw Error("engine", fmt::format("request {}: num_samples must be >= 1", i));
+    if (r.params.max_new_tokens < 1) throw Error("engine", fmt::format("request {}: max_new_tokens must be >= 1", i));
+    if (r.num_samples > options_.max_batch)
+      throw Error("engine", fmt::format("request {} asks {} samples, more than max_batch {}", i, r.num_samples,
+                                        options_.max_batch));
+  }
+  ensure_cache(requests);
+  at::NoGradGuard no_grad;
+  std::vector<int64_t> offset(requests.size() + 1, 0);
+  for (size_t i = 0; i < requests.size(); ++i) offset[i + 1] = offset[i] + requests[i].num_samples;
+  std::vector<GeneratedSample> results(offset.back());
+  std::deque<int64_t> waiting(requests.size());
+  std::iota(waiting.begin(), waiting.end(), 0);
+  std::vector<std::unique_ptr<Seq>> running;
+  // Blocks the running sequences may still allocate; admission keeps free blocks above this, so no sequence
+  // ever has to be preempted.
+  auto outstanding = [&] {
+    int64_t n = 0;
+    for (const auto& s : running) n += blocks_for(s->max_len) - static_cast<int64_t>(s->blocks.size());
+    return n;
+  };
+  std::unordered_set<int64_t> eos(options_.eos_ids.begin(), options_.eos_ids.end());
+
+  // Appends a sampled token; returns true when the sequence is finished.
+  auto accept = [&](Seq& s, int32_t token, float lp, float plp) {
+    s.generated.push_back(token);
+    s.context.push_back(token);
+    s.logprobs.push_back(lp);
+    s.processed.push_back(plp);
+    if (cb.on_token) cb.on_token(s.request, s.sample, token);
+    if (eos.count(token)) s.finish = "stop";
+    else if (static_cast<int64_t>(s.generated.size()) >= s.params->max_new_tokens) s.finish = "length";
+    else if (cb.stop && cb.stop(s.request, s.sample, s.generated)) s.finish = "stop_string";
+    return !s.finish.empty();
+  };
+  auto sample_rows = [&](const at::Tensor& logits, const std::vector<Seq*>& seqs) {
+    std::vector<SamplerRow> rows;
+    for (Seq* s : seqs) rows.push_back({s->params, &*s->rng, &s->context, &s->generated});
+    return sample_tokens(logits, rows);
+  };
+  auto retire = [&](Seq& s) {
+    release(s);
+    GeneratedSample& g = results[offset[s.request] + s.sample];
+    g = {s.request, s.sample, std::move(s.generated), std::move(s.logprobs), std::move(s.processed), s.finish};
+  };
+
+  while (!waiting.empty() || !running.empty()) {
+    // admit + prefill: requests whose worst-case blocks fit, as many as the batch allows.
+    std::vector<int64_t> admitted;
+    int64_t slots = options_.max_batch - static_cast<int64_t>(running.size()), prefill_tokens = 0;
+    int64_t budget = cache_->free_blocks() - outstanding();
+    while (!waiting.empty()) {
+      const auto& r = requests[waiting.front()];
+      const int64_t need = reservation(r);
+      const int64_t prompt_copies = options_.share_prefix ? 1 : r.num_samples;
+      if (r.num_samples > slots || need > budget) break;
+      if (!admitted.empty() && prefill_tokens + prompt_copies * static_cast<int64_t>(r.prompt.size()) > options_.max_prefill_tokens)
+        break;
+      admitted.push_back(waiting.front());
+      waiting.pop_front();
+      slots -= r.num_samples;
+      budget -= need;
+      prefill_tokens += prompt_copies * static_cast<int64_t>(r.prompt.size());
+    }
+    if (!admitted.empty()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      std::vector<std::unique_ptr<Seq>> fresh;
+      std::vector<Seq*> prefill;
+      std::vector<std::vector<int32_t>> prompts;
+      for (int64_t ri : admitted) {
+        const auto& r = requests[ri];
+        const int64_t copies = options_.share_prefix ? 1 : r.num_samples;
+        for (int64_t k = 0; k < copies; ++k) {
+          auto s = std::make_unique<Seq>();
+          s->request = ri;
+          s->sample = k;
+          s->params = &r.params;
+          s->context = r.prompt;
+          s->prompt_len = r.prompt.size();
+          s->rng.emplace(r.params.seed, ri, k);
+          s->max_len = static_cast<int64_t>(r.prompt.size()) + r.params.max_new_tokens;
+          prefill.push_back(s.get());
+          prompts.push_back(r.prompt);
+          fresh.push_back(std::move(s));
+        }
+      }
+      at::Tensor logits = forward_step(prefill, prompts);                                 // [P, V]
+      stats_.prefill_tokens += prefill_tokens;
+      // fork: every sample of a prompt shares its full blocks; a partial last block is copied (copy-on-write).
+      std::vector<Seq*> firsts;
+      std::vector<int64_t> rows;
+      for (size_t p = 0; p < fresh.size(); ++p) {
+        Seq& base = *fresh[p];
+        const auto& r = requests[base.request];
+        if (options_.share_prefix) {
+          const int64_t full = base.prompt_len / options_.block_size;
+          const bool partial = base.prompt_len % options_.block_size != 0;
+          for (int64_t k = 1; k < r.num_samples; ++k) {
+            auto s = std::make_unique<Seq>(base);
+            s->sample = k;
+            s->rng.emplace(r.params.seed, base.request, k);
+            s->blocks.assign(base.blocks.begin(), base.blocks.begin() + full);
+            for (int b : s->blocks) cache_->retain(b);
+            if (partial) {
+              s->blocks.push_back(cache_->alloc());
+              cache_->copy_block(base.blocks.back(), s->blocks.back());
+            }
+            firsts.push_back(s.get());
+            rows.push_back(p);
+            running.push_back(std::move(s));
+          }
+        }
+        firsts.push_back(&base);
+        rows.push_back(p);
+      }
+      for (auto& s : fresh) running.push_back(std::move(s));
+      at::Tensor row_index = at::tensor(rows, at::kLong).to(logits.device());
+      SampleResult sr = sample_rows(logits.index_select(0, row_index), firsts);
+      for (size_t i = 0; i < firsts.size(); ++i) accept(*firsts[i], sr.tokens[i], sr.raw_logprobs[i], sr.processed_logprobs[i]);
+      stats_.prefill_seconds += seconds_since(t0);
+    } else if (running.empty()) {
+      throw Error("engine", fmt::format("request {} needs more KV blocks than the cache has", waiting.front()));
+    }
+
+    // retire finished sequences (possibly right after their first token).
+    auto retire_done = [&] {
+      for (auto& s : running)
+        if (!s->finish.empty()) retire(*s);
+      running.erase(std::remove_if(running.begin(), running.end(), [](const auto& s) { return !s->finish.empty(); }),
+                    running.end());
+    };
+    retire_done();
+    if (running.empty()) continue;
+
+    // decode_step: one new token for every running sequence.
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<Seq*> batch;
+    std::vector<std::vector<int32_t>> last;
+    for (auto& s : running) {
+      batch.push_back(s.get());
+      last.push_back({s->context.back()});
+    }
+    at::Tensor logits = forward_step(batch, last);
+    SampleResult sr = sample_rows(logits, batch);
+    for (size_t i = 0; i < batch.size(); ++i) accept(*batch[i], sr.tokens[i], sr.raw_logprobs[i], sr.processed_logprobs[i]);
+    stats_.decode_tokens += static_cast<int64_t>(batch.size());
+    stats_.decode_steps += 1;
+    stats_.decode_seconds += seconds_since(t0);
+    retire_done();
+  }
+  RLAIF_CHECK(cache_->free_blocks() == cache_->num_blocks(), "KV blocks leaked: {} of {} free", cache_->free_blocks(),
+              cache_->num_blocks());
+  return results;
+}
+
+}  // namespace rlaif

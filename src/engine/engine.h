@@ -1,0 +1,89 @@
+// The generation engine: batched autoregressive sampling that reads the trainer's own weight tensors (no copy,
+// so an optimizer step is visible to the next rollout), with a paged KV cache, prompt-prefix sharing between
+// the samples of a prompt, and continuous batching.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/kv_cache.h"
+#include "engine/sampler.h"
+#include "models/decoder.h"
+
+namespace rlaif {
+
+struct EngineOptions {
+  int64_t max_batch = 64;      // sequences decoded together
+  int64_t block_size = 16;     // tokens per KV block
+  int64_t num_blocks = 0;      // 0: sized per generate() call for max_batch sequences of the longest request
+  int64_t max_prefill_tokens = 8192;  // prompt tokens prefilled in one forward
+  bool share_prefix = true;    // prefill a prompt once and fork its samples (false: prefill every sample)
+  std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
+};
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt;
+  int64_t num_samples = 1;
+  SamplingParams params;
+};
+
+struct GeneratedSample {
+  int64_t request = 0;
+  int64_t sample = 0;
+  std::vector<int32_t> tokens;             // generated tokens, the EOS included when it ended the sequence
+  std::vector<float> logprobs;             // log p under the raw model distribution, per token
+  std::vector<float> processed_logprobs;   // log p under the distribution actually sampled from
+  std::string finish_reason;               // "stop" (EOS), "stop_string", "length"
+};
+
+struct GenerateCallbacks {
+  // Called for each new token (streaming).
+  std::function<void(int64_t request, int64_t sample, int32_t token)> on_token;
+  // Returns true when the generated tokens end in a stop string (the caller owns the tokenizer).
+  std::function<bool(int64_t request, int64_t sample, const std::vector<int32_t>& generated)> stop;
+};
+
+struct EngineStats {
+  int64_t prefill_tokens = 0;
+  int64_t decode_tokens = 0;
+  int64_t decode_steps = 0;
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+};
+
+class Engine {
+ public:
+  Engine(std::shared_ptr<DecoderModel> model, EngineOptions options);
+
+  // Runs every request to completion; results ordered by (request, sample).
+  std::vector<GeneratedSample> generate(const std::vector<GenerationRequest>& requests,
+                                        const GenerateCallbacks& callbacks = {});
+
+  const EngineStats& stats() const { return stats_; }
+  const EngineOptions& options() const { return options_; }
+  std::string backend() const;  // e.g. "cpu, float32"
+
+ private:
+  struct Seq;
+  struct StepInput;
+  void ensure_cache(const std::vector<GenerationRequest>& requests);
+  int64_t blocks_for(int64_t tokens) const;
+  int64_t reservation(const GenerationRequest& r) const;
+  // Runs the model over each sequence's new tokens, writing their K/V; returns logits at each last token [S, V].
+  at::Tensor forward_step(const std::vector<Seq*>& seqs, const std::vector<std::vector<int32_t>>& new_tokens);
+  void grow_blocks(Seq& s, int64_t new_len);
+  void release(Seq& s);
+
+  std::shared_ptr<DecoderModel> model_;
+  EngineOptions options_;
+  std::unique_ptr<PagedKvCache> cache_;
+  at::Tensor inv_freq_;
+  EngineStats stats_;
+};
+
+}  // namespace rlaif

@@ -1,0 +1,50 @@
+// The decoder's building blocks with transformers' exact numerics, shared by the training forward
+// (models/decoder.cpp) and the generation engine (engine/), so both compute the same function.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rlaif::layers {
+
+// RMSNorm as transformers: normalise in float32, cast back, then scale.
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  at::Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return w * h.to(x.scalar_type());
+}
+
+inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+}
+
+// cos/sin tables [..., hd] for float positions [...]: computed in float32, then cast to `dtype`.
+inline std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                                     at::ScalarType dtype) {
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq.to(positions.device());  // [..., hd/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1);                                                  // [..., hd]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+// x * cos + rotate_half(x) * sin (the NeoX / transformers layout: halves, not interleaved pairs).
+inline at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+// SwiGLU MLP: down(silu(gate(x)) * up(x)).
+inline at::Tensor swiglu(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& wu,
+                         const at::Tensor& bu, const at::Tensor& wd, const at::Tensor& bd) {
+  return linear(at::silu(linear(x, wg, bg)) * linear(x, wu, bu), wd, bd);
+}
+
+// Softmax attention with scores in float32 (transformers' eager path): q [.., H, Tq, hd], k/v [.., H, Tk, hd],
+// `allowed` broadcastable to [.., H, Tq, Tk].
+inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  at::Tensor scores = (at::matmul(q, k.transpose(-1, -2)) * scale).to(at::kFloat);
+  scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+  return at::matmul(at::softmax(scores, -1).to(q.scalar_type()), v);
+}
+
+}  // namespace rlaif::layers
