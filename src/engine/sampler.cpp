@@ -37,39 +37,47 @@ void apply_penalties(at::Tensor row, const SamplerRow& r) {
   }
 }
 
-// Temperature, top-k, top-p and min-p for one row of penalised float32 logits.
-at::Tensor filter_row(at::Tensor row, const SamplingParams& p) {
-  if (p.greedy()) return row;
-  row = row / p.temperature;
-  const int64_t V = row.size(0);
-  if (p.top_k > 0 && p.top_k < V) {
-    at::Tensor kth = std::get<0>(at::topk(row, p.top_k)).min();
-    row = row.masked_fill(row < kth, kNegInf);
-  }
-  if (p.top_p < 1.0) {
-    auto [sorted, order] = at::sort(row, /*dim=*/0, /*descending=*/true);
-    at::Tensor probs = at::softmax(sorted, 0);
-    // Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
-    at::Tensor before = probs.cumsum(0) - probs;
-    at::Tensor drop_sorted = before >= p.top_p;
-    at::Tensor drop = at::zeros_like(drop_sorted).scatter_(0, order, drop_sorted);
-    row = row.masked_fill(drop, kNegInf);
-  }
-  if (p.min_p > 0.0) {
-    at::Tensor probs = at::softmax(row, 0);
-    row = row.masked_fill(probs < probs.max() * p.min_p, kNegInf);
-  }
-  return row;
+at::Tensor column(const std::vector<double>& v, const at::Tensor& like) {
+  return at::tensor(v, at::kDouble).to(like.device(), at::kFloat).unsqueeze(1);
 }
 
+// Penalties per row (rare, so row by row), then temperature, top-k, top-p and min-p batched over all rows with
+// one sort. Greedy rows keep their penalised logits unfiltered.
 at::Tensor process(const at::Tensor& logits, const std::vector<SamplerRow>& rows) {
-  RLAIF_CHECK(logits.dim() == 2 && logits.size(0) == static_cast<int64_t>(rows.size()), "logits [S,V] for S rows");
+  const int64_t S = logits.size(0), V = logits.size(1);
+  RLAIF_CHECK(logits.dim() == 2 && S == static_cast<int64_t>(rows.size()), "logits [S,V] for S rows");
   at::Tensor x = logits.to(at::kFloat).clone();
-  for (size_t i = 0; i < rows.size(); ++i) {
-    at::Tensor row = x[i];
-    apply_penalties(row, rows[i]);
-    row.copy_(filter_row(row, *rows[i].params));
+  std::vector<double> temp(S), k(S), p(S), minp(S), greedy(S);
+  bool any_sort = false, any_minp = false, any_greedy = false;
+  for (int64_t i = 0; i < S; ++i) {
+    const SamplingParams& sp = *rows[i].params;
+    if (sp.repetition_penalty != 1.0 || sp.presence_penalty != 0.0) apply_penalties(x[i], rows[i]);
+    greedy[i] = sp.greedy();
+    temp[i] = sp.greedy() ? 1.0 : sp.temperature;
+    k[i] = sp.greedy() || sp.top_k <= 0 ? V : std::min<int64_t>(sp.top_k, V);
+    p[i] = sp.greedy() ? 1.0 : sp.top_p;
+    minp[i] = sp.greedy() ? 0.0 : sp.min_p;
+    any_sort = any_sort || k[i] < V || p[i] < 1.0;
+    any_minp = any_minp || minp[i] > 0.0;
+    any_greedy = any_greedy || greedy[i];
   }
+  const at::Tensor penalised = any_greedy ? x.clone() : at::Tensor();
+  x = x / column(temp, x);
+  if (any_sort) {
+    auto [sorted, order] = at::sort(x, /*dim=*/1, /*descending=*/true);
+    at::Tensor rank = at::arange(V, x.options().dtype(at::kLong)).unsqueeze(0);
+    at::Tensor drop = rank >= column(k, x).to(at::kLong);                              // top-k
+    at::Tensor probs = at::softmax(sorted.masked_fill(drop, kNegInf), 1);
+    // top-p: keep the smallest prefix whose mass reaches p; drop a token when the mass before it already does.
+    drop = drop.logical_or((probs.cumsum(1) - probs) >= column(p, x));
+    drop.select(1, 0).fill_(false);                                                    // always keep the best
+    x = x.masked_fill(at::zeros_like(drop).scatter_(1, order, drop), kNegInf);
+  }
+  if (any_minp) {
+    at::Tensor probs = at::softmax(x, 1);
+    x = x.masked_fill(probs < std::get<0>(probs.max(1, true)) * column(minp, x), kNegInf);
+  }
+  if (any_greedy) x = at::where(column(greedy, x) > 0, penalised, x);
   return x;
 }
 
@@ -97,14 +105,13 @@ SampleResult sample_tokens(const at::Tensor& logits, const std::vector<SamplerRo
   at::Tensor g = at::tensor(std::vector<int64_t>(greedy.begin(), greedy.end()), at::kLong).to(cdf.device()).to(at::kBool);
   at::Tensor tokens = at::where(g, argmax, drawn);                 // [S]
   at::Tensor idx = tokens.unsqueeze(1);
-  at::Tensor raw_lp = raw.gather(1, idx).squeeze(1).cpu(), proc_lp = proc.gather(1, idx).squeeze(1).cpu();
-  tokens = tokens.cpu();
+  at::Tensor raw_lp = raw.gather(1, idx).squeeze(1).cpu().contiguous();
+  at::Tensor proc_lp = proc.gather(1, idx).squeeze(1).cpu().contiguous();
+  tokens = tokens.cpu().contiguous();
   SampleResult r;
-  for (int64_t i = 0; i < S; ++i) {
-    r.tokens.push_back(static_cast<int32_t>(tokens[i].item<int64_t>()));
-    r.raw_logprobs.push_back(raw_lp[i].item<float>());
-    r.processed_logprobs.push_back(proc_lp[i].item<float>());
-  }
+  r.tokens.assign(tokens.data_ptr<int64_t>(), tokens.data_ptr<int64_t>() + S);
+  r.raw_logprobs.assign(raw_lp.data_ptr<float>(), raw_lp.data_ptr<float>() + S);
+  r.processed_logprobs.assign(proc_lp.data_ptr<float>(), proc_lp.data_ptr<float>() + S);
   return r;
 }
 
