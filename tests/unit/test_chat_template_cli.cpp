@@ -21,8 +21,7 @@ std::string rlaif_bin() {
 }
 
 // transformers' rendering of one case with the template at `spec` (NAME=PATH, see the reference script).
-std::string reference(const ojson& c, const std::string& spec, bool agp) {
-  const fs::path dir = test::temp_dir("chat_cli_ref");
+std::string reference(const ojson& c, const std::string& spec, bool agp, const fs::path& dir) {
   write_file_atomic(dir / "cases.json", ojson::array({c}).dump());
   std::string log;
   const std::string cmd = fmt::format("{} {} conversations --cases {} --template {} --out {}", test::python(),
@@ -41,13 +40,14 @@ TEST(ChatCli, TemplateDirWithSystemAndUserMatchesTransformers) {
   const ojson c = {{"name", "cli"},
                    {"messages", {{{"role", "system"}, {"content", "Be brief — très."}}, {{"role", "user"}, {"content", "Sort a list in C++"}}}}};
   const fs::path qwen = test::shared_data() / "qwen2.5";
+  const fs::path dir = test::temp_dir("chat_cli_template_dir");
   std::string out;
   ASSERT_EQ(test::run_command(fmt::format("{} chat --template-dir {} --system '{}' --user '{}' 2>/dev/null", rlaif_bin(),
                                           qwen.string(), "Be brief — très.", "Sort a list in C++"),
                               &out),
             0)
       << out;
-  EXPECT_EQ(out, reference(c, "qwen2.5=" + qwen.string(), true));
+  EXPECT_EQ(out, reference(c, "qwen2.5=" + qwen.string(), true, dir));
 }
 
 TEST(ChatCli, MessagesFileWithToolsAndNoGenerationPrompt) {
@@ -65,7 +65,7 @@ TEST(ChatCli, MessagesFileWithToolsAndNoGenerationPrompt) {
                               &out),
             0)
       << out;
-  EXPECT_EQ(out, reference(c, "qwen3=" + qwen3.string(), false));
+  EXPECT_EQ(out, reference(c, "qwen3=" + qwen3.string(), false, dir));
 }
 
 TEST(ChatCli, GgufEmbeddedTemplateMatchesTransformers) {
@@ -73,10 +73,11 @@ TEST(ChatCli, GgufEmbeddedTemplateMatchesTransformers) {
   if (!fs::exists(gguf)) GTEST_SKIP() << "scripts/setup.sh did not fetch " << gguf;
   ASSERT_TRUE(fs::exists(rlaif_bin())) << rlaif_bin();
   const ojson c = {{"name", "cli"}, {"messages", {{{"role", "user"}, {"content", "Hi"}}}}};
+  const fs::path dir = test::temp_dir("chat_cli_gguf");
   std::string out;
   ASSERT_EQ(test::run_command(fmt::format("{} chat --gguf {} --user Hi 2>/dev/null", rlaif_bin(), gguf.string()), &out), 0) << out;
   // The fixture is the same template, extracted from this GGUF with gguf-py (tests/data/chat_templates/README.md).
-  EXPECT_EQ(out, reference(c, "smollm2=" + (test::source_dir() / "tests/data/chat_templates/smollm2.jinja").string(), true));
+  EXPECT_EQ(out, reference(c, "smollm2=" + (test::source_dir() / "tests/data/chat_templates/smollm2.jinja").string(), true, dir));
 }
 
 TEST(ChatCli, BadInputsFailWithAMessage) {
