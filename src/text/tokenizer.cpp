@@ -698,6 +698,8 @@ Tokenizer Tokenizer::from_dir(const std::filesystem::path& dir) {
       const json j = load_json(tj);
       const std::string where = tj.string();
       const json& m = j.at("model");
+      t->vocab.reserve(m.at("vocab").size() * 2);
+      t->merges.reserve(m.at("merges").size() * 2);
       if (m.value("type", "BPE") != "BPE") fail(fmt::format("{}: model type '{}' is not supported", where, m.value("type", "")), "only byte-level BPE tokenizer.json files are supported");
       for (const auto& [tok, id] : m.at("vocab").items()) {
         set_vocab_size(*t, id.get<size_t>() + 1);
@@ -728,6 +730,8 @@ Tokenizer Tokenizer::from_dir(const std::filesystem::path& dir) {
       if (!std::filesystem::exists(vj) || !std::filesystem::exists(mt))
         fail(fmt::format("{} has neither tokenizer.json nor vocab.json + merges.txt", dir.string()));
       const json vocab = load_json(vj);
+      t->vocab.reserve(vocab.size() * 2);
+      t->merges.reserve(vocab.size() * 2);
       for (const auto& [tok, id] : vocab.items()) {
         set_vocab_size(*t, id.get<size_t>() + 1);
         t->pieces[id.get<size_t>()] = tok;

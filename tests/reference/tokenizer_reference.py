@@ -3,6 +3,11 @@
 own code never produces an expected value.
 
   tokenizer_reference.py corpus OUT.json              the test corpus: datasets + generated edge cases
+  tokenizer_reference.py qwen_gguf SRC_DIR OUT.gguf     a tokenizer-only GGUF of SRC_DIR/tokenizer.json written by
+      gguf-py's GGUFWriter as llama.cpp's converter does it (model "gpt2", pre "qwen2", special added tokens
+      CONTROL, other added tokens USER_DEFINED)
+  tokenizer_reference.py strip_variant SRC_DIR OUT_DIR  SRC_DIR's tokenizer.json with lstrip/rstrip set on some
+      added tokens (Qwen's own have none), to check those flags against tokenizers
   tokenizer_reference.py encode KIND SRC CORPUS OUT   ids, decode and round-trip flag per corpus string
       KIND qwen_dir:   transformers AutoTokenizer on a vocab.json + merges.txt folder (its slow->fast conversion)
            json:       tokenizers.Tokenizer.from_file(SRC/tokenizer.json)
@@ -49,7 +54,8 @@ def edge_cases():
         "def f(x):\n\treturn x  # comment\n\n\n", "if (a &&b) { return; }\n", "    \n    \n", "a\tb\t\tc",
         "~!@#$%^&*()_+`-=[]\\{}|;':\",./<>?", "...!!!???", "—–‑", "“quotes” ‘single’", "\u00ad soft",
         "\U0001f600\U00010348\U0001d11e\U00020000", "\ufeffBOM", "\ufffd replacement", "a\u0000b", "\x01\x02\x1f\x7f",
-        "ZWJ\u200dand\u200cZWNJ", "a" * 300, "abc" * 200, "🤗" * 100,
+        "ZWJ\u200dand\u200cZWNJ", "  <|im_start|>  user <|im_end|>  \n x", "a\u3000<tool_call>\u3000b <tool_call>",
+        "\t<|im_end|>\t<|im_start|>\n", "<|im_end|>   ", "   <|im_start|>", "a" * 300, "abc" * 200, "🤗" * 100,
     ]
     return out
 
@@ -94,6 +100,49 @@ def gguf_bpe(path):
     return tok
 
 
+def qwen_gguf(src, out):
+    import gguf
+    with open(os.path.join(src, "tokenizer.json")) as f:
+        j = json.load(f)
+    vocab = j["model"]["vocab"]
+    added = {a["id"]: a for a in j["added_tokens"]}
+    n = max(max(vocab.values()), max(added)) + 1
+    tokens = [""] * n
+    types = [1] * n
+    for t, i in vocab.items():
+        tokens[i] = t
+    for i, a in added.items():
+        tokens[i] = a["content"]
+        types[i] = 3 if a["special"] else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
+    w = gguf.GGUFWriter(out, "qwen2")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(151645)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def strip_variant(src, out_dir):
+    with open(os.path.join(src, "tokenizer.json")) as f:
+        j = json.load(f)
+    for a in j["added_tokens"]:
+        if a["content"] == "<|im_start|>":
+            a["lstrip"] = True
+        if a["content"] == "<|im_end|>":
+            a["rstrip"] = True
+        if a["content"] == "<tool_call>":
+            a["lstrip"] = a["rstrip"] = True
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        json.dump(j, f)
+
+
 def encode(kind, src, corpus_path, out):
     with open(corpus_path) as f:
         texts = json.load(f)
@@ -114,4 +163,4 @@ def encode(kind, src, corpus_path, out):
 
 
 if __name__ == "__main__":
-    {"corpus": corpus, "encode": encode}[sys.argv[1]](*sys.argv[2:])
+    {"corpus": corpus, "encode": encode, "qwen_gguf": qwen_gguf, "strip_variant": strip_variant}[sys.argv[1]](*sys.argv[2:])

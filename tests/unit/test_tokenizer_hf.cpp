@@ -86,3 +86,27 @@ TEST(TokenizerHf, SmolLM2GgufEqualsTokenizersBuiltFromGgufVocab) {
   auto g = GgufFile::open(file);
   expect_equal_to_hf(Tokenizer::from_gguf(*g), reference("gguf_bpe", file));
 }
+
+// The GGUF "gpt2" + pre "qwen2" path, on a tokenizer-only GGUF that gguf-py writes from Qwen3's
+// tokenizer.json the way llama.cpp's converter does: it must give HF's ids for Qwen3.
+TEST(TokenizerHf, QwenGgufEqualsTokenizers) {
+  const fs::path src = test::shared_data() / "qwen3-tokenizer";
+  const fs::path gguf = work_dir() / "qwen.gguf";
+  std::string log;
+  ASSERT_EQ(test::run_command(test::python() + " " + script() + " qwen_gguf " + src.string() + " " + gguf.string(), &log), 0) << log;
+  auto g = GgufFile::open(gguf);
+  const Tokenizer tok = Tokenizer::from_gguf(*g);
+  EXPECT_EQ(tok.eos_id(), 151645);
+  EXPECT_TRUE(tok.is_special(151644));
+  EXPECT_FALSE(tok.is_special(151667));  // <think>: USER_DEFINED, matched in text but not special
+  expect_equal_to_hf(tok, reference("json", src));
+}
+
+// lstrip/rstrip on added tokens (Qwen's own have none): a variant tokenizer.json with them set.
+TEST(TokenizerHf, AddedTokenStripFlagsEqualTokenizers) {
+  const fs::path dir = work_dir() / "strip";
+  std::string log;
+  ASSERT_EQ(test::run_command(test::python() + " " + script() + " strip_variant " +
+                              (test::shared_data() / "qwen3-tokenizer").string() + " " + dir.string(), &log), 0) << log;
+  expect_equal_to_hf(Tokenizer::from_dir(dir), reference("json", dir));
+}
