@@ -3,6 +3,7 @@
 #include "teacher/sandbox.h"
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <grp.h>
 #include <poll.h>
 #include <sched.h>
@@ -277,8 +278,11 @@ SandboxDir::SandboxDir(const SandboxConfig& cfg) {
 }
 
 SandboxDir::~SandboxDir() {
-  std::error_code ec;
-  fs::remove_all(path_, ec);  // best effort: a leftover temp dir is harmless
+  // nftw rather than std::filesystem::remove_all: in the torch-linked binary the latter can resolve to an
+  // incompatible copy inside libtorch.so and crash. Best effort: a leftover temp dir is harmless.
+  ::nftw(
+      path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p), 0; }, 16,
+      FTW_DEPTH | FTW_PHYS);
 }
 
 void SandboxDir::write(const std::string& name, const std::string& content) {
