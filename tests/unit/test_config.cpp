@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "rl/config.h"
+#include "test_util.h"
 
 using namespace rlaif;
 
@@ -123,4 +124,11 @@ TEST(Config, KeysThatDoNotApplyAreWarnings) {
 
 TEST(Config, MissingFileIsAnError) {
   EXPECT_THROW(load_run_config("/nonexistent/rlaif.yaml"), Error);
+}
+
+TEST(Config, ShippedScoreExampleParses) {
+  const auto c = load_run_config(test::source_dir() / "examples" / "score_example.yaml");
+  EXPECT_EQ(c.teacher.mode, teacher::ScoringMode::kRelative);
+  EXPECT_EQ(c.teacher.rubric.rust_multiplier, 1.15);
+  EXPECT_TRUE(c.warnings.empty());
 }
