@@ -700,7 +700,7 @@ Tokenizer Tokenizer::from_dir(const std::filesystem::path& dir) {
       const json& m = j.at("model");
       if (m.value("type", "BPE") != "BPE") fail(fmt::format("{}: model type '{}' is not supported", where, m.value("type", "")), "only byte-level BPE tokenizer.json files are supported");
       t->vocab.reserve(m.at("vocab").size() * 2);
-      t->merges.reserve(m.value("merges", json::array()).size() * 2);
+      t->merges.reserve(m.contains("merges") ? m["merges"].size() * 2 : 0);
       for (const auto& [tok, id] : m.at("vocab").items()) {
         set_vocab_size(*t, id.get<size_t>() + 1);
         t->pieces[id.get<size_t>()] = tok;
