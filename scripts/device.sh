@@ -13,6 +13,7 @@ PY=${RLAIF_DEVICE_PYTHON:-python3}
 SYSROOT=$PWD/.device/sysroot
 LIBDIR=$SYSROOT/usr/lib/x86_64-linux-gnu
 BUILD=${RLAIF_DEVICE_BUILD:-build-device}
+RLAIF_BENCH_SHAPES=${RLAIF_BENCH_SHAPES:-0.5b,3b}
 TORCH_PREFIX=$($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')
 TORCH_LIB=$($PY -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')
 log() { echo "[device] $*" | tee -a "$OUT/summary.txt"; }
@@ -28,6 +29,8 @@ if [ ! -d "$SYSROOT" ]; then
     ln -sf "/usr/lib/x86_64-linux-gnu/${t%%.so.*}.so.${ver%%.*}" "$l"
   done
 fi
+# ../shared/data does not travel to the GPU machine; the files GPU tests need are carried in .device/shared.
+[ -d .device/shared ] && export RLAIF_SHARED_DATA=$PWD/.device/shared
 export PKG_CONFIG_PATH=$LIBDIR/pkgconfig:$SYSROOT/usr/share/pkgconfig
 export PKG_CONFIG_SYSROOT_DIR=$SYSROOT
 export LD_LIBRARY_PATH=$LIBDIR:$TORCH_LIB:${LD_LIBRARY_PATH:-}
@@ -54,13 +57,16 @@ if has test; then
 fi
 
 if has bench; then
-  for b in "$BUILD"/bench/bench_*; do
-    [ -x "$b" ] || continue
-    name=$(basename "$b")
-    case "$name" in bench_tokenizer) continue ;; esac
-    log "running $name"
-    "$b" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || log "$name failed (see $name.log)"
-    tail -15 "$OUT/$name.log"
+  # Same run, same card: transformers' generate first (it also saves the random-weight models), then rlaif.
+  MD=/tmp/rlaif-bench-models
+  $PY bench/copy_bandwidth.py "$OUT/copy_bandwidth.json" | tee -a "$OUT/summary.txt"
+  $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate.json" --shapes "${RLAIF_BENCH_SHAPES:-0.5b,3b}" \
+    > "$OUT/hf_generate.log" 2>&1 || log "hf_generate failed (see hf_generate.log)"
+  grep -E "tok/s" "$OUT/hf_generate.log" | tee -a "$OUT/summary.txt"
+  for s in ${RLAIF_BENCH_SHAPES//,/ }; do
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --out "$OUT/rlaif_generate_$s.json" \
+      ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
+    sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
 fi
 cat "$OUT/summary.txt"

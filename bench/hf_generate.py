@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Baseline for bench_generate: transformers' generate() on random-weight Qwen2.5-0.5B / 3B-shaped models
+(vocab 151936, tied embeddings), bf16 on the GPU, prompt 128 tokens, 128 new tokens, sampling. Saves each
+model (save_pretrained) so rlaif's benchmark loads the identical weights, and writes tokens/s as JSON.
+Usage: hf_generate.py --models-dir DIR --out FILE.json [--batches 1,16,64] [--shapes 0.5b,3b]"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models-dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--shapes", default="0.5b,3b")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    a = ap.parse_args()
+    results = []
+    for shape in a.shapes.split(","):
+        cfg = Qwen2Config(vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
+                          rms_norm_eps=1e-6, torch_dtype="bfloat16", **SHAPES[shape])
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+        d = os.path.join(a.models_dir, f"qwen2.5-{shape}-random")
+        if not os.path.exists(os.path.join(d, "config.json")):
+            model.save_pretrained(d)
+        for b in [int(x) for x in a.batches.split(",")]:
+            ids = torch.randint(0, 151936, (b, a.prompt), device="cuda")
+            kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=a.new,
+                      min_new_tokens=a.new, pad_token_id=0, eos_token_id=None)
+            model.generate(ids, attention_mask=torch.ones_like(ids), **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            n = (out.shape[1] - a.prompt) * b
+            results.append({"impl": "transformers", "shape": shape, "batch": b, "new_tokens": n, "seconds": dt,
+                            "tokens_per_s": n / dt})
+            print(f"transformers {shape} batch {b}: {n / dt:.1f} tok/s", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    import transformers
+    json.dump({"transformers": transformers.__version__, "torch": torch.__version__, "results": results},
+              open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
