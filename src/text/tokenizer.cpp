@@ -512,6 +512,7 @@ void TokenizerImpl::encode_spm_segment(std::string_view text, std::vector<int32_
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special) const {
+  RLAIF_CHECK(impl_, "Tokenizer::encode on a tokenizer that was never loaded (use from_dir / from_gguf)");
   const TokenizerImpl& t = *impl_;
   std::vector<Piece> parts;
   t.split_added(text, parse_special, parts);
@@ -553,6 +554,7 @@ std::string_view token_bytes(const TokenizerImpl& t, int32_t id, bool skip_speci
 }  // namespace
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special) const {
+  RLAIF_CHECK(impl_, "Tokenizer::decode on a tokenizer that was never loaded (use from_dir / from_gguf)");
   std::string out;
   bool first = true;
   for (int32_t id : ids) out += token_bytes(*impl_, id, skip_special, &first);

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include "core/error.h"
 #include "core/gguf.h"
@@ -210,4 +211,23 @@ TEST(Tokenizer, ErrorsNameTheFile) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("WordPiece"), std::string::npos) << e.what();
   }
+}
+
+TEST(Tokenizer, ConcurrentEncodeEqualsSequential) {
+  // encode() is const and shares one per-word cache between threads: results must not depend on that.
+  const Tokenizer& t = qwen3();
+  std::vector<std::string> texts;
+  for (int i = 0; i < 200; ++i) texts.push_back(fmt::format("item {} of the list: naïve café {} 🤗 x{}y", i, i * 7919, i % 13));
+  std::vector<std::vector<int32_t>> want;
+  for (const auto& s : texts) want.push_back(t.encode(s));
+  std::vector<int> bad(4, 0);
+  std::vector<std::thread> th;
+  for (int k = 0; k < 4; ++k)
+    th.emplace_back([&, k] {
+      for (int rep = 0; rep < 5; ++rep)
+        for (size_t i = 0; i < texts.size(); ++i) bad[k] += t.encode(texts[(i + k * 37) % texts.size()]) != want[(i + k * 37) % texts.size()];
+    });
+  for (auto& x : th) x.join();
+  EXPECT_EQ(bad, std::vector<int>(4, 0));
+  EXPECT_THROW(Tokenizer().encode("x"), InternalError);
 }
