@@ -3,6 +3,8 @@
 own code never produces an expected value.
 
   tokenizer_reference.py corpus OUT.json              the test corpus: datasets + generated edge cases
+  tokenizer_reference.py chars OUT.json               one short string per assigned code point (Unicode of
+      Python's unicodedata), so every character's class (letter, number, White_Space, NFC) is checked
   tokenizer_reference.py qwen_gguf SRC_DIR OUT.gguf     a tokenizer-only GGUF of SRC_DIR/tokenizer.json written by
       gguf-py's GGUFWriter as llama.cpp's converter does it (model "gpt2", pre "qwen2", special added tokens
       CONTROL, other added tokens USER_DEFINED)
@@ -80,6 +82,17 @@ def corpus(out):
                 r = json.loads(l)
                 texts += [r["text"], r["code"]]
     texts += edge_cases()
+    with open(out, "w") as f:
+        json.dump(texts, f)
+
+
+def chars(out):
+    texts = []
+    for cp in range(0x80, 0x110000):
+        c = chr(cp)
+        if unicodedata.category(c) in ("Cn", "Cs", "Co"):
+            continue
+        texts.append(f"a{c}{c}1 {c}'s x")
     with open(out, "w") as f:
         json.dump(texts, f)
 
@@ -163,4 +176,4 @@ def encode(kind, src, corpus_path, out):
 
 
 if __name__ == "__main__":
-    {"corpus": corpus, "encode": encode, "qwen_gguf": qwen_gguf, "strip_variant": strip_variant}[sys.argv[1]](*sys.argv[2:])
+    {"corpus": corpus, "chars": chars, "encode": encode, "qwen_gguf": qwen_gguf, "strip_variant": strip_variant}[sys.argv[1]](*sys.argv[2:])

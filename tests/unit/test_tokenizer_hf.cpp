@@ -3,6 +3,8 @@
 // The expected ids come from tests/reference/tokenizer_reference.py at test time.
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include <nlohmann/json.hpp>
 
 #include "core/gguf.h"
@@ -23,30 +25,36 @@ const fs::path& work_dir() {
 
 std::string script() { return (test::source_dir() / "tests/reference/tokenizer_reference.py").string(); }
 
-const std::vector<std::string>& corpus() {
-  static const std::vector<std::string> texts = [] {
-    const fs::path out = work_dir() / "corpus.json";
-    std::string log;
-    const int rc = test::run_command("RLAIF_SHARED_DATA=" + test::shared_data().string() + " " + test::python() + " " +
-                                     script() + " corpus " + out.string(), &log);
-    if (rc != 0) throw std::runtime_error("corpus generation failed: " + log);
-    return json::parse(read_file(out)).get<std::vector<std::string>>();
-  }();
-  return texts;
+// A corpus made by the reference script: "corpus" (datasets + edge cases) or "chars" (every code point).
+const std::vector<std::string>& corpus(const std::string& name = "corpus") {
+  static std::map<std::string, std::vector<std::string>> cache;
+  auto it = cache.find(name);
+  if (it != cache.end()) return it->second;
+  const fs::path out = work_dir() / (name + ".json");
+  std::string log;
+  const int rc = test::run_command("RLAIF_SHARED_DATA=" + test::shared_data().string() + " " + test::python() + " " +
+                                   script() + " " + name + " " + out.string(), &log);
+  if (rc != 0) throw std::runtime_error(name + " generation failed: " + log);
+  return cache[name] = json::parse(read_file(out)).get<std::vector<std::string>>();
 }
 
-json reference(const std::string& kind, const fs::path& src) {
-  const fs::path out = work_dir() / (kind + ".json");
-  (void)corpus();
+json reference(const std::string& kind, const fs::path& src, const std::string& corpus_name = "corpus") {
+  const fs::path out = work_dir() / (kind + "_" + corpus_name + ".json");
+  (void)corpus(corpus_name);
   std::string log;
   const std::string cmd = test::python() + " " + script() + " encode " + kind + " " + src.string() + " " +
-                          (work_dir() / "corpus.json").string() + " " + out.string();
+                          (work_dir() / (corpus_name + ".json")).string() + " " + out.string();
   EXPECT_EQ(test::run_command(cmd, &log), 0) << cmd << "\n" << log;
   return json::parse(read_file(out));
 }
 
-void expect_equal_to_hf(const Tokenizer& tok, const json& ref) {
-  const auto& texts = corpus();
+const Tokenizer& qwen3_tokenizer() {
+  static const Tokenizer t = Tokenizer::from_dir(test::shared_data() / "qwen3-tokenizer");
+  return t;
+}
+
+void expect_equal_to_hf(const Tokenizer& tok, const json& ref, const std::string& corpus_name = "corpus") {
+  const auto& texts = corpus(corpus_name);
   ASSERT_GT(texts.size(), 5000u);
   EXPECT_EQ(tok.vocab_size(), ref["vocab_size"].get<int32_t>());
   size_t mismatches = 0, roundtrips = 0;
@@ -77,7 +85,7 @@ TEST(TokenizerHf, Qwen25VocabMergesFolderEqualsTransformers) {
 
 TEST(TokenizerHf, Qwen3TokenizerJsonEqualsTokenizers) {
   const fs::path dir = test::shared_data() / "qwen3-tokenizer";
-  expect_equal_to_hf(Tokenizer::from_dir(dir), reference("json", dir));
+  expect_equal_to_hf(qwen3_tokenizer(), reference("json", dir));
 }
 
 TEST(TokenizerHf, SmolLM2GgufEqualsTokenizersBuiltFromGgufVocab) {
@@ -109,4 +117,11 @@ TEST(TokenizerHf, AddedTokenStripFlagsEqualTokenizers) {
   ASSERT_EQ(test::run_command(test::python() + " " + script() + " strip_variant " +
                               (test::shared_data() / "qwen3-tokenizer").string() + " " + dir.string(), &log), 0) << log;
   expect_equal_to_hf(Tokenizer::from_dir(dir), reference("json", dir));
+}
+
+// Every assigned code point (Unicode 14, Python's unicodedata) in a short string ("a" c c "1 " c "'s x"):
+// the regex classes (\p{L}, \p{N}, White_Space), case folding in (?i:'s) and NFC agree with HF for each.
+TEST(TokenizerHf, EveryCodePointEqualsTokenizers) {
+  const fs::path dir = test::shared_data() / "qwen3-tokenizer";
+  expect_equal_to_hf(qwen3_tokenizer(), reference("json", dir, "chars"), "chars");
 }
