@@ -22,7 +22,6 @@
 #include "core/error.h"
 #include "core/gguf.h"
 #include "core/io.h"
-#include "core/logging.h"
 
 namespace rlaif {
 
@@ -772,8 +771,6 @@ Tokenizer Tokenizer::from_dir(const std::filesystem::path& dir) {
   } catch (const json::exception& e) {
     fail(fmt::format("{}: unexpected tokenizer file structure: {}", dir.string(), e.what()));
   }
-  for (size_t i = 0; i < t->pieces.size(); ++i)
-    if (t->pieces[i].empty() && !t->vocab.count("")) log_debug("tokenizer: id {} has no token in {}", i, dir.string());
   t->bos = config_token(*t, cfg, "bos_token");
   t->eos = config_token(*t, cfg, "eos_token");
   t->pad = config_token(*t, cfg, "pad_token");
