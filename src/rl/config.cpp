@@ -191,6 +191,49 @@ void teacher_section(Section& s, teacher::TeacherConfig& t) {
       });
 }
 
+// `value` must be one of `allowed`; otherwise the key is named with the choices.
+template <typename Bad>
+void one_of(const Bad& bad, const std::string& key, const std::string& value, std::initializer_list<const char*> allowed) {
+  std::string list;
+  for (const char* a : allowed) {
+    if (value == a) return;
+    list += (list.empty() ? "" : ", ") + std::string(a);
+  }
+  bad(key, fmt::format("is '{}'; use {}", value, list));
+}
+
+// The training and rlaif sections' values (names and ranges the trainer's math accepts).
+template <typename Bad>
+void training_rlaif_validate(const RunConfig& c, const Bad& bad) {
+  const auto& t = c.training;
+  const auto& r = c.rlaif;
+  one_of(bad, "training.lr_scheduler", t.lr_scheduler, {"constant", "linear", "cosine"});
+  if (t.gradient_accumulation_steps < 1) bad("training.gradient_accumulation_steps", "must be at least 1");
+  if (t.max_grad_norm < 0) bad("training.max_grad_norm", "must be >= 0 (0: no clipping)");
+  if (t.weight_decay < 0) bad("training.weight_decay", "must be >= 0");
+  if (t.warmup_steps < 0) bad("training.warmup_steps", "must be >= 0");
+  if (t.min_lr_ratio < 0 || t.min_lr_ratio > 1) bad("training.min_lr_ratio", "must be in [0, 1]");
+  if (t.adam_beta1 < 0 || t.adam_beta1 >= 1) bad("training.adam_beta1", "must be in [0, 1)");
+  if (t.adam_beta2 < 0 || t.adam_beta2 >= 1) bad("training.adam_beta2", "must be in [0, 1)");
+  if (t.adam_epsilon <= 0) bad("training.adam_epsilon", "must be > 0");
+  one_of(bad, "rlaif.advantage_scheme", r.advantage_scheme, {"group", "mad_tanh"});
+  one_of(bad, "rlaif.advantage_baseline", r.advantage_baseline, {"mean", "leave_one_out", "none"});
+  one_of(bad, "rlaif.policy_loss", r.policy_loss, {"ppo_clip", "reinforce"});
+  one_of(bad, "rlaif.loss_normalization", r.loss_normalization, {"token", "sequence", "constant"});
+  one_of(bad, "rlaif.kl_estimator", r.kl_estimator, {"k1", "k3"});
+  if (r.top_samples_per_prompt < 0) bad("rlaif.top_samples_per_prompt", "must be >= 0 (0: all)");
+  if (r.advantage_eps < 0) bad("rlaif.advantage_eps", "must be >= 0");
+  if (r.clip_low < 0 || r.clip_low >= 1) bad("rlaif.clip_low", "must be in [0, 1)");
+  if (r.clip_high < 0) bad("rlaif.clip_high", "must be >= 0");
+  if (r.max_len_norm < 0) bad("rlaif.max_len_norm", "must be >= 0 (0: max_new_tokens)");
+  if (r.kl_coef < 0) bad("rlaif.kl_coef", "must be >= 0");
+  if (r.target_kl < 0) bad("rlaif.target_kl", "must be >= 0 (0: fixed kl_coef)");
+  if (r.kl_horizon <= 0) bad("rlaif.kl_horizon", "must be > 0");
+  if (r.kl_gain < 0) bad("rlaif.kl_gain", "must be >= 0");
+  if (r.kl_coef_min < 0 || r.kl_coef_min > r.kl_coef_max) bad("rlaif.kl_coef_min", "must be in [0, kl_coef_max]");
+  if (r.is_truncation < 0) bad("rlaif.is_truncation", "must be >= 0 (0: no importance-sampling correction)");
+}
+
 // Values whose type is right but whose meaning is not.
 void validate(const RunConfig& c, const std::string& file) {
   const auto bad = [&](const std::string& key, const std::string& why) {
@@ -210,6 +253,7 @@ void validate(const RunConfig& c, const std::string& file) {
   if (c.rlaif.num_samples_per_prompt < 1) bad("rlaif.num_samples_per_prompt", "must be at least 1");
   if (c.training.batch_size < 1) bad("training.batch_size", "must be at least 1");
   if (c.training.learning_rate <= 0) bad("training.learning_rate", "must be > 0");
+  training_rlaif_validate(c, bad);
 }
 
 }  // namespace
@@ -239,6 +283,10 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
             .field("weight_decay", &t.weight_decay)
             .field("warmup_steps", &t.warmup_steps)
             .field("lr_scheduler", &t.lr_scheduler)
+            .field("min_lr_ratio", &t.min_lr_ratio)
+            .field("adam_beta1", &t.adam_beta1)
+            .field("adam_beta2", &t.adam_beta2)
+            .field("adam_epsilon", &t.adam_epsilon)
             .field("seed", &t.seed)
             .field("save_steps", &t.save_steps)
             .field("eval_steps", &t.eval_steps);
@@ -251,7 +299,25 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
             .field("kl_coef", &r.kl_coef)
             .field("temperature", &r.temperature)
             .field("top_p", &r.top_p)
-            .field("max_new_tokens", &r.max_new_tokens);
+            .field("max_new_tokens", &r.max_new_tokens)
+            .field("advantage_scheme", &r.advantage_scheme)
+            .field("advantage_baseline", &r.advantage_baseline)
+            .field("normalize_advantage_std", &r.normalize_advantage_std)
+            .field("advantage_eps", &r.advantage_eps)
+            .field("drop_zero_variance_groups", &r.drop_zero_variance_groups)
+            .field("policy_loss", &r.policy_loss)
+            .field("loss_normalization", &r.loss_normalization)
+            .field("clip_low", &r.clip_low)
+            .field("clip_high", &r.clip_high)
+            .field("max_len_norm", &r.max_len_norm)
+            .field("kl_estimator", &r.kl_estimator)
+            .field("kl_in_reward", &r.kl_in_reward)
+            .field("target_kl", &r.target_kl)
+            .field("kl_horizon", &r.kl_horizon)
+            .field("kl_gain", &r.kl_gain)
+            .field("kl_coef_min", &r.kl_coef_min)
+            .field("kl_coef_max", &r.kl_coef_max)
+            .field("is_truncation", &r.is_truncation);
       })
       .sub("data", [&c](Section& s) { s.field("train_file", &c.data.train_file).field("eval_file", &c.data.eval_file); })
       .sub("logging", [&c](Section& s) {

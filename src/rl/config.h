@@ -26,7 +26,11 @@ struct TrainingConfig {
   double max_grad_norm = 1.0;
   double weight_decay = 0.0;
   int warmup_steps = 0;
-  std::string lr_scheduler = "cosine";
+  std::string lr_scheduler = "cosine";  // constant, linear, cosine (HF transformers' shapes, with warmup)
+  double min_lr_ratio = 0.0;            // floor of the linear/cosine decay as a fraction of learning_rate
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_epsilon = 1e-8;
   int seed = 42;
   int save_steps = 100;
   int eval_steps = 100;
@@ -36,10 +40,32 @@ struct RlaifConfig {
   int num_samples_per_prompt = 4;
   double reward_threshold = 0.0;
   int top_samples_per_prompt = 0;  // 0: all
-  double kl_coef = 0.05;
+  double kl_coef = 0.05;  // initial beta of the KL penalty (fixed unless target_kl > 0)
   double temperature = 0.8;
   double top_p = 1.0;
   int max_new_tokens = 512;
+  // Advantages (train/advantages.h).
+  std::string advantage_scheme = "group";     // group, mad_tanh (the original's tanh((r - median) / 1.4826 MAD))
+  std::string advantage_baseline = "mean";    // mean, leave_one_out, none (group scheme)
+  bool normalize_advantage_std = true;        // group scheme: divide by the group's std
+  double advantage_eps = 1e-4;
+  bool drop_zero_variance_groups = true;
+  // Policy loss (train/losses.h).
+  std::string policy_loss = "ppo_clip";       // ppo_clip, reinforce
+  std::string loss_normalization = "token";   // token (dapo), sequence (grpo), constant (dr_grpo)
+  double clip_low = 0.2;
+  double clip_high = 0.2;                     // DAPO's clip-higher uses 0.28
+  double max_len_norm = 0;                    // constant normalisation's length; 0: max_new_tokens
+  std::string kl_estimator = "k3";            // k1, k3
+  bool kl_in_reward = false;                  // fold the KL into the rewards instead of the loss
+  // Adaptive KL controller (train/kl_controller.h): adaptive when target_kl > 0.
+  double target_kl = 0.0;
+  double kl_horizon = 10000;
+  double kl_gain = 1.0;
+  double kl_coef_min = 0.0;
+  double kl_coef_max = 10.0;
+  // Truncated importance-sampling cap when the sampler differs from the trainer (a quantized generator); 0: off.
+  double is_truncation = 2.0;
 };
 
 struct DataConfig {
