@@ -13,22 +13,7 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 
-// The template and special tokens stored in a GGUF file (tokenizer.chat_template, tokenizer.ggml.*).
-ChatTemplate template_from_gguf(const std::string& path) {
-  auto f = GgufFile::open(path);
-  if (!f->has("tokenizer.chat_template"))
-    throw Error("chat", fmt::format("{} has no tokenizer.chat_template metadata", path),
-                "use --template-dir with the model's Hugging Face tokenizer directory");
-  ChatTemplate t = ChatTemplate::from_string(f->get_string("tokenizer.chat_template"), path + ":tokenizer.chat_template");
-  auto token = [&](const char* id_key) -> std::string {
-    if (!f->has(id_key) || !f->has("tokenizer.ggml.tokens")) return "";
-    const auto& tokens = f->get_string_array("tokenizer.ggml.tokens");
-    const uint32_t id = f->get_u32(id_key);
-    return id < tokens.size() ? tokens[id] : "";
-  };
-  t.set_special_tokens(token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"));
-  return t;
-}
+ChatTemplate template_from_gguf(const std::string& path) { return ChatTemplate::from_gguf(*GgufFile::open(path)); }
 
 ojson read_json(const std::string& path, const char* what) {
   try {

@@ -2,6 +2,8 @@
 // the same variables transformers passes to jinja2.
 #include "text/chat_template.h"
 
+#include "core/gguf.h"
+
 #include "core/error.h"
 #include "core/io.h"
 #include "text/jinja.h"
@@ -117,6 +119,22 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages, bool 
     arr.push_back(std::move(j));
   }
   return render(arr, add_generation_prompt);
+}
+
+ChatTemplate ChatTemplate::from_gguf(const GgufFile& f) {
+  const std::string path = f.path().string();
+  if (!f.has("tokenizer.chat_template"))
+    throw Error("chat", fmt::format("{} has no tokenizer.chat_template metadata", path),
+                "use the model's Hugging Face tokenizer directory instead");
+  ChatTemplate t = from_string(f.get_string("tokenizer.chat_template"), path + ":tokenizer.chat_template");
+  auto token = [&](const char* id_key) -> std::string {
+    if (!f.has(id_key) || !f.has("tokenizer.ggml.tokens")) return "";
+    const auto& tokens = f.get_string_array("tokenizer.ggml.tokens");
+    const uint32_t id = f.get_u32(id_key);
+    return id < tokens.size() ? tokens[id] : "";
+  };
+  t.set_special_tokens(token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"));
+  return t;
 }
 
 }  // namespace rlaif

@@ -11,6 +11,8 @@
 
 namespace rlaif {
 
+class GgufFile;
+
 namespace jinja {
 struct Template;
 }
@@ -29,6 +31,8 @@ class ChatTemplate {
   // priority), else tokenizer_config.json's "chat_template" (a string, or a list of {name, template} from
   // which "default" is taken). bos/eos/unk/pad tokens come from tokenizer_config.json when it names them.
   static ChatTemplate from_dir(const std::filesystem::path& dir);
+  // tokenizer.chat_template of a GGUF file, with its BOS/EOS token texts; Error if the file has none.
+  static ChatTemplate from_gguf(const GgufFile& gguf);
 
   // Renders as transformers' apply_chat_template(tokenize=False): variables messages,
   // add_generation_prompt, tools (array or null), documents (null), the special tokens, plus `extra_context`.
