@@ -71,6 +71,13 @@ TEST(Advantages, MadTanhEvenAndOddGroups) {
   EXPECT_EQ(res.kept, 7);
   EXPECT_EQ(median({4, 1, 3, 2}), 2.5);
   EXPECT_EQ(median({5}), 5);
+  // MAD 0 but rewards not all equal (0,0,0,1: median 0, |dev| 0,0,0,1 -> MAD 0): with eps 0 the advantage is
+  // sign(r - median), the limit of tanh; with eps 1e-4 it is tanh(1/1e-4) = 1 to double precision.
+  const std::vector<int64_t> g4 = {0, 0, 0, 0};
+  expect_near(compute_advantages({0, 0, 0, 1}, g4, o).advantages, {0, 0, 0, 1});
+  o.eps = 1e-4;
+  expect_near(compute_advantages({0, 0, 0, 1}, g4, o).advantages, {0, 0, 0, 1});
+  EXPECT_EQ(median({5}), 5);
 }
 
 TEST(Advantages, GroupsInAnyOrderUseOnlyTheirOwnSamples) {
