@@ -91,9 +91,9 @@ void AdamW::load_state_dict(const std::map<std::string, at::Tensor>& state) {
 double clip_grad_norm(const NamedParams& params, double max_norm) {
   RLAIF_CHECK(max_norm > 0, "max_norm {}", max_norm);
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> sq;
+  std::vector<at::Tensor> sq;  // per-parameter squared norms, summed on the device: one sync in all
   for (const auto& [n, p] : params)
-    if (p.grad().defined()) sq.push_back(p.grad().to(at::kFloat).pow(2).sum().to(at::kCPU));
+    if (p.grad().defined()) sq.push_back(p.grad().to(at::kFloat).pow(2).sum());
   if (sq.empty()) return 0;
   const double norm = std::sqrt(at::stack(sq).sum().item<double>());
   if (!std::isfinite(norm)) return norm;

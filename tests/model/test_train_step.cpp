@@ -4,7 +4,7 @@
 // backward -> clip -> AdamW) updates the weights in place and improves the objective on the same data.
 #include <gtest/gtest.h>
 
-#include <torch/csrc/autograd/variable.h>
+#include <cstdlib>
 
 #include "models/decoder.h"
 #include "test_util.h"
@@ -16,6 +16,12 @@ using namespace rlaif;
 using namespace rlaif::train;
 
 namespace {
+
+// RLAIF_TEST_DEVICE=cuda runs the same checks on the GPU (scripts/device.sh).
+at::Device test_device() {
+  const char* d = std::getenv("RLAIF_TEST_DEVICE");
+  return d && std::string(d) == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+}
 
 // Four right-padded sequences of length T = 12: prompt lengths P, total lengths L (prompt + completion, EOS last).
 struct Batch {
@@ -37,11 +43,12 @@ Batch make_batch() {
     b.completion[i].narrow(0, P[i] - 1, L[i] - P[i]).fill_(1);
   }
   b.targets = at::cat({b.tokens.narrow(1, 1, T - 1), at::zeros({B, 1}, at::kLong)}, 1);
+  for (at::Tensor* t : {&b.tokens, &b.attn, &b.targets, &b.completion}) *t = t->to(test_device());
   return b;
 }
 
 std::shared_ptr<DecoderModel> load_trainable() {
-  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, at::kCPU});
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test_device()});
   for (auto& [name, w] : model->named_weights()) w.requires_grad_(true);
   return model;
 }
@@ -63,7 +70,7 @@ TEST(TrainStep, MaskedTokensGetExactlyZeroGradient) {
   lp.retain_grad();
   LossOptions o;
   o.kl_beta = 0.05;  // the KL term must respect the mask too
-  LossInputs in = inputs(lp, b, at::tensor({1.0f, -0.5f, 2.0f, -1.0f}));
+  LossInputs in = inputs(lp, b, at::tensor({1.0f, -0.5f, 2.0f, -1.0f}).to(test_device()));
   in.old_logprobs = lp.detach() + 0.05;
   in.ref_logprobs = lp.detach() - 0.1;
   const LossResult r = policy_loss(in, o);
@@ -89,7 +96,7 @@ TEST(TrainStep, MaskedTokensGetExactlyZeroGradient) {
 
 TEST(TrainStep, MaskedTokenValuesDoNotChangeTheLossThroughTheModel) {
   // Different padding tokens and different targets at prompt positions: the same loss.
-  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, at::kCPU});
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test_device()});
   at::NoGradGuard no_grad;
   const Batch b = make_batch();
   Batch c = b;
@@ -97,7 +104,7 @@ TEST(TrainStep, MaskedTokenValuesDoNotChangeTheLossThroughTheModel) {
   c.targets = b.targets.clone();
   c.tokens.masked_fill_(b.attn == 0, 311);                 // another pad id
   c.targets.masked_fill_(b.completion == 0, 17);           // prompt/padding targets changed
-  const at::Tensor adv = at::tensor({1.0f, -0.5f, 2.0f, -1.0f});
+  const at::Tensor adv = at::tensor({1.0f, -0.5f, 2.0f, -1.0f}).to(test_device());
   const auto loss_of = [&](const Batch& x) {
     LossOptions o;
     o.kind = LossOptions::Kind::kReinforce;
@@ -113,7 +120,7 @@ TEST(TrainStep, OneStepUpdatesWeightsInPlaceAndImprovesTheObjective) {
   const auto adv_res = compute_advantages({0.9, 0.1, 0.2, 0.6}, {0, 0, 1, 1}, AdvantageOptions{});
   ASSERT_EQ(adv_res.kept, 4);
   std::vector<float> adv_f(adv_res.advantages.begin(), adv_res.advantages.end());
-  const at::Tensor adv = at::tensor(adv_f);
+  const at::Tensor adv = at::tensor(adv_f).to(test_device());
 
   at::Tensor lp0 = model->token_logprobs(b.tokens, b.attn, b.targets);
   const at::Tensor old = lp0.detach();
