@@ -125,6 +125,7 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
   const at::Tensor ctx_rows = to_dev(ctx, {S * Lk}), kpos = to_dev(key_pos, {S, 1, 1, Lk});
   const at::Tensor allowed = kpos <= positions.view({S, 1, Tq, 1});                      // [S, 1, Tq, Lk]
 
+  const AdapterMode mode{/*enabled=*/true, /*training=*/false};  // the engine samples the current policy
   at::Tensor h = at::embedding(W.embed, tokens);                                        // [S, Tq, D]
   auto [cos, sin] = layers::rope_tables(positions, inv_freq_, dt);                       // [S, Tq, hd]
   cos = cos.unsqueeze(1);                                                               // [S, 1, Tq, hd]
@@ -132,9 +133,9 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = W.layers[l];
     at::Tensor x = layers::rms_norm(h, L.input_norm, c.rms_norm_eps);                   // [S, Tq, D]
-    at::Tensor q = layers::linear(x, L.wq, L.bq).view({S, Tq, H, hd}).transpose(1, 2);  // [S, H, Tq, hd]
-    at::Tensor k = layers::linear(x, L.wk, L.bk).view({S, Tq, KV, hd}).transpose(1, 2); // [S, KV, Tq, hd]
-    at::Tensor v = layers::linear(x, L.wv, L.bv).view({S * Tq, KV, hd});                // [S*Tq, KV, hd]
+    at::Tensor q = layers::project(x, L, Proj::kQ, mode).view({S, Tq, H, hd}).transpose(1, 2);  // [S, H, Tq, hd]
+    at::Tensor k = layers::project(x, L, Proj::kK, mode).view({S, Tq, KV, hd}).transpose(1, 2); // [S, KV, Tq, hd]
+    at::Tensor v = layers::project(x, L, Proj::kV, mode).view({S * Tq, KV, hd});                // [S*Tq, KV, hd]
     q = layers::apply_rope(q, cos, sin);
     k = layers::apply_rope(k, cos, sin).transpose(1, 2).reshape({S * Tq, KV, hd});      // [S*Tq, KV, hd]
     // Write the new K/V into their cache rows, then read each sequence's whole context back.
@@ -148,9 +149,9 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
     }
     at::Tensor o = layers::attention(q, K, V, allowed);                                 // [S, H, Tq, hd]
     o = o.transpose(1, 2).reshape({S, Tq, H * hd});                                     // [S, Tq, H*hd]
-    h = h + layers::linear(o, L.wo, L.bo);                                              // [S, Tq, D]
+    h = h + layers::project(o, L, Proj::kO, mode);                                              // [S, Tq, D]
     x = layers::rms_norm(h, L.post_norm, c.rms_norm_eps);
-    h = h + layers::swiglu(x, L.w_gate, L.b_gate, L.w_up, L.b_up, L.w_down, L.b_down);  // [S, Tq, D]
+    h = h + layers::mlp(x, L, mode);  // [S, Tq, D]
   }
   at::Tensor hl = h.view({S * Tq, -1}).index_select(0, to_dev(last, {S}));              // [S, D]
   return at::linear(layers::rms_norm(hl, W.final_norm, c.rms_norm_eps), W.lm_head);    // [S, V]

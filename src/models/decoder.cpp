@@ -51,6 +51,7 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
   const at::Tensor ids = tokens.to(dev, at::kLong);
   const at::Tensor m = mask.to(dev, at::kBool);
 
+  const AdapterMode mode = mode_;
   at::Tensor h = at::embedding(weights_.embed, ids);                             // [B, T, D]
   auto [cos, sin] = layers::rope_tables(positions_from_mask(m), inv_freq_, dt);   // [B, T, hd]
   cos = cos.unsqueeze(1);                                                        // [B, 1, T, hd]
@@ -64,9 +65,9 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
 
   for (const LayerWeights& L : weights_.layers) {
     at::Tensor x = layers::rms_norm(h, L.input_norm, c.rms_norm_eps);                    // [B, T, D]
-    at::Tensor q = layers::linear(x, L.wq, L.bq).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
-    at::Tensor k = layers::linear(x, L.wk, L.bk).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
-    at::Tensor v = layers::linear(x, L.wv, L.bv).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+    at::Tensor q = layers::project(x, L, Proj::kQ, mode).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
+    at::Tensor k = layers::project(x, L, Proj::kK, mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+    at::Tensor v = layers::project(x, L, Proj::kV, mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
     q = layers::apply_rope(q, cos, sin);
     k = layers::apply_rope(k, cos, sin);
     if (KV != H) {  // grouped-query attention: each KV head serves H/KV query heads
@@ -75,9 +76,9 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
     }
     at::Tensor o = layers::attention(q, k, v, allowed);                          // [B, H, T, hd]
     o = o.transpose(1, 2).reshape({B, T, H * hd});                               // [B, T, H*hd]
-    h = h + layers::linear(o, L.wo, L.bo);                                       // [B, T, D]
+    h = h + layers::project(o, L, Proj::kO, mode);                                       // [B, T, D]
     x = layers::rms_norm(h, L.post_norm, c.rms_norm_eps);
-    h = h + layers::swiglu(x, L.w_gate, L.b_gate, L.w_up, L.b_up, L.w_down, L.b_down);  // [B, T, D]
+    h = h + layers::mlp(x, L, mode);  // [B, T, D]
   }
   return layers::rms_norm(h, weights_.final_norm, c.rms_norm_eps);                       // [B, T, D]
 }

@@ -28,6 +28,12 @@ class DecoderModel {
   at::Tensor token_logprobs(const at::Tensor& tokens, const at::Tensor& mask, const at::Tensor& targets,
                             int64_t chunk_rows = 1024) const;
 
+  // LoRA adapters on (default) or off (the frozen base model: the KL reference, no second copy of the weights);
+  // adapter dropout only in training mode.
+  void set_adapters_enabled(bool on) { mode_.enabled = on; }
+  void set_training(bool on) { mode_.training = on; }
+  AdapterMode adapter_mode() const { return mode_; }
+
   const ModelConfig& config() const { return config_; }
   ModelWeights& weights() { return weights_; }
   const ModelWeights& weights() const { return weights_; }
@@ -37,6 +43,20 @@ class DecoderModel {
   ModelConfig config_;
   ModelWeights weights_;
   at::Tensor inv_freq_;  // [hd/2] float32, with llama3 scaling applied
+  AdapterMode mode_;
+};
+
+// Scope in which the model computes without its adapters (the reference policy).
+class AdaptersOff {
+ public:
+  explicit AdaptersOff(DecoderModel& m) : m_(m), was_(m.adapter_mode().enabled) { m_.set_adapters_enabled(false); }
+  ~AdaptersOff() { m_.set_adapters_enabled(was_); }
+  AdaptersOff(const AdaptersOff&) = delete;
+  AdaptersOff& operator=(const AdaptersOff&) = delete;
+
+ private:
+  DecoderModel& m_;
+  bool was_;
 };
 
 // Rotary inverse frequencies exactly as transformers computes them in float32 (default and llama3).

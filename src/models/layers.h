@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "models/weights.h"
+
 namespace rlaif::layers {
 
 // RMSNorm as transformers: normalise in float32, cast back, then scale.
@@ -15,6 +17,24 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps)
 
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+}
+
+// One projection of a layer with its LoRA adapter (if attached and enabled).
+inline at::Tensor project(const at::Tensor& x, const LayerWeights& L, Proj p, AdapterMode mode) {
+  at::Tensor y = linear(x, L.weight(p), L.bias(p));
+  const LoraAdapter& a = L.lora[static_cast<int>(p)];
+  if (mode.enabled && a.defined()) {
+    // As PEFT: the input is cast to the adapter's dtype, the update back to the base output's.
+    at::Tensor xin = x.to(a.a.scalar_type());
+    if (mode.training && a.dropout > 0) xin = at::dropout(xin, a.dropout, /*train=*/true);
+    y = y + (at::linear(at::linear(xin, a.a), a.b) * a.scale).to(y.scalar_type());
+  }
+  return y;
+}
+
+// SwiGLU MLP of a layer: down(silu(gate(x)) * up(x)), adapters included.
+inline at::Tensor mlp(const at::Tensor& x, const LayerWeights& L, AdapterMode mode) {
+  return project(at::silu(project(x, L, Proj::kGate, mode)) * project(x, L, Proj::kUp, mode), L, Proj::kDown, mode);
 }
 
 // cos/sin tables [..., hd] for float positions [...]: computed in float32, then cast to `dtype`.
@@ -30,12 +50,6 @@ inline at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const a
   const int64_t half = x.size(-1) / 2;
   at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + rotated * sin;
-}
-
-// SwiGLU MLP: down(silu(gate(x)) * up(x)).
-inline at::Tensor swiglu(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& wu,
-                         const at::Tensor& bu, const at::Tensor& wd, const at::Tensor& bd) {
-  return linear(at::silu(linear(x, wg, bg)) * linear(x, wu, bu), wd, bd);
 }
 
 // Softmax attention with scores in float32 (transformers' eager path): q [.., H, Tq, hd], k/v [.., H, Tk, hd],

@@ -190,6 +190,16 @@ ModelWeights load_hf_weights(const fs::path& dir, const ModelConfig& c, const Lo
   return w;
 }
 
+const at::Tensor& LayerWeights::weight(Proj p) const {
+  const at::Tensor* w[kNumProj] = {&wq, &wk, &wv, &wo, &w_gate, &w_up, &w_down};
+  return *w[static_cast<int>(p)];
+}
+
+const at::Tensor& LayerWeights::bias(Proj p) const {
+  const at::Tensor* b[kNumProj] = {&bq, &bk, &bv, &bo, &b_gate, &b_up, &b_down};
+  return *b[static_cast<int>(p)];
+}
+
 std::vector<std::pair<std::string, at::Tensor>> named_weights(const ModelWeights& w, const ModelConfig& c) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   auto& mw = const_cast<ModelWeights&>(w);

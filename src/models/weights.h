@@ -14,6 +14,27 @@
 
 namespace rlaif {
 
+// A LoRA adapter on one projection: y = x·Wᵀ + b + scale · (dropout(x)·Aᵀ)·Bᵀ, as PEFT computes it.
+struct LoraAdapter {
+  at::Tensor a;        // [r, in]
+  at::Tensor b;        // [out, r]
+  double scale = 0.0;  // lora_alpha / r
+  double dropout = 0.0;
+  bool defined() const { return a.defined(); }
+};
+
+// The seven adapted projections of a layer, in PEFT's target-module names.
+enum class Proj { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
+constexpr int kNumProj = 7;
+constexpr const char* kProjNames[kNumProj] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+
+// How adapters apply in a forward: off computes the frozen base model (the KL reference under LoRA, with no
+// second copy of the weights); dropout only while training.
+struct AdapterMode {
+  bool enabled = true;
+  bool training = false;
+};
+
 struct LayerWeights {
   at::Tensor input_norm;               // [D]
   at::Tensor wq, bq, wk, bk, wv, bv;   // [H*hd, D], [KV*hd, D] (+ biases)
@@ -21,6 +42,10 @@ struct LayerWeights {
   at::Tensor post_norm;                // [D]
   at::Tensor w_gate, b_gate, w_up, b_up;  // [F, D]
   at::Tensor w_down, b_down;           // [D, F]
+  LoraAdapter lora[kNumProj];          // empty unless LoRA is attached (models/lora.h)
+
+  const at::Tensor& weight(Proj p) const;
+  const at::Tensor& bias(Proj p) const;
 };
 
 struct ModelWeights {
