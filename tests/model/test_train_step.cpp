@@ -1,14 +1,18 @@
 // The training math on a real tiny model (transformers-made Qwen2, tests/reference/make_tiny_models.py):
 // prompt and padding positions get exactly zero gradient through token_logprobs' autograd, their values cannot
 // change the loss, and one rollout-free step (fabricated completions and rewards -> advantages -> PPO loss ->
-// backward -> clip -> AdamW) updates the weights in place and improves the objective on the same data.
+// backward -> clip -> AdamW) updates the weights in place and improves the objective on the same data. Engine
+// rollouts packed for the trainer score the same log-probs the sampler reported (sampler vs trainer, fp32).
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstdlib>
 
+#include "engine/engine.h"
 #include "models/decoder.h"
 #include "test_util.h"
 #include "train/advantages.h"
+#include "train/batch.h"
 #include "train/losses.h"
 #include "train/optim.h"
 
@@ -166,4 +170,54 @@ TEST(TrainStep, OneStepUpdatesWeightsInPlaceAndImprovesTheObjective) {
     if (adv_f[i] > 0) EXPECT_GT(gain[i].item<float>(), 0) << "sequence " << i;
     else EXPECT_LT(gain[i].item<float>(), 0) << "sequence " << i;
   }
+}
+
+TEST(TrainStep, PackPutsOnlyCompletionTokensInTheMask) {
+  // Prompt 5 6 7 + completion 8 9 (9 = EOS); prompt 1 2 + completion 3 4 5 6. T = 6, pad 0.
+  const std::vector<int32_t> p0 = {5, 6, 7}, c0 = {8, 9}, p1 = {1, 2}, c1 = {3, 4, 5, 6};
+  const std::vector<float> l0 = {-0.5f, -0.25f}, l1 = {-1, -2, -3, -4};
+  const PackedBatch pb = pack_sequences({{&p0, &c0, &l0}, {&p1, &c1, &l1}}, 0);
+  EXPECT_TRUE(at::equal(pb.tokens, at::tensor({5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5, 6}, at::kLong).view({2, 6})));
+  EXPECT_TRUE(at::equal(pb.attention_mask, at::tensor({1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1}, at::kLong).view({2, 6})));
+  EXPECT_TRUE(at::equal(pb.targets, at::tensor({6, 7, 8, 9, 0, 0, 2, 3, 4, 5, 6, 0}, at::kLong).view({2, 6})));
+  // Column t scores token t+1: completion tokens 8, 9 at positions 3, 4 -> columns 2, 3 (the EOS included).
+  EXPECT_TRUE(at::equal(pb.completion_mask, at::tensor({0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0}, at::kFloat).view({2, 6})));
+  EXPECT_TRUE(at::equal(pb.sampler_logprobs,
+                        at::tensor(std::vector<float>{0, 0, -0.5f, -0.25f, 0, 0, 0, -1, -2, -3, -4, 0}).view({2, 6})));
+}
+
+TEST(TrainStep, SamplerAndTrainerLogprobsAgreeOnPackedRollouts) {
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test_device()});
+  Engine engine(model, EngineOptions{});
+  std::vector<GenerationRequest> reqs(2);
+  reqs[0].prompt = {11, 12, 13, 14, 15};
+  reqs[1].prompt = {21, 22};
+  for (int i = 0; i < 2; ++i) {
+    reqs[i].num_samples = 2;
+    reqs[i].params.temperature = 1.0;
+    reqs[i].params.seed = 3;
+    reqs[i].params.max_new_tokens = 6 + 3 * i;  // completions of different lengths
+  }
+  const auto out = engine.generate(reqs);
+  ASSERT_EQ(out.size(), 4u);
+  std::vector<SequenceView> views;
+  for (const auto& s : out) views.push_back({&reqs[s.request].prompt, &s.tokens, &s.logprobs});
+  const PackedBatch pb = pack_sequences(views, 0, test_device());
+  at::NoGradGuard no_grad;
+  const at::Tensor lp = model->token_logprobs(pb.tokens, pb.attention_mask, pb.targets);
+  const at::Tensor diff = ((lp - pb.sampler_logprobs).abs() * pb.completion_mask).max();
+  EXPECT_LE(diff.item<double>(), 1e-5) << "sampler vs trainer log-probs on the same tokens";
+  std::printf("[fp32] sampler vs trainer log-probs, max |diff| over %d completion tokens: %.3g\n",
+              static_cast<int>(pb.completion_mask.sum().item<double>()), diff.item<double>());
+  EXPECT_EQ(pb.completion_mask.sum().item<double>(), 2 * 6 + 2 * 9);
+  // With the sampler as the old policy the PPO ratio is 1 to fp32 rounding.
+  LossInputs in;
+  in.new_logprobs = lp;
+  in.old_logprobs = pb.sampler_logprobs;
+  in.mask = pb.completion_mask;
+  in.advantages = at::tensor({1.0f, -1.0f, 0.5f, -0.5f}).to(test_device());
+  const LossResult r = policy_loss(in, LossOptions{});
+  EXPECT_NEAR(r.ratio_min, 1.0, 2e-5);
+  EXPECT_NEAR(r.ratio_max, 1.0, 2e-5);
+  EXPECT_EQ(r.clip_fraction, 0.0);
 }
