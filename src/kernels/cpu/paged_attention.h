@@ -1,0 +1,31 @@
+// Decode attention over a paged KV cache: one query token per sequence against its cached context, read through
+// a block table. Numerics of models/layers.h attention (the training forward's), roundings included.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "kernels/cpu/registry.h"
+
+namespace rlaif::kernels {
+
+// For sequence s, query head h (KV head g = h / (H / KV), as repeat_interleave), n = context_lens[s]:
+//   row(t)   = block_tables[s, t / block_size] * block_size + t % block_size          (t < n)
+//   score_t  = float(to_dtype(float(to_dtype(sum_d q[s,h,d] * k_cache[row(t), g, d])) * float(scale)))
+//              (float32 accumulation; the two roundings are the eager bf16 matmul's and `* scale`'s)
+//   p_t      = to_dtype(exp(score_t - max) * (1 / sum_t exp(score_t - max)))           (softmax in float32)
+//   out[s,h] = to_dtype(sum_t float(p_t) * v_cache[row(t), g, :])                      (float32 accumulation)
+// and out[s] = 0 where n <= 0 (padding rows). Requires n <= max_context, the bound the CUDA grid is sized for
+// (it reads no more than max_context tokens; a CUDA graph stays valid while the lengths change below it).
+// q [S, H, hd] (any row stride, contiguous [H, hd] rows); caches [num_blocks * block_size, KV, hd] contiguous;
+// block_tables int32 [S, max_blocks] (row stride free); context_lens int32 [S]; out [S, H, hd] contiguous.
+void paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                            int64_t max_context, double scale, const at::Tensor& out);
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                                  int64_t max_context, double scale);
+void paged_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                                int64_t max_context, double scale, const at::Tensor& out);
+
+}  // namespace rlaif::kernels

@@ -1,0 +1,26 @@
+// The kernel registry and the weak hook through which a CUDA build's kernels register themselves.
+#include "kernels/cpu/registry.h"
+
+#include "core/error.h"
+
+// Weak: resolves to nullptr when kernels/cuda/register.cu is not in the link (CPU-only builds).
+extern "C" __attribute__((weak)) bool rlaif_register_cuda_kernels();
+
+namespace rlaif::kernels {
+
+KernelRegistry& kernel_registry() {
+  static KernelRegistry registry;
+  return registry;
+}
+
+bool cuda_kernels_available() {
+  static const bool available = rlaif_register_cuda_kernels != nullptr && rlaif_register_cuda_kernels();
+  return available;
+}
+
+void throw_no_cuda_kernel(const char* name) {
+  throw Error("kernels", fmt::format("{}: the tensors are on CUDA but this build has no CUDA kernels", name),
+              "configure with -DRLAIF_CUDA=ON (and link rlaif_register_cuda_kernels, see docs/KERNELS.md)");
+}
+
+}  // namespace rlaif::kernels

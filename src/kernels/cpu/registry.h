@@ -1,0 +1,45 @@
+// The CUDA kernels' function-pointer table: CPU files name CUDA code only through it, so the CPU-only build
+// has no CUDA header and no backend #ifdef. kernels/cuda/register.cu fills it (see docs/KERNELS.md).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rlaif::kernels {
+
+// One pointer per op, nullptr until rlaif_register_cuda_kernels() (CUDA builds only) sets it. Signatures equal
+// the public ops' (kernels/cpu/<stem>.h); arguments reach them already checked by the dispatcher.
+struct KernelRegistry {
+  void (*rms_norm_cuda)(const at::Tensor& x, const at::Tensor& w, double eps, const at::Tensor& out) = nullptr;
+  void (*add_rms_norm_cuda)(const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w, double eps,
+                            const at::Tensor& out) = nullptr;
+  void (*rope_kv_write_cuda)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& positions, const at::Tensor& inv_freq, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& slots) = nullptr;
+  void (*paged_attention_decode_cuda)(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                      int64_t block_size, int64_t max_context, double scale,
+                                      const at::Tensor& out) = nullptr;
+  void (*silu_mul_cuda)(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) = nullptr;
+};
+
+KernelRegistry& kernel_registry();
+
+// True when this binary holds the CUDA kernels (built with RLAIF_CUDA and linked, see docs/KERNELS.md). The
+// first call registers them; thread-safe. Says nothing about whether a CUDA device is present.
+bool cuda_kernels_available();
+
+[[noreturn]] void throw_no_cuda_kernel(const char* name);
+
+// The CUDA implementation `field` of op `name` for tensors on CUDA; throws rlaif::Error when this build has none.
+template <typename Fn>
+Fn cuda_kernel(Fn KernelRegistry::*field, const char* name) {
+  Fn fn = cuda_kernels_available() ? kernel_registry().*field : nullptr;
+  if (fn == nullptr) throw_no_cuda_kernel(name);
+  return fn;
+}
+
+}  // namespace rlaif::kernels
+
+// Defined only in kernels/cuda/register.cu. Its callers (registry.cpp) see it as a weak symbol, so a CPU-only
+// build links without it; a CUDA build must keep the linker from dropping it (docs/KERNELS.md, "Linking").
+extern "C" bool rlaif_register_cuda_kernels();

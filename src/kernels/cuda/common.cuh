@@ -1,0 +1,75 @@
+// Helpers shared by the CUDA kernels: 16-byte vectors of activations, float conversion, warp/block reductions
+// and the launch check. Included only by .cu files.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/error.h"
+
+namespace rlaif::kernels::cuda_detail {
+
+// N elements loaded or stored as one aligned access (16 bytes for 8 bf16 or 4 fp32).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+// float32 → T with round-to-nearest-even, as ATen's casts (c10::BFloat16 uses __float2bfloat16 on sm_80+).
+template <typename T>
+__device__ __forceinline__ T to(float x) {
+  return static_cast<T>(x);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float x) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  x = warp_sum(x);
+  __syncthreads();  // partial may still be read by an earlier call
+  if (lane == 0) partial[warp] = x;
+  __syncthreads();
+  x = lane < warps ? partial[lane] : 0.0f;
+  return warp_sum(x);
+}
+
+// Elements per 16-byte access for T.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Every launch is followed by this: a bad configuration surfaces at its own call, not at a later sync.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw InternalError(fmt::format("[kernels] launch of {} failed: {}", kernel, cudaGetErrorString(err)));
+}
+
+}  // namespace rlaif::kernels::cuda_detail

@@ -1,0 +1,18 @@
+// Fills the kernel registry with this build's CUDA kernels. The CPU side calls this through a weak reference
+// (kernels/cpu/registry.cpp), so the symbol must be kept in the link (docs/KERNELS.md, "Linking").
+#include "kernels/cpu/registry.h"
+#include "kernels/cuda/paged_attention.h"
+#include "kernels/cuda/rms_norm.h"
+#include "kernels/cuda/rope_kv_write.h"
+#include "kernels/cuda/silu_mul.h"
+
+extern "C" bool rlaif_register_cuda_kernels() {
+  using namespace rlaif::kernels;
+  KernelRegistry& r = kernel_registry();
+  r.rms_norm_cuda = &rms_norm_cuda;
+  r.add_rms_norm_cuda = &add_rms_norm_cuda;
+  r.rope_kv_write_cuda = &rope_kv_write_cuda;
+  r.paged_attention_decode_cuda = &paged_attention_decode_cuda;
+  r.silu_mul_cuda = &silu_mul_cuda;
+  return true;
+}
