@@ -42,6 +42,15 @@ class Section {
     setters_[key] = [this, dst](const YAML::Node& n, const std::string& path) { *dst = scalar<T>(n, path); };
     return *this;
   }
+  Section& list(const std::string& key, std::vector<std::string>* dst) {
+    setters_[key] = [this, dst](const YAML::Node& n, const std::string& path) {
+      if (!n.IsSequence())
+        throw Error("config", fmt::format("{}: '{}' must be a list of strings (line {})", file_, path, line_of(n)));
+      dst->clear();
+      for (const auto& e : n) dst->push_back(scalar<std::string>(e, path));
+    };
+    return *this;
+  }
   Section& custom(const std::string& key, Setter s) {
     setters_[key] = std::move(s);
     return *this;
@@ -269,7 +278,16 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
   c.path = name;
   Section top(name, &c.warnings);
   top.sub("model", [&c](Section& s) {
-       s.field("name_or_path", &c.model.name_or_path).field("dtype", &c.model.dtype).field("max_seq_len", &c.model.max_seq_len);
+       s.field("name_or_path", &c.model.name_or_path)
+           .field("dtype", &c.model.dtype)
+           .field("max_seq_len", &c.model.max_seq_len)
+           .field("use_lora", &c.model.use_lora)
+           .field("lora_r", &c.model.lora_r)
+           .field("lora_alpha", &c.model.lora_alpha)
+           .field("lora_dropout", &c.model.lora_dropout)
+           .list("lora_target_modules", &c.model.lora_target_modules)
+           .field("chat_template", &c.model.chat_template)
+           .field("system_prompt", &c.model.system_prompt);
      })
       .sub("teacher", [&c](Section& s) { teacher_section(s, c.teacher); })
       .sub("training", [&c](Section& s) {
@@ -319,7 +337,14 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
             .field("kl_coef_max", &r.kl_coef_max)
             .field("is_truncation", &r.is_truncation);
       })
-      .sub("data", [&c](Section& s) { s.field("train_file", &c.data.train_file).field("eval_file", &c.data.eval_file); })
+      .sub("data", [&c](Section& s) {
+        s.field("train_file", &c.data.train_file)
+            .field("eval_file", &c.data.eval_file)
+            .field("prompt_field", &c.data.prompt_field)
+            .field("shuffle", &c.data.shuffle)
+            .field("max_train_samples", &c.data.max_train_samples)
+            .field("max_eval_samples", &c.data.max_eval_samples);
+      })
       .sub("logging", [&c](Section& s) {
         s.field("output_dir", &c.logging.output_dir).field("log_level", &c.logging.log_level);
       })

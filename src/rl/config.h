@@ -11,10 +11,18 @@
 
 namespace rlaif {
 
-struct ModelConfig {
+// The `model:` section (named ModelSection: models/model_config.h's ModelConfig is the architecture).
+struct ModelSection {
   std::string name_or_path;
   std::string dtype = "bfloat16";  // float32, bfloat16, float16
   int max_seq_len = 2048;
+  bool use_lora = true;            // false: full fine-tuning
+  int lora_r = 16;
+  double lora_alpha = 32;
+  double lora_dropout = 0.05;
+  std::vector<std::string> lora_target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  bool chat_template = true;       // wrap prompts in the model's chat template (training, eval and scoring alike)
+  std::string system_prompt;       // optional system message for the chat template
 };
 
 struct TrainingConfig {
@@ -71,6 +79,10 @@ struct RlaifConfig {
 struct DataConfig {
   std::string train_file;
   std::string eval_file;
+  std::string prompt_field = "prompt";  // JSONL rows: prompt, language, optional answer / tests
+  bool shuffle = true;                  // seeded by training.seed, reshuffled each epoch
+  int max_train_samples = 0;            // 0: all
+  int max_eval_samples = 0;             // 0: all
 };
 
 struct LoggingConfig {
@@ -84,7 +96,7 @@ struct HardwareConfig {
 
 struct RunConfig {
   std::filesystem::path path;
-  ModelConfig model;
+  ModelSection model;
   teacher::TeacherConfig teacher;
   TrainingConfig training;
   RlaifConfig rlaif;
