@@ -34,8 +34,6 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
                   block_tables.size(0) == S && block_tables.stride(1) == 1 && block_tables.device() == q.device(),
               "{}: block_tables must be int32 [{}, max_blocks] with a contiguous last dim on {}", kOp, S,
               q.device().str());
-  RLAIF_CHECK(block_tables.size(1) * block_size >= max_context, "{}: block_tables hold {} blocks of {}, fewer than "
-              "max_context {} tokens", kOp, block_tables.size(1), block_size, max_context);
   RLAIF_CHECK(context_lens.defined() && context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 &&
                   context_lens.size(0) == S && context_lens.is_contiguous() && context_lens.device() == q.device(),
               "{}: context_lens must be contiguous int32 [{}] on {}", kOp, S, q.device().str());
@@ -52,7 +50,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   std::vector<float> score, acc(hd);
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = context_lens.data_ptr<int32_t>()[s];
-    RLAIF_CHECK(n <= max_context, "{}: context_lens[{}] = {} exceeds max_context {}", kOp, s, n, max_context);
+    RLAIF_CHECK(n <= max_context && n <= block_tables.size(1) * block_size, "{}: context_lens[{}] = {} exceeds "
+                "max_context {} or the block table ({} blocks)", kOp, s, n, max_context, block_tables.size(1));
     std::vector<int64_t> rows(std::max<int64_t>(n, 0));
     const int32_t* table = block_tables.data_ptr<int32_t>() + s * block_tables.stride(0);
     for (int64_t t = 0; t < n; ++t) {

@@ -14,8 +14,9 @@ namespace rlaif::kernels {
 //              (float32 accumulation; the two roundings are the eager bf16 matmul's and `* scale`'s)
 //   p_t      = to_dtype(exp(score_t - max) * (1 / sum_t exp(score_t - max)))           (softmax in float32)
 //   out[s,h] = to_dtype(sum_t float(p_t) * v_cache[row(t), g, :])                      (float32 accumulation)
-// and out[s] = 0 where n <= 0 (padding rows). Requires n <= max_context, the bound the CUDA grid is sized for
-// (it reads no more than max_context tokens; a CUDA graph stays valid while the lengths change below it).
+// and out[s] = 0 where n <= 0 (padding rows). Requires n <= max_blocks * block_size and n <= max_context, the
+// bound the CUDA grid is sized for (it reads no more than max_context tokens, so a captured CUDA graph stays
+// valid while the lengths change below it; the CUDA side cannot check n without a sync).
 // q [S, H, hd] (any row stride, contiguous [H, hd] rows); caches [num_blocks * block_size, KV, hd] contiguous;
 // block_tables int32 [S, max_blocks] (row stride free); context_lens int32 [S]; out [S, H, hd] contiguous.
 void paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
