@@ -13,6 +13,11 @@
 
 #include "core/error.h"
 #include "core/logging.h"
+#include "kernels/cpu/paged_attention.h"
+#include "kernels/cpu/registry.h"
+#include "kernels/cpu/rms_norm.h"
+#include "kernels/cpu/rope_kv_write.h"
+#include "kernels/cpu/silu_mul.h"
 #include "models/layers.h"
 
 namespace rlaif {
@@ -155,6 +160,75 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
   }
   at::Tensor hl = h.view({S * Tq, -1}).index_select(0, to_dev(last, {S}));              // [S, D]
   return at::linear(layers::rms_norm(hl, W.final_norm, c.rms_norm_eps), W.lm_head);    // [S, V]
+}
+
+bool Engine::use_fused_decode() {
+  if (!options_.fused_decode) return false;
+  const at::Tensor& w = model_->weights().embed;
+  std::string why;
+  if (w.scalar_type() != at::kFloat && w.scalar_type() != at::kBFloat16)
+    why = fmt::format("the fused kernels take float32 or bfloat16, the model is {}", c10::toString(w.scalar_type()));
+  else if (w.is_cuda() && !kernels::cuda_kernels_available())
+    why = "this build has no CUDA kernels (configure with -DRLAIF_CUDA=ON)";
+  if (why.empty()) return true;
+  if (!fallback_logged_) {
+    log_warn("[engine] decoding with the plain libtorch forward instead of the fused kernels: {}", why);
+    fallback_logged_ = true;
+  }
+  return false;
+}
+
+at::Tensor Engine::decode_step(const std::vector<Seq*>& seqs) {
+  namespace K = kernels;
+  const ModelConfig& c = model_->config();
+  const ModelWeights& W = model_->weights();
+  const at::Device dev = W.embed.device();
+  const int64_t S = static_cast<int64_t>(seqs.size()), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
+  const int64_t bs = options_.block_size;
+  int64_t max_blocks = 1;
+  for (Seq* s : seqs) {
+    grow_blocks(*s, s->cached + 1);
+    max_blocks = std::max<int64_t>(max_blocks, s->blocks.size());
+  }
+  std::vector<int64_t> tok(S), pos(S), slot(S);
+  std::vector<int32_t> table(S * max_blocks, 0), lens(S);
+  for (int64_t i = 0; i < S; ++i) {
+    Seq& s = *seqs[i];
+    const int64_t p = s.cached;
+    tok[i] = s.context.back();
+    pos[i] = p;
+    slot[i] = s.blocks[p / bs] * bs + p % bs;
+    std::copy(s.blocks.begin(), s.blocks.end(), table.begin() + i * max_blocks);
+    lens[i] = static_cast<int32_t>(p + 1);
+    s.cached = p + 1;
+  }
+  const at::Tensor tokens = at::tensor(tok, at::kLong).to(dev), positions = at::tensor(pos, at::kLong).to(dev);
+  const at::Tensor slots = at::tensor(slot, at::kLong).to(dev);
+  const at::Tensor block_tables = at::tensor(table, at::kInt).view({S, max_blocks}).to(dev);
+  const at::Tensor context_lens = at::tensor(lens, at::kInt).to(dev);
+  const int64_t max_context = max_blocks * bs;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const AdapterMode mode{/*enabled=*/true, /*training=*/false};
+
+  at::Tensor h = at::embedding(W.embed, tokens);                                        // [S, D]
+  at::Tensor x = K::rms_norm(h, W.layers[0].input_norm, c.rms_norm_eps);               // [S, D]
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = W.layers[l];
+    at::Tensor q = layers::project(x, L, Proj::kQ, mode).view({S, H, hd});              // [S, H, hd]
+    at::Tensor k = layers::project(x, L, Proj::kK, mode).view({S, KV, hd});             // [S, KV, hd]
+    at::Tensor v = layers::project(x, L, Proj::kV, mode).view({S, KV, hd});             // [S, KV, hd]
+    K::rope_kv_write(q, k, v, positions, inv_freq_.to(dev), cache_->keys(l), cache_->values(l), slots);
+    at::Tensor o = K::paged_attention_decode(q, cache_->keys(l), cache_->values(l), block_tables, context_lens, bs,
+                                             max_context, scale);                        // [S, H, hd]
+    h = h + layers::project(o.view({S, H * hd}), L, Proj::kO, mode);                     // [S, D]
+    x = K::rms_norm(h, L.post_norm, c.rms_norm_eps);
+    at::Tensor act = at::empty({S, c.intermediate_size}, h.options());
+    K::silu_mul(layers::project(x, L, Proj::kGate, mode), layers::project(x, L, Proj::kUp, mode), act);  // [S, F]
+    h = h + layers::project(act, L, Proj::kDown, mode);                                  // [S, D]
+    const at::Tensor& next_norm = l + 1 < c.num_layers ? W.layers[l + 1].input_norm : W.final_norm;
+    x = K::rms_norm(h, next_norm, c.rms_norm_eps);
+  }
+  return at::linear(x, W.lm_head);                                                      // [S, V]
 }
 
 std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationRequest>& requests,
@@ -304,7 +378,8 @@ std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationReques
       batch.push_back(s.get());
       last.push_back({s->context.back()});
     }
-    at::Tensor logits = forward_step(batch, last);
+    const bool fused = use_fused_decode();
+    at::Tensor logits = fused ? decode_step(batch) : forward_step(batch, last);
     SampleResult sr = sample_rows(logits, batch);
     for (size_t i = 0; i < batch.size(); ++i) accept(*batch[i], sr.tokens[i], sr.raw_logprobs[i], sr.processed_logprobs[i]);
     stats_.decode_tokens += static_cast<int64_t>(batch.size());

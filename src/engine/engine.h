@@ -23,6 +23,7 @@ struct EngineOptions {
   int64_t num_blocks = 0;      // 0: sized per generate() call for max_batch sequences of the longest request
   int64_t max_prefill_tokens = 8192;  // prompt tokens prefilled in one forward
   bool share_prefix = true;    // prefill a prompt once and fork its samples (false: prefill every sample)
+  bool fused_decode = true;    // decode steps through kernels/ (paged attention, fused RoPE + KV write, ...)
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 
@@ -76,6 +77,10 @@ class Engine {
   int64_t reservation(const GenerationRequest& r) const;
   // Runs the model over each sequence's new tokens, writing their K/V; returns logits at each last token [S, V].
   at::Tensor forward_step(const std::vector<Seq*>& seqs, const std::vector<std::vector<int32_t>>& new_tokens);
+  // One new token per sequence through the fused kernels, attention read straight from the paged cache
+  // (fixed shapes: the step a CUDA graph can capture). Returns logits [S, V].
+  at::Tensor decode_step(const std::vector<Seq*>& seqs);
+  bool use_fused_decode();  // false (logged once, with the reason) where the kernels cannot serve
   void grow_blocks(Seq& s, int64_t new_len);
   void release(Seq& s);
 
@@ -84,6 +89,7 @@ class Engine {
   std::unique_ptr<PagedKvCache> cache_;
   at::Tensor inv_freq_;
   EngineStats stats_;
+  bool fallback_logged_ = false;
 };
 
 }  // namespace rlaif
