@@ -34,7 +34,7 @@ fi
 export PKG_CONFIG_PATH=$LIBDIR/pkgconfig:$SYSROOT/usr/share/pkgconfig
 export PKG_CONFIG_SYSROOT_DIR=$SYSROOT
 export LD_LIBRARY_PATH=$LIBDIR:$TORCH_LIB:${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$OUT/summary.txt"
 
 if has build; then
   t0=$(date +%s)
@@ -52,7 +52,7 @@ if has test; then
     --output-on-failure -j 4 \
     > "$OUT/ctest_cuda.log" 2>&1
   log "GPU tests (model|kernel|golden, RLAIF_TEST_DEVICE=cuda): $(grep -E 'tests passed' "$OUT/ctest_cuda.log")"
-  grep -E "^\[(fp32|bf16)" -r "$BUILD/Testing/Temporary/LastTest.log" | sort -u > "$OUT/parity.txt" || true
+  grep -E "^\[(fp32|bf16)" -r "$BUILD/Testing/Temporary/LastTest.log" | sort -u >> "$OUT/summary.txt" || true
   grep -A30 "FAILED" "$OUT/ctest_cuda.log" | head -60
 fi
 
@@ -63,10 +63,14 @@ if has bench; then
   $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate.json" --shapes "${RLAIF_BENCH_SHAPES:-0.5b,3b}" \
     > "$OUT/hf_generate.log" 2>&1 || log "hf_generate failed (see hf_generate.log)"
   grep -E "tok/s" "$OUT/hf_generate.log" | tee -a "$OUT/summary.txt"
+  "$BUILD/bench/bench_kernels" --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1 || log "bench_kernels failed"
+  tail -25 "$OUT/bench_kernels.log"
   for s in ${RLAIF_BENCH_SHAPES//,/ }; do
     "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --out "$OUT/rlaif_generate_$s.json" \
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
 fi
+# The device tool returns at most 8 files: keep summary + JSON results loose, pack the logs.
+tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz $(cd "$OUT" && ls *.log 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log
 cat "$OUT/summary.txt"
