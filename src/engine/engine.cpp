@@ -45,6 +45,15 @@ struct Engine::Seq {
 Engine::Engine(std::shared_ptr<DecoderModel> model, EngineOptions options)
     : model_(std::move(model)), options_(std::move(options)), inv_freq_(rope_inv_freq(model_->config())) {
   RLAIF_CHECK(options_.max_batch > 0 && options_.block_size > 0, "engine options");
+  inv_freq_dev_ = inv_freq_.to(model_->weights().embed.device());
+}
+
+Engine::~Engine() { drop_graphs(); }
+
+void Engine::drop_graphs() {
+  for (auto& [b, g] : graphs_)
+    if (g.graph) kernels::kernel_registry().graph_destroy(g.graph);
+  graphs_.clear();
 }
 
 std::string Engine::backend() const {
@@ -72,7 +81,9 @@ void Engine::ensure_cache(const std::vector<GenerationRequest>& requests) {
   if (options_.num_blocks > 0 && need > blocks)
     throw Error("engine", fmt::format("one request needs {} KV blocks but the cache has {}", need, blocks),
                 "raise the engine's num_blocks or lower max_new_tokens / num_samples");
-  if (cache_ && cache_->num_blocks() >= blocks) return;
+  if (cache_ && cache_->num_blocks() >= blocks && max_blocks_per_seq_ >= blocks_for(longest)) return;
+  drop_graphs();  // captured graphs point into the old cache
+  max_blocks_per_seq_ = blocks_for(longest);
   const at::Tensor& w = model_->weights().embed;
   cache_ = std::make_unique<PagedKvCache>(model_->config(), blocks, options_.block_size, w.scalar_type(), w.device());
 }
@@ -178,35 +189,12 @@ bool Engine::use_fused_decode() {
   return false;
 }
 
-at::Tensor Engine::decode_step(const std::vector<Seq*>& seqs) {
+at::Tensor Engine::decode_compute(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t max_context) {
   namespace K = kernels;
   const ModelConfig& c = model_->config();
   const ModelWeights& W = model_->weights();
-  const at::Device dev = W.embed.device();
-  const int64_t S = static_cast<int64_t>(seqs.size()), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
-  const int64_t bs = options_.block_size;
-  int64_t max_blocks = 1;
-  for (Seq* s : seqs) {
-    grow_blocks(*s, s->cached + 1);
-    max_blocks = std::max<int64_t>(max_blocks, s->blocks.size());
-  }
-  std::vector<int64_t> tok(S), pos(S), slot(S);
-  std::vector<int32_t> table(S * max_blocks, 0), lens(S);
-  for (int64_t i = 0; i < S; ++i) {
-    Seq& s = *seqs[i];
-    const int64_t p = s.cached;
-    tok[i] = s.context.back();
-    pos[i] = p;
-    slot[i] = s.blocks[p / bs] * bs + p % bs;
-    std::copy(s.blocks.begin(), s.blocks.end(), table.begin() + i * max_blocks);
-    lens[i] = static_cast<int32_t>(p + 1);
-    s.cached = p + 1;
-  }
-  const at::Tensor tokens = at::tensor(tok, at::kLong).to(dev), positions = at::tensor(pos, at::kLong).to(dev);
-  const at::Tensor slots = at::tensor(slot, at::kLong).to(dev);
-  const at::Tensor block_tables = at::tensor(table, at::kInt).view({S, max_blocks}).to(dev);
-  const at::Tensor context_lens = at::tensor(lens, at::kInt).to(dev);
-  const int64_t max_context = max_blocks * bs;
+  const int64_t S = tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const AdapterMode mode{/*enabled=*/true, /*training=*/false};
 
@@ -217,9 +205,9 @@ at::Tensor Engine::decode_step(const std::vector<Seq*>& seqs) {
     at::Tensor q = layers::project(x, L, Proj::kQ, mode).view({S, H, hd});              // [S, H, hd]
     at::Tensor k = layers::project(x, L, Proj::kK, mode).view({S, KV, hd});             // [S, KV, hd]
     at::Tensor v = layers::project(x, L, Proj::kV, mode).view({S, KV, hd});             // [S, KV, hd]
-    K::rope_kv_write(q, k, v, positions, inv_freq_.to(dev), cache_->keys(l), cache_->values(l), slots);
-    at::Tensor o = K::paged_attention_decode(q, cache_->keys(l), cache_->values(l), block_tables, context_lens, bs,
-                                             max_context, scale);                        // [S, H, hd]
+    K::rope_kv_write(q, k, v, positions, inv_freq_dev_, cache_->keys(l), cache_->values(l), slots);
+    at::Tensor o = K::paged_attention_decode(q, cache_->keys(l), cache_->values(l), block_tables, context_lens,
+                                             options_.block_size, max_context, scale);  // [S, H, hd]
     h = h + layers::project(o.view({S, H * hd}), L, Proj::kO, mode);                     // [S, D]
     x = K::rms_norm(h, L.post_norm, c.rms_norm_eps);
     at::Tensor act = at::empty({S, c.intermediate_size}, h.options());
@@ -229,6 +217,69 @@ at::Tensor Engine::decode_step(const std::vector<Seq*>& seqs) {
     x = K::rms_norm(h, next_norm, c.rms_norm_eps);
   }
   return at::linear(x, W.lm_head);                                                      // [S, V]
+}
+
+at::Tensor Engine::decode_step(const std::vector<Seq*>& seqs) {
+  const at::Device dev = model_->weights().embed.device();
+  const int64_t S = static_cast<int64_t>(seqs.size()), bs = options_.block_size;
+  // CUDA graphs: shapes fixed per batch bucket (padding rows write nowhere and attend to nothing).
+  const bool graphs = options_.cuda_graphs && dev.is_cuda() && kernels::kernel_registry().graph_capture;
+  int64_t rows = S;
+  if (graphs) {
+    rows = 1;
+    while (rows < S) rows *= 2;
+    rows = std::min(rows, std::max(options_.max_batch, S));
+  }
+  const int64_t width = graphs ? max_blocks_per_seq_ : 0;
+  int64_t max_blocks = std::max<int64_t>(width, 1);
+  for (Seq* s : seqs) {
+    grow_blocks(*s, s->cached + 1);
+    max_blocks = std::max<int64_t>(max_blocks, s->blocks.size());
+  }
+  std::vector<int64_t> tok(rows, 0), pos(rows, 0), slot(rows, -1);
+  std::vector<int32_t> table(rows * max_blocks, 0), lens(rows, 0);
+  for (int64_t i = 0; i < S; ++i) {
+    Seq& s = *seqs[i];
+    const int64_t p = s.cached;
+    tok[i] = s.context.back();
+    pos[i] = p;
+    slot[i] = s.blocks[p / bs] * bs + p % bs;
+    std::copy(s.blocks.begin(), s.blocks.end(), table.begin() + i * max_blocks);
+    lens[i] = static_cast<int32_t>(p + 1);
+    s.cached = p + 1;
+  }
+  const at::Tensor tokens = at::tensor(tok, at::kLong), positions = at::tensor(pos, at::kLong);
+  const at::Tensor slots = at::tensor(slot, at::kLong), context_lens = at::tensor(lens, at::kInt);
+  const at::Tensor block_tables = at::tensor(table, at::kInt).view({rows, max_blocks});
+  const int64_t max_context = max_blocks * bs;
+  if (!graphs || max_blocks != max_blocks_per_seq_)
+    return decode_compute(tokens.to(dev), positions.to(dev), slots.to(dev), block_tables.to(dev), context_lens.to(dev),
+                          max_context).narrow(0, 0, S);
+
+  auto it = graphs_.find(rows);
+  if (it == graphs_.end()) {
+    // First step of this bucket: run it eagerly (warm-up), then capture the same computation on static inputs.
+    DecodeGraph g;
+    g.tokens = tokens.to(dev);
+    g.positions = positions.to(dev);
+    g.slots = slots.to(dev);
+    g.block_tables = block_tables.to(dev);
+    g.context_lens = context_lens.to(dev);
+    at::Tensor logits = decode_compute(g.tokens, g.positions, g.slots, g.block_tables, g.context_lens, max_context);
+    g.graph = kernels::kernel_registry().graph_capture([&] {
+      g.logits = decode_compute(g.tokens, g.positions, g.slots, g.block_tables, g.context_lens, max_context);
+    });
+    graphs_.emplace(rows, std::move(g));
+    return logits.narrow(0, 0, S);
+  }
+  DecodeGraph& g = it->second;
+  g.tokens.copy_(tokens, /*non_blocking=*/false);
+  g.positions.copy_(positions);
+  g.slots.copy_(slots);
+  g.block_tables.copy_(block_tables);
+  g.context_lens.copy_(context_lens);
+  kernels::kernel_registry().graph_replay(g.graph);
+  return g.logits.narrow(0, 0, S);
 }
 
 std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationRequest>& requests,

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -24,6 +25,7 @@ struct EngineOptions {
   int64_t max_prefill_tokens = 8192;  // prompt tokens prefilled in one forward
   bool share_prefix = true;    // prefill a prompt once and fork its samples (false: prefill every sample)
   bool fused_decode = true;    // decode steps through kernels/ (paged attention, fused RoPE + KV write, ...)
+  bool cuda_graphs = true;     // on CUDA, replay each batch-size bucket's fused decode step from a captured graph
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 
@@ -60,6 +62,9 @@ struct EngineStats {
 class Engine {
  public:
   Engine(std::shared_ptr<DecoderModel> model, EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
 
   // Runs every request to completion; results ordered by (request, sample).
   std::vector<GeneratedSample> generate(const std::vector<GenerationRequest>& requests,
@@ -80,6 +85,10 @@ class Engine {
   // One new token per sequence through the fused kernels, attention read straight from the paged cache
   // (fixed shapes: the step a CUDA graph can capture). Returns logits [S, V].
   at::Tensor decode_step(const std::vector<Seq*>& seqs);
+  // The decode computation on device tensors only (no host data), so a CUDA graph can capture it.
+  at::Tensor decode_compute(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t max_context);
+  void drop_graphs();
   bool use_fused_decode();  // false (logged once, with the reason) where the kernels cannot serve
   void grow_blocks(Seq& s, int64_t new_len);
   void release(Seq& s);
@@ -90,6 +99,13 @@ class Engine {
   at::Tensor inv_freq_;
   EngineStats stats_;
   bool fallback_logged_ = false;
+  at::Tensor inv_freq_dev_;
+  int64_t max_blocks_per_seq_ = 1;  // block-table width: the longest sequence the cache was sized for
+  struct DecodeGraph {
+    void* graph = nullptr;
+    at::Tensor tokens, positions, slots, block_tables, context_lens, logits;
+  };
+  std::map<int64_t, DecodeGraph> graphs_;  // by batch-size bucket
 };
 
 }  // namespace rlaif

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
+
 namespace rlaif::kernels {
 
 // One pointer per op, nullptr until rlaif_register_cuda_kernels() (CUDA builds only) sets it. Signatures equal
@@ -20,6 +22,11 @@ struct KernelRegistry {
                                       int64_t block_size, int64_t max_context, double scale,
                                       const at::Tensor& out) = nullptr;
   void (*silu_mul_cuda)(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) = nullptr;
+  // CUDA graphs (kernels/cuda/graph.cpp): capture `body` on a side stream into an opaque graph, replay it on
+  // the current stream, free it. Tensors `body` allocates live in the graph's private pool.
+  void* (*graph_capture)(const std::function<void()>& body) = nullptr;
+  void (*graph_replay)(void* graph) = nullptr;
+  void (*graph_destroy)(void* graph) = nullptr;
 };
 
 KernelRegistry& kernel_registry();

@@ -4,6 +4,7 @@
 #include "kernels/cuda/paged_attention.h"
 #include "kernels/cuda/rms_norm.h"
 #include "kernels/cuda/rope_kv_write.h"
+#include "kernels/cuda/graph.h"
 #include "kernels/cuda/silu_mul.h"
 
 extern "C" bool rlaif_register_cuda_kernels() {
@@ -14,5 +15,8 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.rope_kv_write_cuda = &rope_kv_write_cuda;
   r.paged_attention_decode_cuda = &paged_attention_decode_cuda;
   r.silu_mul_cuda = &silu_mul_cuda;
+  r.graph_capture = &graph_capture_cuda;
+  r.graph_replay = &graph_replay_cuda;
+  r.graph_destroy = &graph_destroy_cuda;
   return true;
 }
