@@ -22,6 +22,7 @@ TEST(KernelRegistry, CudaKernelsPresentExactlyInCudaBuilds) {
 TEST(KernelRegistry, MissingCudaKernelIsAClearError) {
   // The error path of the dispatchers, without needing a CUDA tensor: a pointer that is never set.
   kernels::KernelRegistry& r = kernels::kernel_registry();
+  kernels::cuda_kernels_available();  // registration happens on first use: let it happen before the pointer is cleared
   auto saved = r.silu_mul_cuda;
   r.silu_mul_cuda = nullptr;
   try {
