@@ -47,7 +47,7 @@ PYEOF
   rm -rf "$tmp"
 fi
 
-export CCACHE_DIR=${CCACHE_DIR:-$PWD/.ccache}
+# ccache keeps its default directory (~/.cache/ccache), so rebuilds in fresh clones on one machine are fast.
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 cmake -S . -B build -G Ninja -DRLAIF_PYTHON="$PWD/.venv/bin/python" ${RLAIF_CMAKE_ARGS:-}
 cmake --build build -j "$(nproc)"
