@@ -93,6 +93,14 @@ void setup(Run& r) {
   const RunConfig& c = r.cfg;
   if (c.model.name_or_path.empty()) throw Error("config", "model.name_or_path is required");
   if (c.data.train_file.empty()) throw Error("config", "data.train_file is required");
+  // Keys that parse but whose features are not built yet: said out loud, never silently ignored.
+  auto not_yet = [](bool set, const char* key) {
+    if (set) log_warn("[config] {} is not implemented yet (evaluation and checkpoints: issue 8) and is ignored", key);
+  };
+  not_yet(!c.data.eval_file.empty(), "data.eval_file");
+  not_yet(c.data.max_eval_samples != DataConfig{}.max_eval_samples, "data.max_eval_samples");
+  not_yet(c.training.save_steps != TrainingConfig{}.save_steps, "training.save_steps");
+  not_yet(c.training.eval_steps != TrainingConfig{}.eval_steps, "training.eval_steps");
   const at::Device dev = pick_device(c.hardware.device);
   // Trainable weights are float32 on the CPU; on the GPU the base model runs in model.dtype (LoRA stays fp32).
   const std::string dtype = dev.is_cpu() ? "float32" : c.model.dtype;
@@ -174,7 +182,12 @@ std::vector<Sample> rollout(Run& r, StepMetrics& m) {
     q.num_samples = c.rlaif.num_samples_per_prompt;
     q.params.temperature = c.rlaif.temperature;
     q.params.top_p = c.rlaif.top_p;
-    q.params.max_new_tokens = c.rlaif.max_new_tokens;
+    const int64_t room = c.model.max_seq_len - static_cast<int64_t>(q.prompt.size());
+    if (room < 1)
+      throw Error("train", fmt::format("{}: prompt {} is {} tokens, model.max_seq_len is {}", c.data.train_file, row + 1,
+                                       q.prompt.size(), c.model.max_seq_len),
+                  "raise model.max_seq_len or shorten the prompt");
+    q.params.max_new_tokens = std::min<int64_t>(c.rlaif.max_new_tokens, room);
     q.params.seed = static_cast<uint64_t>(c.training.seed) * 7919ULL + static_cast<uint64_t>(r.step);
     reqs.push_back(std::move(q));
   }
