@@ -53,7 +53,7 @@ if has test; then
     --output-on-failure -j 4 \
     > "$OUT/ctest_cuda.log" 2>&1
   log "GPU tests (model|kernel|golden, RLAIF_TEST_DEVICE=cuda): $(grep -E 'tests passed' "$OUT/ctest_cuda.log")"
-  grep -E "^\[(fp32|bf16)" -r "$BUILD/Testing/Temporary/LastTest.log" | sort -u >> "$OUT/summary.txt" || true
+  grep -E "^\[(fp32|bf16|engine)" -r "$BUILD/Testing/Temporary/LastTest.log" | sort -u >> "$OUT/summary.txt" || true
   grep -A30 "FAILED" "$OUT/ctest_cuda.log" | head -60
 fi
 
