@@ -3,7 +3,9 @@
 
 #include <cerrno>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -86,6 +88,31 @@ void write_file_atomic(const fs::path& path, std::string_view data) {
     ::unlink(tmp.c_str());
     throw Error("io", fmt::format("cannot rename '{}' to '{}': {}", tmp.string(), path.string(), std::strerror(e)));
   }
+}
+
+void remove_tree(const fs::path& path) {
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  const int rc = ::nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+                        FTW_DEPTH | FTW_PHYS);
+  if (rc != 0) throw Error("io", fmt::format("cannot remove '{}': {}", path.string(), std::strerror(errno)));
+}
+
+std::vector<std::string> list_dir(const fs::path& dir) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) throw Error("io", fmt::format("cannot list '{}': {}", dir.string(), std::strerror(errno)));
+  while (const dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n != "." && n != "..") out.push_back(n);
+  }
+  ::closedir(d);
+  return out;
+}
+
+void rename_path(const fs::path& from, const fs::path& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0)
+    throw Error("io", fmt::format("cannot rename '{}' to '{}': {}", from.string(), to.string(), std::strerror(errno)));
 }
 
 }  // namespace rlaif

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace rlaif {
 
@@ -38,5 +39,12 @@ std::string read_file(const std::filesystem::path& path);
 
 // Writes `data` to `path` atomically: a temporary file in the same directory, fsync, then rename.
 void write_file_atomic(const std::filesystem::path& path, std::string_view data);
+
+// Directory helpers on plain POSIX calls. std::filesystem::remove_all and directory iteration are avoided on
+// purpose: libtorch_cpu.so exports its own copies of them, which the dynamic linker may bind our calls to (a
+// crash was seen in remove_all). Missing paths are not errors for remove_tree.
+void remove_tree(const std::filesystem::path& path);
+std::vector<std::string> list_dir(const std::filesystem::path& dir);  // entry names, no "." or ".."
+void rename_path(const std::filesystem::path& from, const std::filesystem::path& to);
 
 }  // namespace rlaif

@@ -307,6 +307,7 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
             .field("adam_epsilon", &t.adam_epsilon)
             .field("seed", &t.seed)
             .field("save_steps", &t.save_steps)
+            .field("save_total_limit", &t.save_total_limit)
             .field("eval_steps", &t.eval_steps);
       })
       .sub("rlaif", [&c](Section& s) {

@@ -40,7 +40,8 @@ struct TrainingConfig {
   double adam_beta2 = 0.999;
   double adam_epsilon = 1e-8;
   int seed = 42;
-  int save_steps = 100;
+  int save_steps = 100;       // a checkpoint every N optimizer steps (0: only the final one)
+  int save_total_limit = 0;   // keep at most N step checkpoints, oldest deleted first (0: keep all)
   int eval_steps = 100;
 };
 

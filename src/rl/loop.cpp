@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <numeric>
 
 #include "core/error.h"
@@ -89,7 +90,10 @@ E pick(const std::string& key, const std::string& v, std::initializer_list<std::
   throw Error("config", fmt::format("{}: unknown value '{}'", key, v));
 }
 
-void setup(Run& r) {
+// Checkpoint files: the adapter (PEFT) or full weights, optimizer state, and trainer_state.json.
+constexpr const char* kTrainerState = "trainer_state.json";
+
+void setup(Run& r, const fs::path& resume_dir) {
   const RunConfig& c = r.cfg;
   if (c.model.name_or_path.empty()) throw Error("config", "model.name_or_path is required");
   if (c.data.train_file.empty()) throw Error("config", "data.train_file is required");
@@ -99,7 +103,6 @@ void setup(Run& r) {
   };
   not_yet(!c.data.eval_file.empty(), "data.eval_file");
   not_yet(c.data.max_eval_samples != DataConfig{}.max_eval_samples, "data.max_eval_samples");
-  not_yet(c.training.save_steps != TrainingConfig{}.save_steps, "training.save_steps");
   not_yet(c.training.eval_steps != TrainingConfig{}.eval_steps, "training.eval_steps");
   const at::Device dev = pick_device(c.hardware.device);
   // Trainable weights are float32 on the CPU; on the GPU the base model runs in model.dtype (LoRA stays fp32).
@@ -111,13 +114,32 @@ void setup(Run& r) {
   train::NamedParams params;
   if (c.model.use_lora) {
     r.lora = {c.model.lora_r, c.model.lora_alpha, c.model.lora_dropout, c.model.lora_target_modules};
-    attach_lora(m, r.lora, static_cast<uint64_t>(c.training.seed));
+    if (resume_dir.empty()) {
+      attach_lora(m, r.lora, static_cast<uint64_t>(c.training.seed));
+    } else {
+      if (!fs::exists(resume_dir / "adapter_config.json"))
+        throw Error("train", fmt::format("{} has no LoRA adapter (adapter_config.json) but model.use_lora is true",
+                                         resume_dir.string()),
+                    "resume with the config the checkpoint was made with");
+      load_peft_adapter(m, resume_dir);
+      r.lora.dropout = c.model.lora_dropout;
+    }
     params = lora_parameters(m);
   } else {
     if (c.rlaif.kl_coef > 0)
       throw Error("config", "rlaif.kl_coef > 0 with model.use_lora: false needs a frozen reference copy, not supported yet",
                   "set rlaif.kl_coef: 0 for full fine-tuning, or use LoRA (the reference is the same weights with adapters off)");
     params = m.named_weights();
+    if (!resume_dir.empty()) {
+      auto saved = load_safetensors(resume_dir / "model.safetensors");
+      at::NoGradGuard ng;
+      for (auto& [n, t] : params) {
+        auto it = saved.find(n);
+        if (it == saved.end())
+          throw Error("train", fmt::format("{}: model.safetensors lacks '{}'", resume_dir.string(), n));
+        t.copy_(it->second);
+      }
+    }
     for (auto& [n, t] : params) t.set_requires_grad(true);
   }
   r.opt = std::make_unique<train::AdamW>(params, train::AdamWOptions{c.training.adam_beta1, c.training.adam_beta2,
@@ -159,6 +181,21 @@ void setup(Run& r) {
   r.kl_opt = {c.rlaif.kl_coef, c.rlaif.target_kl, c.rlaif.kl_horizon, c.rlaif.kl_gain, 0.2, c.rlaif.kl_coef_min,
               c.rlaif.kl_coef_max};
   r.kl = train::kl_controller_init(r.kl_opt);
+  if (!resume_dir.empty()) {
+    r.opt->load_state_dict(load_safetensors(resume_dir / "optimizer.safetensors"));
+    const auto st = nlohmann::json::parse(read_file(resume_dir / kTrainerState), nullptr, false);
+    if (st.is_discarded()) throw Error("train", fmt::format("{}: invalid JSON", (resume_dir / kTrainerState).string()));
+    try {
+      r.step = st.at("global_step").get<int64_t>();
+      r.sampler->seek(st.at("epoch").get<int64_t>(), st.at("index").get<int64_t>());
+      r.kl = st.at("kl_controller").get<train::KlControllerState>();
+    } catch (const nlohmann::json::exception& e) {
+      throw Error("train", fmt::format("{}: {}", (resume_dir / kTrainerState).string(), e.what()),
+                  "the checkpoint is damaged; resume from an earlier one");
+    }
+    log_info("[train] resumed from {} at step {} (epoch {}, prompt {})", resume_dir.string(), r.step,
+             r.sampler->epoch(), r.sampler->index());
+  }
 
   EngineOptions eo;
   eo.max_batch = std::max<int64_t>(64, static_cast<int64_t>(c.training.batch_size) * c.rlaif.num_samples_per_prompt);
@@ -350,6 +387,51 @@ void log_step(const Run& r, const StepMetrics& m) {
            m.zero_variance_groups, m.unscored, m.teacher_calls, m.cache_hits, m.sampler_trainer_logprob_mad);
 }
 
+// Writes a checkpoint atomically: everything goes to a temporary directory, renamed into place at the end, so
+// a crash mid-save leaves the previous checkpoint as it was.
+fs::path save_checkpoint(Run& r, const fs::path& out_dir, const std::string& name) {
+  const RunConfig& c = r.cfg;
+  const fs::path final_dir = out_dir / name, tmp = out_dir / (name + ".tmp");
+  remove_tree(tmp);
+  fs::create_directories(tmp);
+  DecoderModel& m = *r.bundle.model;
+  if (c.model.use_lora) {
+    save_peft_adapter(m, r.lora, tmp, c.model.name_or_path);
+  } else {
+    std::map<std::string, at::Tensor> w;
+    for (const auto& [n, t] : m.named_weights()) w[n] = t;
+    save_safetensors(tmp / "model.safetensors", w);
+  }
+  save_safetensors(tmp / "optimizer.safetensors", r.opt->state_dict());
+  const nlohmann::json st = {{"global_step", r.step}, {"epoch", r.sampler->epoch()}, {"index", r.sampler->index()},
+                             {"kl_controller", r.kl}, {"seed", c.training.seed}, {"total_steps", r.total_steps},
+                             {"model", c.model.name_or_path}};
+  write_file_atomic(tmp / kTrainerState, st.dump(2));
+  remove_tree(final_dir);
+  rename_path(tmp, final_dir);
+  return final_dir;
+}
+
+// Step checkpoints in output_dir, oldest first (by global step).
+std::vector<fs::path> step_checkpoints(const fs::path& out_dir) {
+  std::vector<std::pair<int64_t, fs::path>> found;
+  if (!fs::exists(out_dir)) return {};
+  for (const std::string& n : list_dir(out_dir)) {
+    const fs::path entry = out_dir / n;
+    const auto gs = n.rfind("-gs");
+    if (n.rfind("checkpoint-", 0) != 0 || gs == std::string::npos || n.size() > 4 && n.substr(n.size() - 4) == ".tmp")
+      continue;
+    if (!fs::exists(entry / kTrainerState)) continue;
+    const std::string digits = n.substr(gs + 3);
+    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+    found.push_back({std::stoll(digits), entry});
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<fs::path> out;
+  for (auto& f : found) out.push_back(f.second);
+  return out;
+}
+
 }  // namespace
 
 std::string reward_curve(const std::vector<StepMetrics>& steps, int width) {
@@ -365,29 +447,52 @@ std::string reward_curve(const std::vector<StepMetrics>& steps, int width) {
   return out;
 }
 
-TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks) {
+TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const std::string& resume) {
+  fs::path resume_dir;
+  if (resume == "latest") {
+    const auto all = step_checkpoints(cfg.logging.output_dir);
+    if (all.empty())
+      throw Error("train", fmt::format("--resume latest: no checkpoint in {}", cfg.logging.output_dir),
+                  "checkpoints are written every training.save_steps steps");
+    resume_dir = all.back();
+  } else if (!resume.empty()) {
+    resume_dir = resume;
+    if (!fs::exists(resume_dir / kTrainerState))
+      throw Error("train", fmt::format("{} is not a checkpoint (no {})", resume, kTrainerState));
+  }
   Run r{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0, 0, 0};
-  setup(r);
+  setup(r, resume_dir);
   TrainResult result;
   result.output_dir = cfg.logging.output_dir;
   fs::create_directories(result.output_dir);
   if (!cfg.path.empty() && fs::exists(cfg.path)) write_file_atomic(result.output_dir / "config.yaml", read_file(cfg.path));
   result.metrics_path = result.output_dir / "metrics.jsonl";
   std::ofstream metrics(result.metrics_path, std::ios::app);
-  for (r.step = 0; r.step < r.total_steps; ++r.step) {
+  while (r.step < r.total_steps) {
     StepMetrics m;
     m.step = r.step + 1;
     auto samples = rollout(r, m);
     score(r, samples, m);
     update(r, samples, m);
+    ++r.step;
     log_step(r, m);
     metrics << m.to_json().dump() << "\n" << std::flush;
     result.steps.push_back(m);
     if (hooks.on_step) hooks.on_step(m);
+    if (cfg.training.save_steps > 0 && r.step % cfg.training.save_steps == 0 && r.step < r.total_steps) {
+      // Named as the original system named them: epoch, batch within the epoch, global step.
+      const int64_t batch_in_epoch = (r.sampler->index() + cfg.training.batch_size - 1) / cfg.training.batch_size;
+      const auto dir = save_checkpoint(
+          r, result.output_dir, fmt::format("checkpoint-e{}-b{}-gs{}", r.sampler->epoch(), batch_in_epoch, r.step));
+      log_info("[train] checkpoint {}", dir.string());
+      auto all = step_checkpoints(result.output_dir);
+      while (cfg.training.save_total_limit > 0 && static_cast<int64_t>(all.size()) > cfg.training.save_total_limit) {
+        remove_tree(all.front());
+        all.erase(all.begin());
+      }
+    }
   }
-  const fs::path final_dir = result.output_dir / fmt::format("checkpoint-final-gs{}", r.total_steps);
-  if (cfg.model.use_lora) save_peft_adapter(*r.bundle.model, r.lora, final_dir, cfg.model.name_or_path);
-  result.final_checkpoint = final_dir;
+  result.final_checkpoint = save_checkpoint(r, result.output_dir, fmt::format("checkpoint-final-gs{}", r.total_steps));
   return result;
 }
 

@@ -36,7 +36,10 @@ struct TrainHooks {
   std::function<void(const StepMetrics&)> on_step;  // after each optimizer step
 };
 
-TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks = {});
+// `resume`: empty (fresh run), a checkpoint directory, or "latest" (the newest checkpoint in
+// logging.output_dir). A resumed run continues exactly: weights/adapters, optimizer, step, data position,
+// KL controller, and the per-step sampling seeds.
+TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks = {}, const std::string& resume = "");
 
 // A plain-text chart of per-step mean reward, for the end of a run.
 std::string reward_curve(const std::vector<StepMetrics>& steps, int width = 40);
