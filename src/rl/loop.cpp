@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/io.h"
 #include "core/logging.h"
+#include "core/tensorboard.h"
 #include "engine/bundle.h"
 #include "engine/engine.h"
 #include "models/lora.h"
@@ -468,6 +469,8 @@ TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const st
   if (!cfg.path.empty() && fs::exists(cfg.path)) write_file_atomic(result.output_dir / "config.yaml", read_file(cfg.path));
   result.metrics_path = result.output_dir / "metrics.jsonl";
   std::ofstream metrics(result.metrics_path, std::ios::app);
+  // TensorBoard: the original system's tags where they still apply (docs/METRICS.md lists them).
+  TensorBoardWriter tb(result.output_dir / "tensorboard");
   while (r.step < r.total_steps) {
     StepMetrics m;
     m.step = r.step + 1;
@@ -477,6 +480,9 @@ TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const st
     ++r.step;
     log_step(r, m);
     metrics << m.to_json().dump() << "\n" << std::flush;
+    for (const auto& [tag, v] : m.to_json().items())
+      if (v.is_number() && tag != "step" && tag != "epoch") tb.scalar(tag, v.get<double>(), m.step);
+    tb.flush();
     result.steps.push_back(m);
     if (hooks.on_step) hooks.on_step(m);
     if (cfg.training.save_steps > 0 && r.step % cfg.training.save_steps == 0 && r.step < r.total_steps) {
