@@ -479,8 +479,9 @@ TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const st
     update(r, samples, m);
     ++r.step;
     log_step(r, m);
-    metrics << m.to_json().dump() << "\n" << std::flush;
-    for (const auto& [tag, v] : m.to_json().items())
+    const nlohmann::json mj = m.to_json();  // kept alive: items() only views it
+    metrics << mj.dump() << "\n" << std::flush;
+    for (const auto& [tag, v] : mj.items())
       if (v.is_number() && tag != "step" && tag != "epoch") tb.scalar(tag, v.get<double>(), m.step);
     tb.flush();
     result.steps.push_back(m);
