@@ -105,6 +105,8 @@ void Scorer::cache_put(const std::string& key, const std::string& value) {
 void Scorer::cheap_tiers(const std::vector<ScoreRequest>& rows, std::vector<ScoreResult>& out,
                          std::vector<bool>& wants_teacher) {
   const VerifierConfig& v = cfg_.verifiers;
+  // One byte per row: std::vector<bool> packs bits, so threads setting neighbouring rows would race.
+  std::vector<char> wants(rows.size(), 0);
   std::atomic<size_t> next{0};
   std::atomic<int64_t> sandbox_runs{0}, rejects{0};
   auto work = [&] {
@@ -139,7 +141,7 @@ void Scorer::cheap_tiers(const std::vector<ScoreRequest>& rows, std::vector<Scor
         }
       }
       if (v.exact_answer && !row.answer.empty()) r.tiers.push_back(exact_answer(row.completion, row.answer));
-      wants_teacher[i] = v.teacher && (code || row.answer.empty()) && !(failed && v.skip_teacher_on_failure);
+      wants[i] = v.teacher && (code || row.answer.empty()) && !(failed && v.skip_teacher_on_failure);
     }
   };
   const int n = std::max(1, std::min<int>(v.sandbox.max_parallel, static_cast<int>(rows.size())));
@@ -147,6 +149,7 @@ void Scorer::cheap_tiers(const std::vector<ScoreRequest>& rows, std::vector<Scor
   for (int t = 1; t < n; ++t) threads.emplace_back(work);
   work();
   for (auto& t : threads) t.join();
+  for (size_t i = 0; i < rows.size(); ++i) wants_teacher[i] = wants[i] != 0;
   step_.sandbox_runs += sandbox_runs;
   step_.heuristic_rejects += rejects;
 }
