@@ -2,7 +2,6 @@
 // (text, token ids, log-probs, finish reason) for many.
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 
 #include <nlohmann/json.hpp>
 
@@ -12,6 +11,7 @@
 #include "core/logging.h"
 #include "engine/bundle.h"
 #include "engine/engine.h"
+#include "rl/data.h"
 
 namespace rlaif::app {
 namespace {
@@ -23,24 +23,6 @@ struct GenerateOpts {
   SamplingParams params;
 };
 
-std::vector<std::string> read_prompts(const std::string& path, const std::string& field) {
-  std::ifstream in(path);
-  if (!in) throw Error("generate", fmt::format("cannot read prompts file '{}'", path));
-  std::vector<std::string> out;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object())
-      throw Error("generate", fmt::format("{}:{}: not a JSON object", path, n));
-    if (!j.contains(field) || !j[field].is_string())
-      throw Error("generate", fmt::format("{}:{}: no string field '{}'", path, n, field), "choose it with --field");
-    out.push_back(j[field].get<std::string>());
-  }
-  if (out.empty()) throw Error("generate", fmt::format("{} holds no prompts", path));
-  return out;
-}
-
 int run(const GenerateOpts& o) {
   const bool cuda = o.device == "cuda" || (o.device == "auto" && at::hasCUDA());
   if (o.device == "cuda" && !at::hasCUDA())
@@ -48,7 +30,10 @@ int run(const GenerateOpts& o) {
   const std::string dtype = o.dtype != "auto" ? o.dtype : (cuda ? "bf16" : "fp32");
   ModelBundle b = load_bundle(o.model, {parse_torch_dtype(dtype), cuda ? at::Device(at::kCUDA) : at::Device(at::kCPU)});
 
-  std::vector<std::string> texts = o.prompts.empty() ? std::vector<std::string>{o.prompt} : read_prompts(o.prompts, o.field);
+  std::vector<std::string> texts;
+  if (o.prompts.empty()) texts.push_back(o.prompt);
+  else
+    for (auto& row : load_prompt_rows(o.prompts, o.field)) texts.push_back(std::move(row.prompt));
   std::vector<GenerationRequest> reqs;
   for (const auto& t : texts) reqs.push_back({b.encode_prompt(t, o.chat, o.system), o.num_samples, o.params});
 

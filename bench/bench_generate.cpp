@@ -33,6 +33,19 @@ std::vector<int32_t> random_prompt(std::mt19937& g, int64_t n, int64_t vocab) {
   return p;
 }
 
+// Runs the requests once, timed from a synchronized device; returns (generated tokens, seconds).
+std::pair<int64_t, double> timed_generate(Engine& engine, const std::vector<GenerationRequest>& reqs,
+                                          const at::Device& dev) {
+  sync(dev);
+  const double t0 = now();
+  auto res = engine.generate(reqs);
+  sync(dev);
+  const double dt = now() - t0;
+  int64_t n = 0;
+  for (const auto& s : res) n += s.tokens.size();
+  return {n, dt};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -71,13 +84,7 @@ int main(int argc, char** argv) {
     auto warm = reqs;
     for (auto& r : warm) r.params.max_new_tokens = 8;
     engine.generate(warm);
-    sync(dev);
-    const double t0 = now();
-    auto res = engine.generate(reqs);
-    sync(dev);
-    const double dt = now() - t0;
-    int64_t n = 0;
-    for (const auto& s : res) n += s.tokens.size();
+    const auto [n, dt] = timed_generate(engine, reqs, dev);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
     std::printf("rlaif %s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
@@ -98,13 +105,7 @@ int main(int argc, char** argv) {
       r.params.max_new_tokens = 1024;
       r.params.seed = 2;
     }
-    sync(dev);
-    const double t0 = now();
-    auto res = engine.generate(reqs);
-    sync(dev);
-    const double dt = now() - t0;
-    int64_t n = 0;
-    for (const auto& s : res) n += s.tokens.size();
+    const auto [n, dt] = timed_generate(engine, reqs, dev);
     std::printf("rlaif rollout 64x8: %.1f tok/s (%ld tokens in %.1f s)\n", n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"workload", "rollout_64x8"}, {"new_tokens", n}, {"seconds", dt},
                        {"tokens_per_s", n / dt}});

@@ -1,8 +1,9 @@
 // Implementation of the test path helpers.
 #include "test_util.h"
 
+#include "core/io.h"
+
 #include <cstdio>
-#include <ftw.h>
 #include <cstdlib>
 #include <stdexcept>
 #include <sys/wait.h>
@@ -23,16 +24,9 @@ fs::path shared_data() { return env_or("RLAIF_SHARED_DATA", RLAIF_SHARED_DATA_DE
 fs::path reference_dir() { return env_or("RLAIF_REF_DIR", RLAIF_REF_DIR_DEFAULT); }
 std::string python() { return env_or("RLAIF_PYTHON", RLAIF_PYTHON_DEFAULT); }
 
-// std::filesystem::remove_all is avoided on purpose: in binaries linked with libtorch it can bind to a copy
-// inside libtorch.so that crashes (seen here), so directories are removed with nftw.
-static void remove_tree(const fs::path& p) {
-  ::nftw(p.c_str(), [](const char* path, const struct stat*, int, struct FTW*) { return ::remove(path); }, 16,
-         FTW_DEPTH | FTW_PHYS);
-}
-
 fs::path temp_dir(const std::string& name) {
   fs::path p = binary_dir() / "test_tmp" / (name + "." + std::to_string(::getpid()));
-  remove_tree(p);
+  rlaif::remove_tree(p);  // not std::filesystem::remove_all: see core/io.h
   fs::create_directories(p);
   return p;
 }

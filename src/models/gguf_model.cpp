@@ -2,6 +2,8 @@
 // rotary layout; our decoder, like transformers, rotates halves (NeoX), so those rows are permuted back here.
 #include "models/gguf_model.h"
 
+#include <set>
+
 #include "core/error.h"
 #include "core/logging.h"
 
@@ -56,9 +58,10 @@ std::shared_ptr<DecoderModel> load_gguf_model(const fs::path& path, const LoadOp
   ModelConfig c = gguf_model_config(*g);
   ModelWeights w;
   w.layers.resize(c.num_layers);
+  const auto expected = expected_tensors(c, /*gguf_names=*/true);
   std::vector<std::string> missing;
   size_t used = 0;
-  for (const auto& [name, where] : expected_tensors(c, /*gguf_names=*/true)) {
+  for (const auto& [name, where] : expected) {
     const GgufTensor* t = g->find(name);
     if (!t) {
       missing.push_back(name);
@@ -76,12 +79,11 @@ std::shared_ptr<DecoderModel> load_gguf_model(const fs::path& path, const LoadOp
   if (!missing.empty())
     throw Error("gguf", fmt::format("{}: missing tensors: {}", path.string(), fmt::join(missing, ", ")));
   if (used != g->tensors().size()) {
+    std::set<std::string> known;
+    for (const auto& e : expected) known.insert(e.first);
     std::vector<std::string> extra;
-    for (const auto& t : g->tensors()) {
-      bool known = false;
-      for (const auto& e : expected_tensors(c, true)) known = known || e.first == t.name;
-      if (!known && t.name.find("rope_freqs") == std::string::npos) extra.push_back(t.name);
-    }
+    for (const auto& t : g->tensors())
+      if (!known.count(t.name) && t.name.find("rope_freqs") == std::string::npos) extra.push_back(t.name);
     if (!extra.empty())
       throw Error("gguf", fmt::format("{}: unexpected tensors: {}", path.string(), fmt::join(extra, ", ")));
   }

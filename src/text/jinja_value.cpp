@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "text/jinja.h"
+#include "text/utf8.h"
 
 namespace rlaif::jinja {
 
@@ -31,24 +32,6 @@ Value value_from_json(const Json& j) {
       return Value::make_dict(std::move(d));
     }
     default: throw Error("chat_template", "unsupported JSON value (binary) in template variables");
-  }
-}
-
-void append_utf8(std::string& out, char32_t c) {
-  if (c < 0x80) {
-    out += static_cast<char>(c);
-  } else if (c < 0x800) {
-    out += static_cast<char>(0xC0 | (c >> 6));
-    out += static_cast<char>(0x80 | (c & 0x3F));
-  } else if (c < 0x10000) {
-    out += static_cast<char>(0xE0 | (c >> 12));
-    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (c & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (c >> 18));
-    out += static_cast<char>(0x80 | ((c >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (c & 0x3F));
   }
 }
 

@@ -2,6 +2,7 @@
 // BPE by merge rank) and llama.cpp's SentencePiece bigram algorithm. Regexes are HF's own patterns compiled
 // by PCRE2 (UTF+UCP+JIT), with \s rewritten to Unicode White_Space, which is what HF's Oniguruma uses.
 #include "text/tokenizer.h"
+#include "text/utf8.h"
 
 #include <algorithm>
 #include <array>
@@ -67,24 +68,6 @@ uint32_t utf8_decode(std::string_view s, size_t i, size_t n) {
   uint32_t cp = c & (0x7F >> n);
   for (size_t k = 1; k < n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
   return cp;
-}
-
-void utf8_append(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
 }
 
 bool is_white_space(uint32_t cp) {
@@ -343,7 +326,7 @@ void TokenizerImpl::split_added(std::string_view text, bool parse_special, std::
 void TokenizerImpl::bpe_word(std::string_view word, std::vector<int32_t>& out) const {
   if (ignore_merges) {
     std::string mapped;
-    for (unsigned char c : word) utf8_append(mapped, byte_to_unicode()[c]);
+    for (unsigned char c : word) append_utf8(mapped, byte_to_unicode()[c]);
     auto it = vocab.find(mapped);
     if (it != vocab.end()) { out.push_back(it->second); return; }
   }
@@ -638,7 +621,7 @@ void add_token(TokenizerImpl& t, const std::string& content, int32_t id, bool sp
 void init_byte_tokens_bpe(TokenizerImpl& t, const std::string& where) {
   for (int b = 0; b < 256; ++b) {
     std::string s;
-    utf8_append(s, byte_to_unicode()[b]);
+    append_utf8(s, byte_to_unicode()[b]);
     auto it = t.vocab.find(s);
     t.byte_token[b] = it == t.vocab.end() ? -1 : it->second;  // HF BPE without unk_token drops such bytes
   }

@@ -8,19 +8,13 @@
 
 #include "core/io.h"
 #include "engine/engine.h"
+#include "model_test.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace rlaif;
 
 namespace {
-
-at::Device test_device() {
-  const char* d = std::getenv("RLAIF_TEST_DEVICE");
-  return d && std::string(d) == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
-}
-
-const char* kModels[] = {"qwen2_untied", "qwen2_tied_sharded", "llama3_gqa", "llama_bias_tied"};
 
 struct Case {
   std::vector<int32_t> prompt, tokens;
@@ -38,7 +32,7 @@ class EngineParity : public ::testing::TestWithParam<std::tuple<const char*, boo
 TEST_P(EngineParity, GreedyEqualsTransformersGenerate) {
   const auto [name, share] = GetParam();
   const fs::path dir = test::reference_dir() / name;
-  auto model = DecoderModel::load(dir, {at::kFloat, test_device()});
+  auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
   EngineOptions opt;
   opt.share_prefix = share;
   opt.block_size = 8;  // prompts and outputs cross several blocks
@@ -62,7 +56,7 @@ TEST_P(EngineParity, GreedyEqualsTransformersGenerate) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyModels, EngineParity, ::testing::Combine(::testing::ValuesIn(kModels), ::testing::Bool()),
+INSTANTIATE_TEST_SUITE_P(TinyModels, EngineParity, ::testing::Combine(::testing::ValuesIn(test::kTinyModels), ::testing::Bool()),
                          [](const auto& info) {
                            return std::string(std::get<0>(info.param)) +
                                   (std::get<1>(info.param) ? "_shared_prefix" : "_no_sharing");
@@ -70,7 +64,7 @@ INSTANTIATE_TEST_SUITE_P(TinyModels, EngineParity, ::testing::Combine(::testing:
 
 TEST(Engine, LogprobsEqualTrainingForward) {
   const fs::path dir = test::reference_dir() / "llama3_gqa";
-  auto model = DecoderModel::load(dir, {at::kFloat, test_device()});
+  auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
   Engine engine(model, {});
   std::vector<GenerationRequest> reqs(3);
   for (int i = 0; i < 3; ++i) {
@@ -103,14 +97,14 @@ TEST(Engine, LogprobsEqualTrainingForward) {
     for (size_t j = 0; j < s.tokens.size(); ++j) EXPECT_NEAR(s.logprobs[j], s.processed_logprobs[j], 1e-5);
   }
   std::printf("[engine fp32 %s] engine vs training-forward log-probs over %ld tokens: mean abs %.2e, max %.2e\n",
-              test_device().str().c_str(), static_cast<long>(n), sum / n, worst);
+              test::test_device().str().c_str(), static_cast<long>(n), sum / n, worst);
   EXPECT_LE(sum / n, 1e-5);
 }
 
 TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
-  if (test_device().is_cpu()) GTEST_SKIP() << "the bf16 figure is measured on the GPU (RLAIF_TEST_DEVICE=cuda)";
+  if (test::test_device().is_cpu()) GTEST_SKIP() << "the bf16 figure is measured on the GPU (RLAIF_TEST_DEVICE=cuda)";
   const fs::path dir = test::reference_dir() / "qwen2_untied";
-  auto model = DecoderModel::load(dir, {at::kBFloat16, test_device()});
+  auto model = DecoderModel::load(dir, {at::kBFloat16, test::test_device()});
   Engine engine(model, {});
   std::vector<GenerationRequest> reqs(4);
   for (int i = 0; i < 4; ++i) {
@@ -137,13 +131,13 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
   // Both paths round to bf16 at every matmul, but in different kernels and orders (paged split-K attention vs
   // dense eager attention): differences of a few bf16 ulps of the logits are expected, not 1e-5.
   std::printf("[engine bf16 %s] engine (fused kernels, CUDA graphs) vs training forward over %ld tokens: mean abs %.2e, max %.2e\n",
-              test_device().str().c_str(), static_cast<long>(n), sum / n, worst);
+              test::test_device().str().c_str(), static_cast<long>(n), sum / n, worst);
   EXPECT_LE(sum / n, 5e-2);
 }
 
 TEST(Engine, ContinuousBatchingMatchesRunningAlone) {
   const fs::path dir = test::reference_dir() / "qwen2_untied";
-  auto model = DecoderModel::load(dir, {at::kFloat, test_device()});
+  auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
   EngineOptions small;
   small.max_batch = 3;  // 10 requests × 1 sample through 3 slots: sequences finish and others join
   small.block_size = 4;
@@ -173,7 +167,7 @@ TEST(Engine, ContinuousBatchingMatchesRunningAlone) {
 
 TEST(Engine, SeedReproducesAndPrefixSharingDoesNotChangeSamples) {
   const fs::path dir = test::reference_dir() / "llama_bias_tied";
-  auto model = DecoderModel::load(dir, {at::kFloat, test_device()});
+  auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
   GenerationRequest r;
   r.prompt = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
   r.num_samples = 4;
@@ -198,7 +192,7 @@ TEST(Engine, SeedReproducesAndPrefixSharingDoesNotChangeSamples) {
 
 TEST(Engine, InPlaceWeightUpdateChangesNextGeneration) {
   const fs::path dir = test::reference_dir() / "qwen2_untied";
-  auto model = DecoderModel::load(dir, {at::kFloat, test_device()});
+  auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
   Engine engine(model, {});
   GenerationRequest r;
   r.prompt = {5, 6, 7};
@@ -218,7 +212,7 @@ TEST(Engine, InPlaceWeightUpdateChangesNextGeneration) {
 
 TEST(Engine, StopsOnEveryEosIdAndStopCallback) {
   const fs::path dir = test::reference_dir() / "qwen2_untied";
-  auto model = DecoderModel::load(dir, {at::kFloat, test_device()});
+  auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
   const auto cases = greedy_cases(dir);
   GenerationRequest r;
   r.prompt = cases[0].prompt;

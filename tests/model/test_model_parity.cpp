@@ -9,19 +9,13 @@
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "models/decoder.h"
+#include "model_test.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace rlaif;
 
 namespace {
-
-at::Device test_device() {
-  const char* d = std::getenv("RLAIF_TEST_DEVICE");
-  return d && std::string(d) == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
-}
-
-const char* kModels[] = {"qwen2_untied", "qwen2_tied_sharded", "llama3_gqa", "llama_bias_tied"};
 
 double max_abs_on(const at::Tensor& a, const at::Tensor& b, const at::Tensor& mask) {
   at::Tensor d = (a.to(at::kCPU, at::kDouble) - b.to(at::kDouble)).abs();
@@ -41,19 +35,19 @@ class ModelParity : public ::testing::TestWithParam<const char*> {};
 TEST_P(ModelParity, Fp32LogitsAndLogprobsMatchTransformers) {
   const fs::path dir = test::reference_dir() / GetParam();
   auto ref = load_safetensors(dir / "expected_fp32.safetensors");
-  auto model = DecoderModel::load(dir, {at::kFloat, test_device()});
+  auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
   const at::Tensor &ids = ref["input_ids"], &mask = ref["attention_mask"];
 
   at::Tensor logits = model->forward(ids, mask);
   EXPECT_EQ(logits.sizes(), ref["logits"].sizes());
   const double logit_err = max_abs_on(logits, ref["logits"], mask);
-  std::printf("[fp32 %s] %s: max |logits - transformers| = %.2e\n", test_device().str().c_str(), GetParam(), logit_err);
+  std::printf("[fp32 %s] %s: max |logits - transformers| = %.2e\n", test::test_device().str().c_str(), GetParam(), logit_err);
   EXPECT_LE(logit_err, 1e-4) << GetParam();
 
   for (int64_t chunk : {5, 1024}) {  // a chunk that splits rows unevenly, and one that holds them all
     at::Tensor lp = model->token_logprobs(ids, mask, ref["targets"], chunk);
     const double lp_err = max_abs_on(lp, ref["logprobs"], mask);
-    std::printf("[fp32 %s] %s: chunk %ld max |logprobs - transformers| = %.2e\n", test_device().str().c_str(),
+    std::printf("[fp32 %s] %s: chunk %ld max |logprobs - transformers| = %.2e\n", test::test_device().str().c_str(),
                 GetParam(), static_cast<long>(chunk), lp_err);
     EXPECT_LE(lp_err, 1e-5) << GetParam() << " chunk " << chunk;
   }
@@ -64,11 +58,11 @@ TEST_P(ModelParity, Fp32LogitsAndLogprobsMatchTransformers) {
 
 TEST_P(ModelParity, Bf16WithinTransformersOwnBf16Error) {
   const fs::path dir = test::reference_dir() / GetParam();
-  if (test_device().is_cpu() || !fs::exists(dir / "expected_bf16.safetensors"))
+  if (test::test_device().is_cpu() || !fs::exists(dir / "expected_bf16.safetensors"))
     GTEST_SKIP() << "bf16 parity runs on the GPU machine (RLAIF_TEST_DEVICE=cuda, reference made with --bf16-device)";
   auto ref32 = load_safetensors(dir / "expected_fp32.safetensors");
   auto ref16 = load_safetensors(dir / "expected_bf16.safetensors");
-  auto model = DecoderModel::load(dir, {at::kBFloat16, test_device()});
+  auto model = DecoderModel::load(dir, {at::kBFloat16, test::test_device()});
   const at::Tensor &ids = ref32["input_ids"], &mask = ref32["attention_mask"];
   at::Tensor logits = model->forward(ids, mask).to(at::kFloat);
   const double ours_vs_hf16 = rel_err_on(logits, ref16["logits"], mask);
@@ -86,7 +80,7 @@ TEST_P(ModelParity, Bf16WithinTransformersOwnBf16Error) {
   EXPECT_LE(lp_err, 0.1);
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyModels, ModelParity, ::testing::ValuesIn(kModels),
+INSTANTIATE_TEST_SUITE_P(TinyModels, ModelParity, ::testing::ValuesIn(test::kTinyModels),
                          [](const auto& info) { return std::string(info.param); });
 
 TEST(ModelLoading, ConfigsOfRealCheckpointsParse) {

@@ -10,6 +10,7 @@
 
 #include "engine/engine.h"
 #include "models/decoder.h"
+#include "model_test.h"
 #include "test_util.h"
 #include "train/advantages.h"
 #include "train/batch.h"
@@ -20,12 +21,6 @@ using namespace rlaif;
 using namespace rlaif::train;
 
 namespace {
-
-// RLAIF_TEST_DEVICE=cuda runs the same checks on the GPU (scripts/device.sh).
-at::Device test_device() {
-  const char* d = std::getenv("RLAIF_TEST_DEVICE");
-  return d && std::string(d) == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
-}
 
 // Four right-padded sequences of length T = 12: prompt lengths P, total lengths L (prompt + completion, EOS last).
 struct Batch {
@@ -47,12 +42,12 @@ Batch make_batch() {
     b.completion[i].narrow(0, P[i] - 1, L[i] - P[i]).fill_(1);
   }
   b.targets = at::cat({b.tokens.narrow(1, 1, T - 1), at::zeros({B, 1}, at::kLong)}, 1);
-  for (at::Tensor* t : {&b.tokens, &b.attn, &b.targets, &b.completion}) *t = t->to(test_device());
+  for (at::Tensor* t : {&b.tokens, &b.attn, &b.targets, &b.completion}) *t = t->to(test::test_device());
   return b;
 }
 
 std::shared_ptr<DecoderModel> load_trainable() {
-  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test_device()});
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test::test_device()});
   for (auto& [name, w] : model->named_weights()) w.requires_grad_(true);
   return model;
 }
@@ -74,7 +69,7 @@ TEST(TrainStep, MaskedTokensGetExactlyZeroGradient) {
   lp.retain_grad();
   LossOptions o;
   o.kl_beta = 0.05;  // the KL term must respect the mask too
-  LossInputs in = inputs(lp, b, at::tensor({1.0f, -0.5f, 2.0f, -1.0f}).to(test_device()));
+  LossInputs in = inputs(lp, b, at::tensor({1.0f, -0.5f, 2.0f, -1.0f}).to(test::test_device()));
   in.old_logprobs = lp.detach() + 0.05;
   in.ref_logprobs = lp.detach() - 0.1;
   const LossResult r = policy_loss(in, o);
@@ -100,7 +95,7 @@ TEST(TrainStep, MaskedTokensGetExactlyZeroGradient) {
 
 TEST(TrainStep, MaskedTokenValuesDoNotChangeTheLossThroughTheModel) {
   // Different padding tokens and different targets at prompt positions: the same loss.
-  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test_device()});
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test::test_device()});
   at::NoGradGuard no_grad;
   const Batch b = make_batch();
   Batch c = b;
@@ -108,7 +103,7 @@ TEST(TrainStep, MaskedTokenValuesDoNotChangeTheLossThroughTheModel) {
   c.targets = b.targets.clone();
   c.tokens.masked_fill_(b.attn == 0, 311);                 // another pad id
   c.targets.masked_fill_(b.completion == 0, 17);           // prompt/padding targets changed
-  const at::Tensor adv = at::tensor({1.0f, -0.5f, 2.0f, -1.0f}).to(test_device());
+  const at::Tensor adv = at::tensor({1.0f, -0.5f, 2.0f, -1.0f}).to(test::test_device());
   const auto loss_of = [&](const Batch& x) {
     LossOptions o;
     o.kind = LossOptions::Kind::kReinforce;
@@ -124,7 +119,7 @@ TEST(TrainStep, OneStepUpdatesWeightsInPlaceAndImprovesTheObjective) {
   const auto adv_res = compute_advantages({0.9, 0.1, 0.2, 0.6}, {0, 0, 1, 1}, AdvantageOptions{});
   ASSERT_EQ(adv_res.kept, 4);
   std::vector<float> adv_f(adv_res.advantages.begin(), adv_res.advantages.end());
-  const at::Tensor adv = at::tensor(adv_f).to(test_device());
+  const at::Tensor adv = at::tensor(adv_f).to(test::test_device());
 
   at::Tensor lp0 = model->token_logprobs(b.tokens, b.attn, b.targets);
   const at::Tensor old = lp0.detach();
@@ -187,7 +182,7 @@ TEST(TrainStep, PackPutsOnlyCompletionTokensInTheMask) {
 }
 
 TEST(TrainStep, SamplerAndTrainerLogprobsAgreeOnPackedRollouts) {
-  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test_device()});
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kFloat, test::test_device()});
   Engine engine(model, EngineOptions{});
   std::vector<GenerationRequest> reqs(2);
   reqs[0].prompt = {11, 12, 13, 14, 15};
@@ -202,7 +197,7 @@ TEST(TrainStep, SamplerAndTrainerLogprobsAgreeOnPackedRollouts) {
   ASSERT_EQ(out.size(), 4u);
   std::vector<SequenceView> views;
   for (const auto& s : out) views.push_back({&reqs[s.request].prompt, &s.tokens, &s.logprobs});
-  const PackedBatch pb = pack_sequences(views, 0, test_device());
+  const PackedBatch pb = pack_sequences(views, 0, test::test_device());
   at::NoGradGuard no_grad;
   const at::Tensor lp = model->token_logprobs(pb.tokens, pb.attention_mask, pb.targets);
   const at::Tensor diff = ((lp - pb.sampler_logprobs).abs() * pb.completion_mask).max();
@@ -215,7 +210,7 @@ TEST(TrainStep, SamplerAndTrainerLogprobsAgreeOnPackedRollouts) {
   in.new_logprobs = lp;
   in.old_logprobs = pb.sampler_logprobs;
   in.mask = pb.completion_mask;
-  in.advantages = at::tensor({1.0f, -1.0f, 0.5f, -0.5f}).to(test_device());
+  in.advantages = at::tensor({1.0f, -1.0f, 0.5f, -0.5f}).to(test::test_device());
   const LossResult r = policy_loss(in, LossOptions{});
   EXPECT_NEAR(r.ratio_min, 1.0, 2e-5);
   EXPECT_NEAR(r.ratio_max, 1.0, 2e-5);
