@@ -221,6 +221,9 @@ void training_rlaif_validate(const RunConfig& c, const Bad& bad) {
   if (t.max_grad_norm < 0) bad("training.max_grad_norm", "must be >= 0 (0: no clipping)");
   if (t.weight_decay < 0) bad("training.weight_decay", "must be >= 0");
   if (t.warmup_steps < 0) bad("training.warmup_steps", "must be >= 0");
+  if (t.save_every_epochs < 0) bad("training.save_every_epochs", "must be >= 0 (0: off)");
+  if (t.save_every_batches < 0) bad("training.save_every_batches", "must be >= 0 (0: off)");
+  if (t.baseline_eval_batches < 0) bad("training.baseline_eval_batches", "must be >= 0 (0: off)");
   if (t.min_lr_ratio < 0 || t.min_lr_ratio > 1) bad("training.min_lr_ratio", "must be in [0, 1]");
   if (t.adam_beta1 < 0 || t.adam_beta1 >= 1) bad("training.adam_beta1", "must be in [0, 1)");
   if (t.adam_beta2 < 0 || t.adam_beta2 >= 1) bad("training.adam_beta2", "must be in [0, 1)");
@@ -308,7 +311,13 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
             .field("seed", &t.seed)
             .field("save_steps", &t.save_steps)
             .field("save_total_limit", &t.save_total_limit)
-            .field("eval_steps", &t.eval_steps);
+            .field("eval_steps", &t.eval_steps)
+            .field("save_every_epochs", &t.save_every_epochs)
+            .field("save_every_batches", &t.save_every_batches)
+            .field("save_merged", &t.save_merged)
+            .field("baseline_eval_batches", &t.baseline_eval_batches)
+            .field("bf16", &t.bf16)
+            .field("gradient_checkpointing", &t.gradient_checkpointing);
       })
       .sub("rlaif", [&c](Section& s) {
         auto& r = c.rlaif;

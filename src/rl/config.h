@@ -43,6 +43,12 @@ struct TrainingConfig {
   int save_steps = 100;       // a checkpoint every N optimizer steps (0: only the final one)
   int save_total_limit = 0;   // keep at most N step checkpoints, oldest deleted first (0: keep all)
   int eval_steps = 100;
+  int save_every_epochs = 0;       // a checkpoint at the end of every N epochs (0: off)
+  int save_every_batches = 0;      // a checkpoint every N batches within an epoch (0: off)
+  bool save_merged = false;        // LoRA: also write a merged HF model folder into each checkpoint
+  int baseline_eval_batches = 0;   // evaluate this many eval batches before training (0: off)
+  bool bf16 = false;               // autocast the training forward/backward to bfloat16 (fp32 master weights)
+  bool gradient_checkpointing = false;  // recompute each decoder layer in backward instead of keeping activations
 };
 
 struct RlaifConfig {

@@ -105,6 +105,12 @@ void setup(Run& r, const fs::path& resume_dir) {
   not_yet(!c.data.eval_file.empty(), "data.eval_file");
   not_yet(c.data.max_eval_samples != DataConfig{}.max_eval_samples, "data.max_eval_samples");
   not_yet(c.training.eval_steps != TrainingConfig{}.eval_steps, "training.eval_steps");
+  not_yet(c.training.save_every_epochs != 0, "training.save_every_epochs");
+  not_yet(c.training.save_every_batches != 0, "training.save_every_batches");
+  not_yet(c.training.save_merged, "training.save_merged");
+  not_yet(c.training.baseline_eval_batches != 0, "training.baseline_eval_batches");
+  not_yet(c.training.bf16, "training.bf16");
+  not_yet(c.training.gradient_checkpointing, "training.gradient_checkpointing");
   const at::Device dev = pick_device(c.hardware.device);
   // Trainable weights are float32 on the CPU; on the GPU the base model runs in model.dtype (LoRA stays fp32).
   const std::string dtype = dev.is_cpu() ? "float32" : c.model.dtype;
