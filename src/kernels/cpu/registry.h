@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <vector>
 
 namespace rlaif::kernels {
 
@@ -22,6 +23,23 @@ struct KernelRegistry {
                                       int64_t block_size, int64_t max_context, double scale,
                                       const at::Tensor& out) = nullptr;
   void (*silu_mul_cuda)(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) = nullptr;
+  // Few-row projections (decode at small batch), weights streamed once for all rows (kernels/cpu/small_linear.h).
+  void (*small_linear_cuda)(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                            const std::vector<at::Tensor>& biases, const at::Tensor& residual,
+                            const std::vector<at::Tensor>& outs) = nullptr;
+  void (*small_linear_silu_mul_cuda)(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                                     const at::Tensor& out) = nullptr;
+  // Token sampling without a sort (kernels/cpu/sample.h).
+  void (*sample_cuda)(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniform,
+                      const at::Tensor& tokens, const at::Tensor& logprobs) = nullptr;
+  // MLX affine quantization (kernels/cpu/quant.h): quantize, dequantize, and x · dequant(W)ᵀ.
+  void (*quantize_affine_cuda)(const at::Tensor& w, int64_t bits, int64_t group_size, const at::Tensor& wq,
+                               const at::Tensor& scales, const at::Tensor& biases) = nullptr;
+  void (*dequantize_affine_cuda)(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                                 int64_t bits, int64_t group_size, const at::Tensor& out) = nullptr;
+  void (*quant_linear_cuda)(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                            const at::Tensor& biases, int64_t bits, int64_t group_size,
+                            const at::Tensor& out) = nullptr;
   // CUDA graphs (kernels/cuda/graph.cpp): capture `body` on a side stream into an opaque graph, replay it on
   // the current stream, free it. Tensors `body` allocates live in the graph's private pool.
   void* (*graph_capture)(const std::function<void()>& body) = nullptr;
