@@ -1,8 +1,14 @@
 // Forward pass of the Llama-style decoder (Llama, Qwen2). Numerics follow transformers step by step (RMSNorm
-// in float32 then cast, rotary tables in float32, softmax in float32) so logits match it to rounding.
+// in float32 then cast, rotary tables in float32, softmax in float32) so logits match it to rounding. Training
+// extras: per-layer gradient checkpointing (a custom autograd Function) and the bf16 autocast scope.
 #include "models/decoder.h"
 
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <cmath>
+#include <mutex>
 
 #include "core/error.h"
 #include "models/layers.h"
@@ -42,43 +48,190 @@ at::Tensor positions_from_mask(const at::Tensor& mask) {
 }
 
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+// What one decoder layer needs besides its weights: shapes, rotary tables, the attention mask, adapter mode.
+struct LayerInputs {
+  int64_t B = 0, T = 0, H = 0, KV = 0, hd = 0;
+  double eps = 0;
+  at::Tensor cos, sin;  // [B, 1, T, hd]
+  at::Tensor allowed;   // [B, 1, T, T] bool
+  AdapterMode mode;
+};
+
+// One pre-norm decoder layer: h + attn(norm(h)), then + mlp(norm(.)). [B, T, D] -> [B, T, D].
+at::Tensor layer_forward(at::Tensor h, const LayerWeights& L, const LayerInputs& in) {
+  const int64_t B = in.B, T = in.T, H = in.H, KV = in.KV, hd = in.hd;
+  at::Tensor x = layers::rms_norm(h, L.input_norm, in.eps);                                       // [B, T, D]
+  at::Tensor q = layers::project(x, L, Proj::kQ, in.mode).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
+  at::Tensor k = layers::project(x, L, Proj::kK, in.mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+  at::Tensor v = layers::project(x, L, Proj::kV, in.mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+  q = layers::apply_rope(q, in.cos, in.sin);
+  k = layers::apply_rope(k, in.cos, in.sin);
+  if (KV != H) {  // grouped-query attention: each KV head serves H/KV query heads
+    k = k.repeat_interleave(H / KV, 1);                                                           // [B, H, T, hd]
+    v = v.repeat_interleave(H / KV, 1);
+  }
+  at::Tensor o = layers::attention(q, k, v, in.allowed);                                          // [B, H, T, hd]
+  o = o.transpose(1, 2).reshape({B, T, H * hd});                                                  // [B, T, H*hd]
+  h = h + layers::project(o, L, Proj::kO, in.mode);                                               // [B, T, D]
+  x = layers::rms_norm(h, L.post_norm, in.eps);
+  return h + layers::mlp(x, L, in.mode);                                                          // [B, T, D]
+}
+
+// The layer's tensors that autograd must reach (those requiring grad): full fine-tuning's weights, norms and
+// biases, or LoRA's A and B.
+std::vector<at::Tensor> trainable_tensors(const LayerWeights& L) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor* t : {&L.input_norm, &L.wq, &L.bq, &L.wk, &L.bk, &L.wv, &L.bv, &L.wo, &L.bo, &L.post_norm,
+                              &L.w_gate, &L.b_gate, &L.w_up, &L.b_up, &L.w_down, &L.b_down})
+    if (t->defined() && t->requires_grad()) out.push_back(*t);
+  for (const LoraAdapter& a : L.lora)
+    for (const at::Tensor* t : {&a.a, &a.b})
+      if (t->defined() && t->requires_grad()) out.push_back(*t);
+  return out;
+}
+
+bool has_dropout(const LayerWeights& L) {
+  for (const LoraAdapter& a : L.lora)
+    if (a.defined() && a.dropout > 0) return true;
+  return false;
+}
+
+// Everything a checkpointed layer's backward needs to redo its forward exactly. Held by the autograd node; the
+// weight handles are the model's own leaves, so gradients land on them.
+struct LayerCall : torch::CustomClassHolder {
+  LayerWeights weights;
+  LayerInputs inputs;
+  std::vector<at::Tensor> params;  // trainable_tensors(weights), the Function's list input
+  at::Device device = at::kCPU;
+  bool autocast = false;
+  at::ScalarType autocast_dtype = at::kBFloat16;
+  at::Tensor rng_state;  // the default generator's state before the forward (dropout), undefined without dropout
+};
+
+at::Generator default_generator(const at::Device& d) { return at::globalContext().defaultGenerator(d); }
+
+// A decoder layer whose activations are recomputed in backward (gradient checkpointing): forward saves only
+// its input; backward replays the layer under the forward's RNG and autocast state, then differentiates it.
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, at::TensorList params,
+                            const c10::intrusive_ptr<LayerCall>& call) {
+    ctx->save_for_backward({h});
+    ctx->saved_data["call"] = c10::IValue::make_capsule(call);
+    return layer_forward(h, call->weights, call->inputs);
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const at::Tensor h = ctx->get_saved_variables()[0];
+    auto call = c10::static_intrusive_pointer_cast<LayerCall>(ctx->saved_data["call"].toCapsule());
+    const bool need_h = ctx->needs_input_grad(0);
+    std::vector<at::Tensor> wrt;
+    const at::Tensor h_in = h.detach().requires_grad_(need_h);
+    if (need_h) wrt.push_back(h_in);
+    std::vector<size_t> param_slot;  // which params get a gradient (position in call->params)
+    for (size_t i = 0; i < call->params.size(); ++i)
+      if (ctx->needs_input_grad(1 + i)) {
+        wrt.push_back(call->params[i]);
+        param_slot.push_back(i);
+      }
+    tensor_list result(2 + call->params.size());  // h, each param, the (non-tensor) call
+    if (wrt.empty()) return result;
+
+    at::Tensor out;
+    {
+      // The recompute sees the forward's dropout masks (generator state replayed, then put back so the RNG
+      // stream of the rest of the run is untouched) and the forward's autocast precision.
+      at::Generator gen;
+      at::Tensor current;
+      if (call->rng_state.defined()) {
+        gen = default_generator(call->device);
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        current = gen.get_state();
+        gen.set_state(call->rng_state);
+      }
+      AutocastScope ac(call->device.type(), call->autocast_dtype, call->autocast);
+      at::AutoGradMode grad_on(true);
+      out = layer_forward(h_in, call->weights, call->inputs);
+      if (current.defined()) {
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(current);
+      }
+    }
+    const tensor_list g = torch::autograd::grad({out}, wrt, {grads[0]}, /*retain_graph=*/false,
+                                                /*create_graph=*/false, /*allow_unused=*/true);
+    size_t k = 0;
+    if (need_h) result[0] = g[k++];
+    for (size_t i : param_slot) result[1 + i] = g[k++];
+    return result;
+  }
+};
+
+}  // namespace
+
+AutocastScope::AutocastScope(at::DeviceType device_type, at::ScalarType dtype, bool enabled)
+    : device_type_(device_type),
+      was_enabled_(at::autocast::is_autocast_enabled(device_type)),
+      was_dtype_(at::autocast::get_autocast_dtype(device_type)) {
+  at::autocast::set_autocast_enabled(device_type_, enabled);
+  at::autocast::set_autocast_dtype(device_type_, dtype);
+  at::autocast::increment_nesting();
+}
+
+AutocastScope::~AutocastScope() {
+  // Leaving the outermost scope drops the cached low-precision copies of the weights (torch.autocast's __exit__).
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device_type_, was_enabled_);
+  at::autocast::set_autocast_dtype(device_type_, was_dtype_);
+}
+
 at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tensor& mask) const {
   const ModelConfig& c = config_;
-  const int64_t B = tokens.size(0), T = tokens.size(1), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
+  const int64_t B = tokens.size(0), T = tokens.size(1);
   const at::Device dev = weights_.embed.device();
   const at::ScalarType dt = weights_.embed.scalar_type();
   RLAIF_CHECK(tokens.dim() == 2 && mask.sizes() == tokens.sizes(), "tokens [B,T] and mask [B,T]");
   const at::Tensor ids = tokens.to(dev, at::kLong);
   const at::Tensor m = mask.to(dev, at::kBool);
 
-  const AdapterMode mode = mode_;
+  LayerInputs in;
+  in.B = B, in.T = T, in.H = c.num_heads, in.KV = c.num_kv_heads, in.hd = c.head_dim, in.eps = c.rms_norm_eps;
+  in.mode = mode_;
   at::Tensor h = at::embedding(weights_.embed, ids);                             // [B, T, D]
   auto [cos, sin] = layers::rope_tables(positions_from_mask(m), inv_freq_, dt);   // [B, T, hd]
-  cos = cos.unsqueeze(1);                                                        // [B, 1, T, hd]
-  sin = sin.unsqueeze(1);
+  in.cos = cos.unsqueeze(1);                                                     // [B, 1, T, hd]
+  in.sin = sin.unsqueeze(1);
 
   // Causal mask AND key padding; each query also sees itself so padded rows stay finite (never read).
   at::Tensor causal = at::ones({T, T}, at::TensorOptions().dtype(at::kBool).device(dev)).tril();
   at::Tensor allowed = causal.unsqueeze(0).logical_and(m.unsqueeze(1));          // [B, T, T]
   allowed = allowed.logical_or(at::eye(T, at::TensorOptions().dtype(at::kBool).device(dev)).unsqueeze(0));
-  allowed = allowed.unsqueeze(1);                                                // [B, 1, T, T]
+  in.allowed = allowed.unsqueeze(1);                                             // [B, 1, T, T]
 
+  const bool checkpoint = checkpointing_ && at::GradMode::is_enabled();
+  const bool autocast = at::autocast::is_autocast_enabled(dev.type());
   for (const LayerWeights& L : weights_.layers) {
-    at::Tensor x = layers::rms_norm(h, L.input_norm, c.rms_norm_eps);                    // [B, T, D]
-    at::Tensor q = layers::project(x, L, Proj::kQ, mode).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
-    at::Tensor k = layers::project(x, L, Proj::kK, mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
-    at::Tensor v = layers::project(x, L, Proj::kV, mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
-    q = layers::apply_rope(q, cos, sin);
-    k = layers::apply_rope(k, cos, sin);
-    if (KV != H) {  // grouped-query attention: each KV head serves H/KV query heads
-      k = k.repeat_interleave(H / KV, 1);                                        // [B, H, T, hd]
-      v = v.repeat_interleave(H / KV, 1);
+    std::vector<at::Tensor> params = checkpoint ? trainable_tensors(L) : std::vector<at::Tensor>{};
+    if (!checkpoint || (params.empty() && !h.requires_grad())) {  // nothing to differentiate: plain forward
+      h = layer_forward(h, L, in);
+      continue;
     }
-    at::Tensor o = layers::attention(q, k, v, allowed);                          // [B, H, T, hd]
-    o = o.transpose(1, 2).reshape({B, T, H * hd});                               // [B, T, H*hd]
-    h = h + layers::project(o, L, Proj::kO, mode);                                       // [B, T, D]
-    x = layers::rms_norm(h, L.post_norm, c.rms_norm_eps);
-    h = h + layers::mlp(x, L, mode);  // [B, T, D]
+    auto call = c10::make_intrusive<LayerCall>();
+    call->weights = L;
+    call->inputs = in;
+    call->params = std::move(params);
+    call->device = dev;
+    call->autocast = autocast;
+    call->autocast_dtype = at::autocast::get_autocast_dtype(dev.type());
+    if (in.mode.training && has_dropout(L)) {
+      at::Generator gen = default_generator(dev);
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      call->rng_state = gen.get_state();
+    }
+    h = CheckpointedLayer::apply(h, at::TensorList(call->params), call);
   }
   return layers::rms_norm(h, weights_.final_norm, c.rms_norm_eps);                       // [B, T, D]
 }
@@ -91,7 +244,16 @@ at::Tensor DecoderModel::token_logprobs(const at::Tensor& tokens, const at::Tens
                                         int64_t chunk_rows) const {
   at::Tensor h = hidden_states(tokens, mask);                                    // [B, T, D]
   const int64_t B = h.size(0), T = h.size(1);
-  at::Tensor flat = chunked_target_logprobs(h.reshape({B * T, h.size(2)}), weights_.lm_head,
+  at::Tensor head = weights_.lm_head;
+  const at::DeviceType dt = head.device().type();
+  if (at::autocast::is_autocast_enabled(dt)) {
+    // The chunked log-softmax recomputes logits in backward, outside the autocast scope: cast explicitly so
+    // forward and backward both multiply in the autocast dtype (the cast is differentiable for full FT).
+    const at::ScalarType low = at::autocast::get_autocast_dtype(dt);
+    h = h.to(low);
+    head = head.to(low);
+  }
+  at::Tensor flat = chunked_target_logprobs(h.reshape({B * T, h.size(2)}), head,
                                             targets.to(h.device(), at::kLong).reshape({B * T}), chunk_rows);
   return flat.view({B, T});                                                      // [B, T] float32
 }

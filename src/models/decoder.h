@@ -34,6 +34,13 @@ class DecoderModel {
   void set_training(bool on) { mode_.training = on; }
   AdapterMode adapter_mode() const { return mode_; }
 
+  // Gradient checkpointing: while grad mode is on, each decoder layer keeps only its input hidden states
+  // [B, T, D] and recomputes its activations in backward (same adapters, same dropout masks, same autocast
+  // state as the forward), trading one extra layer forward for O(layers · B · T · D) activation memory.
+  // No effect under NoGradGuard (nothing is saved there anyway).
+  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
+  bool gradient_checkpointing() const { return checkpointing_; }
+
   const ModelConfig& config() const { return config_; }
   ModelWeights& weights() { return weights_; }
   const ModelWeights& weights() const { return weights_; }
@@ -44,6 +51,25 @@ class DecoderModel {
   ModelWeights weights_;
   at::Tensor inv_freq_;  // [hd/2] float32, with llama3 scaling applied
   AdapterMode mode_;
+  bool checkpointing_ = false;
+};
+
+// Mixed precision for the training forward: inside the scope ATen's autocast runs matmuls (linear, matmul, ...)
+// on `device_type` in `dtype` (bf16) while the parameters stay float32 masters; the residual stream, norms,
+// softmax and log-probs stay float32. Call backward after the scope ends (as torch.autocast advises); layers
+// recomputed by gradient checkpointing and the LM-head chunks re-enter the forward's precision themselves.
+// Nested scopes restore the outer state; leaving the outermost one frees autocast's cached weight casts.
+class AutocastScope {
+ public:
+  AutocastScope(at::DeviceType device_type, at::ScalarType dtype = at::kBFloat16, bool enabled = true);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  at::DeviceType device_type_;
+  bool was_enabled_;
+  at::ScalarType was_dtype_;
 };
 
 // Scope in which the model computes without its adapters (the reference policy).
