@@ -29,7 +29,7 @@ namespace {
 
 struct Options {
   std::string model_dir, device = "cuda", dtype = "bf16", out;
-  int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 8, steps = 3, lora_r = 16;
+  int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 4, steps = 3, lora_r = 16;
   double lr = 1e-5, kl_beta = 0.05;
   bool checkpointing = false, no_autocast = false;
 };
