@@ -2,6 +2,7 @@
 // (kernels/cpu/registry.cpp), so the symbol must be kept in the link (docs/KERNELS.md, "Linking").
 #include "kernels/cpu/registry.h"
 #include "kernels/cuda/paged_attention.h"
+#include "kernels/cuda/quant.h"
 #include "kernels/cuda/rms_norm.h"
 #include "kernels/cuda/rope_kv_write.h"
 #include "kernels/cuda/graph.h"
@@ -15,6 +16,9 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.rope_kv_write_cuda = &rope_kv_write_cuda;
   r.paged_attention_decode_cuda = &paged_attention_decode_cuda;
   r.silu_mul_cuda = &silu_mul_cuda;
+  r.quantize_affine_cuda = &quantize_affine_cuda;
+  r.dequantize_affine_cuda = &dequantize_affine_cuda;
+  r.quant_linear_cuda = &quant_linear_cuda;
   r.graph_capture = &graph_capture_cuda;
   r.graph_replay = &graph_replay_cuda;
   r.graph_destroy = &graph_destroy_cuda;
