@@ -17,7 +17,9 @@
 #include "kernels/cpu/registry.h"
 #include "kernels/cpu/rms_norm.h"
 #include "kernels/cpu/rope_kv_write.h"
+#include "kernels/cpu/sample.h"
 #include "kernels/cpu/silu_mul.h"
+#include "kernels/cpu/small_linear.h"
 #include "models/layers.h"
 
 namespace rlaif {
@@ -107,6 +109,11 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
   const int64_t S = static_cast<int64_t>(seqs.size()), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
   const int64_t bs = options_.block_size;
   int64_t Tq = 0, Lk = 0;
+  // Fresh prompts on the GPU (every prefill): each sequence attends only to its own new tokens, so causal
+  // flash attention over the right-padded batch replaces the gather from the cache — a real query at position j
+  // sees keys 0..j, all its own; padding queries come last and are never read.
+  bool fresh = dev.is_cuda();
+  for (int64_t i = 0; i < S; ++i) fresh = fresh && seqs[i]->cached == 0;
   for (int64_t i = 0; i < S; ++i) {
     Tq = std::max<int64_t>(Tq, new_tokens[i].size());
     Lk = std::max<int64_t>(Lk, seqs[i]->cached + new_tokens[i].size());
@@ -138,8 +145,11 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
   };
   const at::Tensor tokens = to_dev(tok, {S, Tq}), positions = to_dev(pos, {S, Tq});
   const at::Tensor rows = to_dev(write_rows, {-1}), src = to_dev(write_src, {-1});
-  const at::Tensor ctx_rows = to_dev(ctx, {S * Lk}), kpos = to_dev(key_pos, {S, 1, 1, Lk});
-  const at::Tensor allowed = kpos <= positions.view({S, 1, Tq, 1});                      // [S, 1, Tq, Lk]
+  at::Tensor ctx_rows, allowed;
+  if (!fresh) {
+    ctx_rows = to_dev(ctx, {S * Lk});
+    allowed = to_dev(key_pos, {S, 1, 1, Lk}) <= positions.view({S, 1, Tq, 1});          // [S, 1, Tq, Lk]
+  }
 
   const AdapterMode mode{/*enabled=*/true, /*training=*/false};  // the engine samples the current policy
   at::Tensor h = at::embedding(W.embed, tokens);                                        // [S, Tq, D]
@@ -153,17 +163,21 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
     at::Tensor k = layers::project(x, L, Proj::kK, mode).view({S, Tq, KV, hd}).transpose(1, 2); // [S, KV, Tq, hd]
     at::Tensor v = layers::project(x, L, Proj::kV, mode).view({S * Tq, KV, hd});                // [S*Tq, KV, hd]
     q = layers::apply_rope(q, cos, sin);
-    k = layers::apply_rope(k, cos, sin).transpose(1, 2).reshape({S * Tq, KV, hd});      // [S*Tq, KV, hd]
-    // Write the new K/V into their cache rows, then read each sequence's whole context back.
+    const at::Tensor k4 = layers::apply_rope(k, cos, sin);                              // [S, KV, Tq, hd]
+    k = k4.transpose(1, 2).reshape({S * Tq, KV, hd});                                   // [S*Tq, KV, hd]
+    // Write the new K/V into their cache rows, then attend: over the new tokens themselves (fresh prompts on
+    // the GPU), or over each sequence's whole context read back from the cache.
     cache_->keys(l).index_copy_(0, rows, k.index_select(0, src));
     cache_->values(l).index_copy_(0, rows, v.index_select(0, src));
-    at::Tensor K = cache_->keys(l).index_select(0, ctx_rows).view({S, Lk, KV, hd}).transpose(1, 2);  // [S, KV, Lk, hd]
-    at::Tensor V = cache_->values(l).index_select(0, ctx_rows).view({S, Lk, KV, hd}).transpose(1, 2);
+    at::Tensor K = fresh ? k4 : cache_->keys(l).index_select(0, ctx_rows).view({S, Lk, KV, hd}).transpose(1, 2);
+    at::Tensor V = fresh ? v.view({S, Tq, KV, hd}).transpose(1, 2)
+                         : cache_->values(l).index_select(0, ctx_rows).view({S, Lk, KV, hd}).transpose(1, 2);
     if (KV != H) {
       K = K.repeat_interleave(H / KV, 1);                                               // [S, H, Lk, hd]
       V = V.repeat_interleave(H / KV, 1);
     }
-    at::Tensor o = layers::attention(q, K, V, allowed);                                 // [S, H, Tq, hd]
+    at::Tensor o = fresh ? at::scaled_dot_product_attention(q, K, V, {}, 0.0, /*is_causal=*/true)
+                         : layers::attention(q, K, V, allowed);                         // [S, H, Tq, hd]
     o = o.transpose(1, 2).reshape({S, Tq, H * hd});                                     // [S, Tq, H*hd]
     h = h + layers::project(o, L, Proj::kO, mode);                                              // [S, Tq, D]
     x = layers::rms_norm(h, L.post_norm, c.rms_norm_eps);
@@ -189,39 +203,150 @@ bool Engine::use_fused_decode() {
   return false;
 }
 
-at::Tensor Engine::decode_compute(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t max_context) {
+namespace {
+
+// A projection's weight the few-row kernels can stream: dense, in the activations' dtype, on their device.
+bool dense(const at::Tensor& w, const at::Tensor& x) {
+  return w.defined() && w.scalar_type() == x.scalar_type() && w.device() == x.device() && w.is_contiguous();
+}
+
+bool has_lora(const LayerWeights& L, Proj p) { return L.lora[static_cast<int>(p)].defined(); }
+
+// y + the projection's LoRA update, rounded as layers::project rounds it.
+at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const LayerWeights& L, Proj p) {
+  const LoraAdapter& a = L.lora[static_cast<int>(p)];
+  if (!a.defined()) return y;
+  return y + (at::linear(at::linear(x.to(a.a.scalar_type()), a.a), a.b) * a.scale).to(y.scalar_type());
+}
+
+// Sampling the device sampler covers: temperature or greedy, no filter, no penalty.
+bool plain_sampling(const SamplingParams& p, int64_t vocab) {
+  return p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && (p.top_k <= 0 || p.top_k >= vocab) &&
+         p.top_p >= 1.0 && p.min_p <= 0.0;
+}
+
+// Carves 8-byte-aligned views of the given dtypes and sizes out of a byte buffer.
+struct Carver {
+  const at::Tensor& buf;
+  int64_t offset = 0;
+  at::Tensor take(at::ScalarType dt, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(dt));
+    at::Tensor t = buf.narrow(0, offset, bytes).view(dt).view(shape);
+    offset += (bytes + 7) / 8 * 8;
+    return t;
+  }
+};
+
+int64_t padded(int64_t bytes) { return (bytes + 7) / 8 * 8; }
+
+}  // namespace
+
+Engine::StepInputs Engine::make_step_inputs(int64_t rows, int64_t width, const at::Device& dev) {
+  const int64_t bytes = 4 * 8 * rows + padded(4 * rows) + padded(4 * rows) + padded(4 * rows * width);
+  StepInputs in;
+  const auto bytes_opt = at::TensorOptions().dtype(at::kByte);
+  in.host = at::empty({bytes}, dev.is_cuda() ? bytes_opt.pinned_memory(true) : bytes_opt);
+  in.dev = dev.is_cuda() ? at::empty({bytes}, bytes_opt.device(dev)) : in.host;
+  auto carve = [&](const at::Tensor& buf, StepInputs& v, bool host) {
+    Carver c{buf};
+    (host ? v.host_tokens : v.tokens) = c.take(at::kLong, {rows});
+    (host ? v.host_positions : v.positions) = c.take(at::kLong, {rows});
+    (host ? v.host_slots : v.slots) = c.take(at::kLong, {rows});
+    (host ? v.host_uniform : v.uniform) = c.take(at::kDouble, {rows});
+    (host ? v.host_temperature : v.temperature) = c.take(at::kFloat, {rows});
+    (host ? v.host_context_lens : v.context_lens) = c.take(at::kInt, {rows});
+    (host ? v.host_block_tables : v.block_tables) = c.take(at::kInt, {rows, width});
+  };
+  carve(in.host, in, true);
+  carve(in.dev, in, false);
+  return in;
+}
+
+Engine::StepOutputs Engine::make_step_outputs(int64_t rows, const at::Device& dev) {
+  const int64_t bytes = 8 * rows + 8 * rows;
+  StepOutputs out;
+  const auto bytes_opt = at::TensorOptions().dtype(at::kByte);
+  out.dev = at::empty({bytes}, bytes_opt.device(dev));
+  out.host = dev.is_cuda() ? at::empty({bytes}, bytes_opt.pinned_memory(true)) : out.dev;
+  Carver d{out.dev}, h{out.host};
+  out.tokens = d.take(at::kLong, {rows});
+  out.logprobs = d.take(at::kFloat, {rows, 2});
+  out.host_tokens = h.take(at::kLong, {rows});
+  out.host_logprobs = h.take(at::kFloat, {rows, 2});
+  return out;
+}
+
+at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   namespace K = kernels;
   const ModelConfig& c = model_->config();
   const ModelWeights& W = model_->weights();
-  const int64_t S = tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
+  const int64_t S = in.tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const AdapterMode mode{/*enabled=*/true, /*training=*/false};
+  // Few rows on the GPU: bandwidth-bound GEMVs with q/k/v in one launch and the residual and SwiGLU fused.
+  const bool small = W.embed.is_cuda() && S <= K::kSmallLinearMaxRows;
 
-  at::Tensor h = at::embedding(W.embed, tokens);                                        // [S, D]
+  at::Tensor h = at::embedding(W.embed, in.tokens);                                    // [S, D]
   at::Tensor x = K::rms_norm(h, W.layers[0].input_norm, c.rms_norm_eps);               // [S, D]
+  auto proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
+    return layers::project(in_x, L, p, mode);
+  };
+  // h += proj(in_x), fused when the projection has no adapter.
+  auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
+    if (small && dense(L.weight(p), in_x) && !has_lora(L, p)) {
+      K::small_linear(in_x, {L.weight(p)}, {L.bias(p)}, h, {h});
+      return h;
+    }
+    return h + proj(in_x, L, p);
+  };
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = W.layers[l];
-    at::Tensor q = layers::project(x, L, Proj::kQ, mode).view({S, H, hd});              // [S, H, hd]
-    at::Tensor k = layers::project(x, L, Proj::kK, mode).view({S, KV, hd});             // [S, KV, hd]
-    at::Tensor v = layers::project(x, L, Proj::kV, mode).view({S, KV, hd});             // [S, KV, hd]
-    K::rope_kv_write(q, k, v, positions, inv_freq_dev_, cache_->keys(l), cache_->values(l), slots);
-    at::Tensor o = K::paged_attention_decode(q, cache_->keys(l), cache_->values(l), block_tables, context_lens,
-                                             options_.block_size, max_context, scale);  // [S, H, hd]
-    h = h + layers::project(o.view({S, H * hd}), L, Proj::kO, mode);                     // [S, D]
+    at::Tensor q, k, v;
+    if (small && dense(L.wq, x) && dense(L.wk, x) && dense(L.wv, x)) {
+      q = at::empty({S, H * hd}, x.options());
+      k = at::empty({S, KV * hd}, x.options());
+      v = at::empty({S, KV * hd}, x.options());
+      K::small_linear(x, {L.wq, L.wk, L.wv}, {L.bq, L.bk, L.bv}, at::Tensor(), {q, k, v});  // [S, (H+2KV)·hd]
+      q = add_lora(q, x, L, Proj::kQ);
+      k = add_lora(k, x, L, Proj::kK);
+      v = add_lora(v, x, L, Proj::kV);
+    } else {
+      q = proj(x, L, Proj::kQ);
+      k = proj(x, L, Proj::kK);
+      v = proj(x, L, Proj::kV);
+    }
+    q = q.view({S, H, hd});                                                             // [S, H, hd]
+    k = k.view({S, KV, hd});                                                            // [S, KV, hd]
+    v = v.view({S, KV, hd});
+    K::rope_kv_write(q, k, v, in.positions, inv_freq_dev_, cache_->keys(l), cache_->values(l), in.slots);
+    at::Tensor o = K::paged_attention_decode(q, cache_->keys(l), cache_->values(l), in.block_tables,
+                                             in.context_lens, options_.block_size, max_context, scale);  // [S, H, hd]
+    h = residual_proj(o.view({S, H * hd}), L, Proj::kO);                                // [S, D]
     x = K::rms_norm(h, L.post_norm, c.rms_norm_eps);
-    at::Tensor act = at::empty({S, c.intermediate_size}, h.options());
-    K::silu_mul(layers::project(x, L, Proj::kGate, mode), layers::project(x, L, Proj::kUp, mode), act);  // [S, F]
-    h = h + layers::project(act, L, Proj::kDown, mode);                                  // [S, D]
+    at::Tensor act = at::empty({S, c.intermediate_size}, h.options());                  // [S, F]
+    if (small && dense(L.w_gate, x) && dense(L.w_up, x) && !L.b_gate.defined() && !L.b_up.defined() &&
+        !has_lora(L, Proj::kGate) && !has_lora(L, Proj::kUp))
+      K::small_linear_silu_mul(x, L.w_gate, L.w_up, act);
+    else
+      K::silu_mul(proj(x, L, Proj::kGate), proj(x, L, Proj::kUp), act);
+    h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
     const at::Tensor& next_norm = l + 1 < c.num_layers ? W.layers[l + 1].input_norm : W.final_norm;
     x = K::rms_norm(h, next_norm, c.rms_norm_eps);
+  }
+  if (small && dense(W.lm_head, x)) {
+    at::Tensor logits = at::empty({S, W.lm_head.size(0)}, x.options());
+    K::small_linear(x, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits});
+    return logits;                                                                      // [S, V]
   }
   return at::linear(x, W.lm_head);                                                      // [S, V]
 }
 
-at::Tensor Engine::decode_step(const std::vector<Seq*>& seqs) {
+SampleResult Engine::decode_step(const std::vector<Seq*>& seqs) {
   const at::Device dev = model_->weights().embed.device();
   const int64_t S = static_cast<int64_t>(seqs.size()), bs = options_.block_size;
+  const int64_t vocab = model_->config().vocab_size;
   // CUDA graphs: shapes fixed per batch bucket (padding rows write nowhere and attend to nothing).
   const bool graphs = options_.cuda_graphs && dev.is_cuda() && kernels::kernel_registry().graph_capture;
   int64_t rows = S;
@@ -230,56 +355,97 @@ at::Tensor Engine::decode_step(const std::vector<Seq*>& seqs) {
     while (rows < S) rows *= 2;
     rows = std::min(rows, std::max(options_.max_batch, S));
   }
-  const int64_t width = graphs ? max_blocks_per_seq_ : 0;
-  int64_t max_blocks = std::max<int64_t>(width, 1);
+  int64_t max_blocks = std::max<int64_t>(graphs ? max_blocks_per_seq_ : 0, 1);
   for (Seq* s : seqs) {
     grow_blocks(*s, s->cached + 1);
     max_blocks = std::max<int64_t>(max_blocks, s->blocks.size());
   }
-  std::vector<int64_t> tok(rows, 0), pos(rows, 0), slot(rows, -1);
-  std::vector<int32_t> table(rows * max_blocks, 0), lens(rows, 0);
+  const bool use_graph = graphs && max_blocks == max_blocks_per_seq_;
+  // The device sampler serves a step when every row only needs temperature or greedy sampling.
+  bool device_sampling = dev.is_cuda();
+  for (Seq* s : seqs) device_sampling = device_sampling && plain_sampling(*s->params, vocab);
+
+  DecodeGraph* g = nullptr;
+  StepInputs eager;
+  if (use_graph) {
+    auto it = graphs_.find(rows);
+    if (it == graphs_.end()) {
+      DecodeGraph fresh;
+      fresh.in = make_step_inputs(rows, max_blocks, dev);
+      fresh.out = make_step_outputs(rows, dev);
+      it = graphs_.emplace(rows, std::move(fresh)).first;
+    }
+    g = &it->second;
+  } else {
+    eager = make_step_inputs(rows, max_blocks, dev);
+  }
+  const StepInputs& in = g ? g->in : eager;
+  // Host side of the inputs: padding rows write nowhere (slot −1), attend to nothing and sample greedily.
+  in.host.zero_();
+  auto* tok = in.host_tokens.data_ptr<int64_t>();
+  auto* pos = in.host_positions.data_ptr<int64_t>();
+  auto* slot = in.host_slots.data_ptr<int64_t>();
+  auto* uni = in.host_uniform.data_ptr<double>();
+  auto* temp = in.host_temperature.data_ptr<float>();
+  auto* lens = in.host_context_lens.data_ptr<int32_t>();
+  auto* table = in.host_block_tables.data_ptr<int32_t>();
+  for (int64_t i = 0; i < rows; ++i) slot[i] = -1;
   for (int64_t i = 0; i < S; ++i) {
     Seq& s = *seqs[i];
     const int64_t p = s.cached;
     tok[i] = s.context.back();
     pos[i] = p;
     slot[i] = s.blocks[p / bs] * bs + p % bs;
-    std::copy(s.blocks.begin(), s.blocks.end(), table.begin() + i * max_blocks);
+    std::copy(s.blocks.begin(), s.blocks.end(), table + i * max_blocks);
     lens[i] = static_cast<int32_t>(p + 1);
     s.cached = p + 1;
+    if (device_sampling && !s.params->greedy()) {
+      temp[i] = static_cast<float>(s.params->temperature);
+      uni[i] = s.rng->uniform();  // one uniform per sampled row and step, as sample_tokens draws it
+    }
   }
-  const at::Tensor tokens = at::tensor(tok, at::kLong), positions = at::tensor(pos, at::kLong);
-  const at::Tensor slots = at::tensor(slot, at::kLong), context_lens = at::tensor(lens, at::kInt);
-  const at::Tensor block_tables = at::tensor(table, at::kInt).view({rows, max_blocks});
+  if (in.dev.data_ptr() != in.host.data_ptr()) in.dev.copy_(in.host, /*non_blocking=*/true);
   const int64_t max_context = max_blocks * bs;
-  if (!graphs || max_blocks != max_blocks_per_seq_)
-    return decode_compute(tokens.to(dev), positions.to(dev), slots.to(dev), block_tables.to(dev), context_lens.to(dev),
-                          max_context).narrow(0, 0, S);
 
-  auto it = graphs_.find(rows);
-  if (it == graphs_.end()) {
-    // First step of this bucket: run it eagerly (warm-up), then capture the same computation on static inputs.
-    DecodeGraph g;
-    g.tokens = tokens.to(dev);
-    g.positions = positions.to(dev);
-    g.slots = slots.to(dev);
-    g.block_tables = block_tables.to(dev);
-    g.context_lens = context_lens.to(dev);
-    at::Tensor logits = decode_compute(g.tokens, g.positions, g.slots, g.block_tables, g.context_lens, max_context);
-    g.graph = kernels::kernel_registry().graph_capture([&] {
-      g.logits = decode_compute(g.tokens, g.positions, g.slots, g.block_tables, g.context_lens, max_context);
-    });
-    graphs_.emplace(rows, std::move(g));
-    return logits.narrow(0, 0, S);
+  at::Tensor logits;
+  StepOutputs eager_out;
+  const StepOutputs* out = nullptr;
+  if (g) {
+    if (!g->graph) {
+      // First step of this bucket: run it eagerly (warm-up), capture it on the static buffers, then replay —
+      // the replay recomputes the same step (same K/V writes, same draws).
+      decode_compute(g->in, max_context);
+      g->graph = kernels::kernel_registry().graph_capture([&] {
+        g->logits = decode_compute(g->in, max_context);
+        kernels::sample(g->logits, g->in.temperature, g->in.uniform, g->out.tokens, g->out.logprobs);
+      });
+    }
+    kernels::kernel_registry().graph_replay(g->graph);
+    logits = g->logits;
+    out = &g->out;
+  } else {
+    logits = decode_compute(in, max_context);
+    if (device_sampling) {
+      eager_out = make_step_outputs(rows, dev);
+      kernels::sample(logits, in.temperature, in.uniform, eager_out.tokens, eager_out.logprobs);
+      out = &eager_out;
+    }
   }
-  DecodeGraph& g = it->second;
-  g.tokens.copy_(tokens, /*non_blocking=*/false);
-  g.positions.copy_(positions);
-  g.slots.copy_(slots);
-  g.block_tables.copy_(block_tables);
-  g.context_lens.copy_(context_lens);
-  kernels::kernel_registry().graph_replay(g.graph);
-  return g.logits.narrow(0, 0, S);
+  if (!device_sampling) {
+    std::vector<SamplerRow> sampler_rows;
+    for (Seq* s : seqs) sampler_rows.push_back({s->params, &*s->rng, &s->context, &s->generated});
+    return sample_tokens(logits.narrow(0, 0, S), sampler_rows);
+  }
+  out->host.copy_(out->dev);  // waits for the step
+  SampleResult r;
+  const int64_t* t = out->host_tokens.data_ptr<int64_t>();
+  const float* lp = out->host_logprobs.data_ptr<float>();
+  for (int64_t i = 0; i < S; ++i) {
+    r.tokens.push_back(static_cast<int32_t>(t[i]));
+    r.raw_logprobs.push_back(lp[2 * i]);
+    r.processed_logprobs.push_back(lp[2 * i + 1]);
+  }
+  return r;
 }
 
 std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationRequest>& requests,
@@ -429,9 +595,7 @@ std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationReques
       batch.push_back(s.get());
       last.push_back({s->context.back()});
     }
-    const bool fused = use_fused_decode();
-    at::Tensor logits = fused ? decode_step(batch) : forward_step(batch, last);
-    SampleResult sr = sample_rows(logits, batch);
+    SampleResult sr = use_fused_decode() ? decode_step(batch) : sample_rows(forward_step(batch, last), batch);
     for (size_t i = 0; i < batch.size(); ++i) accept(*batch[i], sr.tokens[i], sr.raw_logprobs[i], sr.processed_logprobs[i]);
     stats_.decode_tokens += static_cast<int64_t>(batch.size());
     stats_.decode_steps += 1;

@@ -76,18 +76,32 @@ class Engine {
 
  private:
   struct Seq;
-  struct StepInput;
   void ensure_cache(const std::vector<GenerationRequest>& requests);
   int64_t blocks_for(int64_t tokens) const;
   int64_t reservation(const GenerationRequest& r) const;
   // Runs the model over each sequence's new tokens, writing their K/V; returns logits at each last token [S, V].
   at::Tensor forward_step(const std::vector<Seq*>& seqs, const std::vector<std::vector<int32_t>>& new_tokens);
+  // A decode step's inputs, packed into one buffer so one copy moves them to the device (views of `dev`; the
+  // `host_*` views are where the host writes them; on the CPU both are the same memory).
+  struct StepInputs {
+    at::Tensor host, dev;
+    at::Tensor tokens, positions, slots, uniform, temperature, context_lens, block_tables;
+    at::Tensor host_tokens, host_positions, host_slots, host_uniform, host_temperature, host_context_lens,
+        host_block_tables;
+  };
+  // The sampler's outputs (tokens int64 [rows], log-probs float [rows, 2]) on the device and their host copy.
+  struct StepOutputs {
+    at::Tensor dev, host, tokens, logprobs, host_tokens, host_logprobs;
+  };
+  static StepInputs make_step_inputs(int64_t rows, int64_t width, const at::Device& dev);
+  static StepOutputs make_step_outputs(int64_t rows, const at::Device& dev);
   // One new token per sequence through the fused kernels, attention read straight from the paged cache
-  // (fixed shapes: the step a CUDA graph can capture). Returns logits [S, V].
-  at::Tensor decode_step(const std::vector<Seq*>& seqs);
-  // The decode computation on device tensors only (no host data), so a CUDA graph can capture it.
-  at::Tensor decode_compute(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t max_context);
+  // (fixed shapes: the step a CUDA graph can capture), then sampled (on the device when every row only needs
+  // temperature or greedy sampling: kernels/cpu/sample.h).
+  SampleResult decode_step(const std::vector<Seq*>& seqs);
+  // The decode computation on device tensors only (no host data), so a CUDA graph can capture it. Returns
+  // logits [rows, V].
+  at::Tensor decode_compute(const StepInputs& in, int64_t max_context);
   void drop_graphs();
   bool use_fused_decode();  // false (logged once, with the reason) where the kernels cannot serve
   void grow_blocks(Seq& s, int64_t new_len);
@@ -103,7 +117,9 @@ class Engine {
   int64_t max_blocks_per_seq_ = 1;  // block-table width: the longest sequence the cache was sized for
   struct DecodeGraph {
     void* graph = nullptr;
-    at::Tensor tokens, positions, slots, block_tables, context_lens, logits;
+    StepInputs in;
+    StepOutputs out;
+    at::Tensor logits;
   };
   std::map<int64_t, DecodeGraph> graphs_;  // by batch-size bucket
 };

@@ -7,6 +7,8 @@
 #include "kernels/cuda/rope_kv_write.h"
 #include "kernels/cuda/graph.h"
 #include "kernels/cuda/silu_mul.h"
+#include "kernels/cuda/sample.h"
+#include "kernels/cuda/small_linear.h"
 
 extern "C" bool rlaif_register_cuda_kernels() {
   using namespace rlaif::kernels;
@@ -16,6 +18,9 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.rope_kv_write_cuda = &rope_kv_write_cuda;
   r.paged_attention_decode_cuda = &paged_attention_decode_cuda;
   r.silu_mul_cuda = &silu_mul_cuda;
+  r.small_linear_cuda = &small_linear_cuda;
+  r.small_linear_silu_mul_cuda = &small_linear_silu_mul_cuda;
+  r.sample_cuda = &sample_cuda;
   r.quantize_affine_cuda = &quantize_affine_cuda;
   r.dequantize_affine_cuda = &dequantize_affine_cuda;
   r.quant_linear_cuda = &quant_linear_cuda;

@@ -1,0 +1,33 @@
+// Projections for a few rows (the decode step at small batch): the weights are streamed once for all rows, the
+// q/k/v projections share one launch, the residual add and SwiGLU's silu·up are fused in. Numerics of the
+// at::linear calls they replace (models/layers.h): float32 accumulation, rounded to the dtype where ATen rounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "kernels/cpu/registry.h"
+
+namespace rlaif::kernels {
+
+// The most rows these kernels take; larger batches go to cuBLAS GEMMs, which are then efficient.
+constexpr int64_t kSmallLinearMaxRows = 8;
+
+// outs[i] [N, O_i] = to(x [N, K] · weights[i] [O_i, K]ᵀ + biases[i]) for up to 3 weights sharing x (undefined
+// bias: none), as at::linear rounds (once). With `residual` [N, O] (one weight only; may alias outs[0]):
+// out = to(residual + to(x·Wᵀ + b)), as `h + linear(x)` rounds. x, weights, outs contiguous, one dtype
+// (float32/bfloat16), one device; N ≤ kSmallLinearMaxRows.
+void small_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                  const at::Tensor& residual, const std::vector<at::Tensor>& outs);
+void small_linear_cpu(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                      const std::vector<at::Tensor>& biases, const at::Tensor& residual,
+                      const std::vector<at::Tensor>& outs);
+
+// out [N, F] = silu_mul(to(x·W_gateᵀ), to(x·W_upᵀ)) (kernels/cpu/silu_mul.h's roundings): SwiGLU's two
+// projections and its gate in one pass, no bias.
+void small_linear_silu_mul(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& out);
+void small_linear_silu_mul_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                               const at::Tensor& out);
+
+}  // namespace rlaif::kernels

@@ -1,0 +1,11 @@
+// CUDA sort-free sampling (kernels/cpu/sample.h has the spec); reached through the registry.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rlaif::kernels {
+
+void sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniform,
+                 const at::Tensor& tokens, const at::Tensor& logprobs);
+
+}  // namespace rlaif::kernels
