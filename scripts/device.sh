@@ -71,7 +71,25 @@ if has bench; then
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
+  if [ -n "${RLAIF_BENCH_QUANT:-}" ]; then
+    "$BUILD/bench/bench_quant" --out "$OUT/bench_quant.json" > "$OUT/bench_quant.log" 2>&1 || log "bench_quant failed"
+    tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
+  fi
 fi
-# The device tool returns at most 8 files: keep summary + JSON results loose, pack the logs.
-tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz $(cd "$OUT" && ls *.log 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log
+
+if has train; then
+  # Issue 7's end-to-end step, LoRA on the 3B shape, against transformers + peft on the same card.
+  MD=/tmp/rlaif-bench-models
+  [ -f "$MD/qwen2.5-3b-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate_models.json" \
+    --shapes 3b --batches 1 > /dev/null 2>&1
+  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --out "$OUT/rlaif_train_3b.json" > "$OUT/rlaif_train_3b.log" 2>&1 || log "bench_train failed"
+  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --micro-batch 8 --checkpointing --steps 2 \
+    --out "$OUT/rlaif_train_3b_ckpt.json" > "$OUT/rlaif_train_3b_ckpt.log" 2>&1 || log "bench_train ckpt failed"
+  $PY bench/hf_train_step.py --model "$MD/qwen2.5-3b-random" --out "$OUT/hf_train_3b.json" > "$OUT/hf_train_3b.log" 2>&1 \
+    || log "hf_train_step failed"
+  grep -E "^step" "$OUT"/rlaif_train_3b*.log "$OUT/hf_train_3b.log" | tee -a "$OUT/summary.txt"
+  tail -5 "$OUT"/rlaif_train_3b.log "$OUT/hf_train_3b.log"
+fi
+# The device tool returns at most 8 files: keep the summary loose, pack the logs and JSON results.
+tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log "$OUT"/*.json
 cat "$OUT/summary.txt"
