@@ -19,9 +19,11 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
 }
 
-// One projection of a layer with its LoRA adapter (if attached and enabled).
+// One projection of a layer with its LoRA adapter (if attached and enabled). A quantized weight (MLX folders)
+// computes with kernels::quant_linear on its packed form.
 inline at::Tensor project(const at::Tensor& x, const LayerWeights& L, Proj p, AdapterMode mode) {
-  at::Tensor y = linear(x, L.weight(p), L.bias(p));
+  const QuantizedTensor& q = L.quant[static_cast<int>(p)];
+  at::Tensor y = q.defined() ? quant_linear(x, q, L.bias(p)) : linear(x, L.weight(p), L.bias(p));
   const LoraAdapter& a = L.lora[static_cast<int>(p)];
   if (mode.enabled && a.defined()) {
     // As PEFT: the input is cast to the adapter's dtype, the update back to the base output's.
@@ -30,6 +32,17 @@ inline at::Tensor project(const at::Tensor& x, const LayerWeights& L, Proj p, Ad
     y = y + (at::linear(at::linear(xin, a.a), a.b) * a.scale).to(y.scalar_type());
   }
   return y;
+}
+
+// Token embeddings [..., D] for ids [...]: from the packed rows when the embedding is quantized.
+inline at::Tensor embed(const ModelWeights& W, const at::Tensor& ids) {
+  return W.embed_q.defined() ? W.embed_q.rows(ids, W.embed.scalar_type()) : at::embedding(W.embed, ids);
+}
+
+// LM-head logits [..., V]: a quantized head (or the quantized embedding, tied) multiplies its packed form, as
+// mlx_lm's QuantizedEmbedding.as_linear does.
+inline at::Tensor logits(const ModelWeights& W, const at::Tensor& h) {
+  return W.lm_head_q.defined() ? quant_linear(h, W.lm_head_q) : at::linear(h, W.lm_head);
 }
 
 // SwiGLU MLP of a layer: down(silu(gate(x)) * up(x)), adapters included.

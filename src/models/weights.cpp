@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/io.h"
 #include "core/logging.h"
 #include "core/safetensors.h"
 #include <fmt/ranges.h>
@@ -131,20 +132,66 @@ at::ScalarType parse_torch_dtype(const std::string& name) {
   throw Error("weights", fmt::format("unknown dtype '{}'", name), "use bf16, fp16 or fp32");
 }
 
+namespace {
+
+// "model.layers.0.mlp.up_proj.weight" → "model.layers.0.mlp.up_proj" (the module path MLX keys scales by).
+std::string module_of(const std::string& weight_name) {
+  const std::string suffix = ".weight";
+  if (weight_name.size() <= suffix.size() || weight_name.compare(weight_name.size() - suffix.size(), suffix.size(), suffix) != 0)
+    return "";
+  return weight_name.substr(0, weight_name.size() - suffix.size());
+}
+
+bool quantizable_slot(WeightSlot s) {
+  using S = WeightSlot;
+  switch (s) {
+    case S::kEmbed: case S::kLmHead: case S::kQ: case S::kK: case S::kV: case S::kO: case S::kGate: case S::kUp:
+    case S::kDown:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// A zero-copy tensor over a checkpoint view (the mapping stays alive while the tensor does).
+at::Tensor view_tensor(const Checkpoint& ckpt, const std::string& name, at::ScalarType st) {
+  const TensorView* v = ckpt.find(name);
+  auto owner = ckpt.owner(name);
+  return at::from_blob(v->data, v->shape, [owner](void*) {}, at::TensorOptions().dtype(st));
+}
+
+}  // namespace
+
 ModelWeights load_hf_weights(const fs::path& dir, const ModelConfig& c, const LoadOptions& opt) {
   const Checkpoint ckpt = Checkpoint::open_dir(dir);
   const auto expected = expected_tensors(c);
+  // MLX-quantized folders: a weight is quantized exactly when "<module>.scales" exists (mlx_lm's load rule).
+  const fs::path config_path = dir / "config.json";
+  const nlohmann::json config = fs::exists(config_path) ? nlohmann::json::parse(read_file(config_path), nullptr, false)
+                                                        : nlohmann::json::object();
+  const std::optional<QuantSpec> qspec = config.is_object() ? quantization_from_config(config, config_path.string())
+                                                            : std::nullopt;
+  auto is_quantized = [&](const std::string& name) {
+    const std::string m = module_of(name);
+    return qspec && !m.empty() && ckpt.find(m + ".scales") != nullptr;
+  };
   std::set<std::string> expected_names;
-  for (const auto& e : expected) expected_names.insert(e.first);
+  for (const auto& e : expected) {
+    expected_names.insert(e.first);
+    if (is_quantized(e.first)) {
+      expected_names.insert(module_of(e.first) + ".scales");
+      expected_names.insert(module_of(e.first) + ".biases");
+    }
+  }
 
   std::vector<std::string> missing, unexpected;
-  for (const auto& e : expected)
-    if (!ckpt.find(e.first)) missing.push_back(e.first);
+  for (const auto& n : expected_names)
+    if (!ckpt.find(n)) missing.push_back(n);
   for (const auto& name : ckpt.names()) {
     if (expected_names.count(name)) continue;
     // Tolerated extras: rotary buffers some old Llama checkpoints saved, and a redundant copy of a tied head.
     if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;
-    if (name == "lm_head.weight" && c.tie_word_embeddings) continue;
+    if (c.tie_word_embeddings && name.rfind("lm_head.", 0) == 0) continue;
     unexpected.push_back(name);
   }
   if (!missing.empty() || !unexpected.empty()) {
@@ -158,36 +205,96 @@ ModelWeights load_hf_weights(const fs::path& dir, const ModelConfig& c, const Lo
   ModelWeights w;
   w.layers.resize(c.num_layers);
   for (const auto& [name, where] : expected) {
+    if (is_quantized(name)) {
+      const std::string m = module_of(name);
+      if (!quantizable_slot(where.first))
+        throw Error("weights", fmt::format("{}: '{}' has quantization scales, but only linear and embedding weights "
+                                           "can be quantized", dir.string(), name));
+      const QuantSpec spec = quantization_for(config, m, *qspec);
+      const TensorView* v = ckpt.find(name);
+      const at::ScalarType sst = to_scalar_type(ckpt.find(m + ".scales")->dtype, m + ".scales");
+      if (v->dtype != DType::kU32 || v->shape.size() != 2 || !spec.enabled() ||
+          (sst != at::kFloat && sst != at::kBFloat16 && sst != at::kHalf) ||
+          ckpt.find(m + ".biases")->dtype != ckpt.find(m + ".scales")->dtype)
+        throw Error("weights", fmt::format("{}: quantized '{}' must be uint32 [out, in*bits/32] with float scales and "
+                                           "biases of one dtype", dir.string(), m));
+      // The packed words keep their representation: int32 over the same bits, zero-copy on the CPU.
+      QuantizedTensor q{view_tensor(ckpt, name, at::kInt), view_tensor(ckpt, m + ".scales", sst),
+                        view_tensor(ckpt, m + ".biases", sst), spec.bits, spec.group_size};
+      const int64_t in = q.in_features();
+      if (!quantizable(in, spec) || q.scales.sizes() != at::IntArrayRef({q.out_features(), in / spec.group_size}) ||
+          q.biases.sizes() != q.scales.sizes())
+        throw Error("weights", fmt::format("{}: '{}' scales/biases {} do not fit {}-bit words {} with group size {}",
+                                           dir.string(), m, q.scales.sizes(), spec.bits, q.wq.sizes(), spec.group_size));
+      if (opt.device != at::kCPU) q = q.to(opt.device);
+      if (where.first == WeightSlot::kEmbed || where.first == WeightSlot::kLmHead)
+        weight_ref(w, where.first, where.second) = q.dequantize(opt.dtype);  // see ModelWeights::embed_q
+      *quantized_slot(w, where.first, where.second) = std::move(q);
+      continue;
+    }
     const TensorView* v = ckpt.find(name);
     const at::ScalarType st = to_scalar_type(v->dtype, name);
-    auto owner = ckpt.owner(name);
     // Zero-copy view of the private mapping; the deleter keeps the mapping alive as long as the tensor.
-    at::Tensor t = at::from_blob(v->data, v->shape, [owner](void*) {}, at::TensorOptions().dtype(st));
+    at::Tensor t = view_tensor(ckpt, name, st);
     if (st != opt.dtype || opt.device != at::kCPU) t = t.to(opt.device, opt.dtype);
     weight_ref(w, where.first, where.second) = t;
   }
-  if (c.tie_word_embeddings) w.lm_head = w.embed;
+  if (c.tie_word_embeddings) {
+    w.lm_head = w.embed;
+    w.lm_head_q = w.embed_q;
+  }
 
   // Shapes against the config, so a mismatched checkpoint fails here and not deep inside a matmul.
   const int64_t D = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
-  auto expect_shape = [&](const at::Tensor& t, std::vector<int64_t> shape, const std::string& what) {
-    if (t.sizes().vec() != shape)
+  auto expect_shape = [&](WeightSlot slot, int layer, std::vector<int64_t> shape, const std::string& what) {
+    const QuantizedTensor* q = quantized_slot(w, slot, layer);
+    const std::vector<int64_t> got = q && q->defined() ? std::vector<int64_t>{q->out_features(), q->in_features()}
+                                                       : weight_ref(w, slot, layer).sizes().vec();
+    if (got != shape)
       throw Error("weights", fmt::format("{}: {} has shape [{}], config.json implies [{}]", dir.string(), what,
-                                         fmt::join(t.sizes(), ", "), fmt::join(shape, ", ")));
+                                         fmt::join(got, ", "), fmt::join(shape, ", ")));
   };
-  expect_shape(w.embed, {c.vocab_size, D}, "model.embed_tokens.weight");
+  using S = WeightSlot;
+  expect_shape(S::kEmbed, -1, {c.vocab_size, D}, "model.embed_tokens.weight");
   for (int l = 0; l < c.num_layers; ++l) {
-    const auto& L = w.layers[l];
     const std::string p = fmt::format("layer {} ", l);
-    expect_shape(L.wq, {c.num_heads * hd, D}, p + "q_proj");
-    expect_shape(L.wk, {c.num_kv_heads * hd, D}, p + "k_proj");
-    expect_shape(L.wv, {c.num_kv_heads * hd, D}, p + "v_proj");
-    expect_shape(L.wo, {D, c.num_heads * hd}, p + "o_proj");
-    expect_shape(L.w_gate, {F, D}, p + "gate_proj");
-    expect_shape(L.w_up, {F, D}, p + "up_proj");
-    expect_shape(L.w_down, {D, F}, p + "down_proj");
+    expect_shape(S::kQ, l, {c.num_heads * hd, D}, p + "q_proj");
+    expect_shape(S::kK, l, {c.num_kv_heads * hd, D}, p + "k_proj");
+    expect_shape(S::kV, l, {c.num_kv_heads * hd, D}, p + "v_proj");
+    expect_shape(S::kO, l, {D, c.num_heads * hd}, p + "o_proj");
+    expect_shape(S::kGate, l, {F, D}, p + "gate_proj");
+    expect_shape(S::kUp, l, {F, D}, p + "up_proj");
+    expect_shape(S::kDown, l, {D, F}, p + "down_proj");
   }
   return w;
+}
+
+bool ModelWeights::quantized() const {
+  if (embed_q.defined() || lm_head_q.defined()) return true;
+  for (const auto& L : layers)
+    for (const auto& q : L.quant)
+      if (q.defined()) return true;
+  return false;
+}
+
+const QuantizedTensor* quantized_slot(const ModelWeights& w, WeightSlot slot, int layer) {
+  return quantized_slot(const_cast<ModelWeights&>(w), slot, layer);
+}
+
+QuantizedTensor* quantized_slot(ModelWeights& w, WeightSlot slot, int layer) {
+  using S = WeightSlot;
+  switch (slot) {
+    case S::kEmbed: return &w.embed_q;
+    case S::kLmHead: return &w.lm_head_q;
+    case S::kQ: return &w.layers.at(layer).quant[static_cast<int>(Proj::kQ)];
+    case S::kK: return &w.layers.at(layer).quant[static_cast<int>(Proj::kK)];
+    case S::kV: return &w.layers.at(layer).quant[static_cast<int>(Proj::kV)];
+    case S::kO: return &w.layers.at(layer).quant[static_cast<int>(Proj::kO)];
+    case S::kGate: return &w.layers.at(layer).quant[static_cast<int>(Proj::kGate)];
+    case S::kUp: return &w.layers.at(layer).quant[static_cast<int>(Proj::kUp)];
+    case S::kDown: return &w.layers.at(layer).quant[static_cast<int>(Proj::kDown)];
+    default: return nullptr;
+  }
 }
 
 const at::Tensor& LayerWeights::weight(Proj p) const {
@@ -203,7 +310,17 @@ const at::Tensor& LayerWeights::bias(Proj p) const {
 std::vector<std::pair<std::string, at::Tensor>> named_weights(const ModelWeights& w, const ModelConfig& c) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   auto& mw = const_cast<ModelWeights&>(w);
-  for (const auto& [name, where] : expected_tensors(c)) out.push_back({name, weight_ref(mw, where.first, where.second)});
+  for (const auto& [name, where] : expected_tensors(c)) {
+    const QuantizedTensor* q = quantized_slot(mw, where.first, where.second);
+    if (q && q->defined()) {
+      const std::string m = module_of(name);
+      out.push_back({name, q->wq.view(at::kUInt32)});  // MLX stores the words as U32
+      out.push_back({m + ".scales", q->scales});
+      out.push_back({m + ".biases", q->biases});
+      continue;
+    }
+    out.push_back({name, weight_ref(mw, where.first, where.second)});
+  }
   return out;
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "models/model_config.h"
+#include "models/quantized.h"
 
 namespace rlaif {
 
@@ -43,6 +44,9 @@ struct LayerWeights {
   at::Tensor w_gate, b_gate, w_up, b_up;  // [F, D]
   at::Tensor w_down, b_down;           // [D, F]
   LoraAdapter lora[kNumProj];          // empty unless LoRA is attached (models/lora.h)
+  // Projections loaded quantized (MLX format) hold their weight here and leave the plain tensor undefined;
+  // layers::project dispatches on which one is set.
+  QuantizedTensor quant[kNumProj];
 
   const at::Tensor& weight(Proj p) const;
   const at::Tensor& bias(Proj p) const;
@@ -53,6 +57,11 @@ struct ModelWeights {
   at::Tensor final_norm;  // [D]
   at::Tensor lm_head;     // [V, D]; the same tensor as `embed` when tied
   std::vector<LayerWeights> layers;
+  // Quantized embedding / untied head (MLX folders). `embed` and `lm_head` then hold dequantized copies as well,
+  // because engine/ and decoder.cpp index `embed` and multiply `lm_head` directly; layers::embed/layers::logits
+  // compute from the packed form.
+  QuantizedTensor embed_q, lm_head_q;
+  bool quantized() const;
 };
 
 // Where a tensor lives in ModelWeights; the name table maps each slot to its HF and GGUF names.
@@ -84,8 +93,12 @@ struct LoadOptions {
 // Missing or unexpected tensors are an Error listing them.
 ModelWeights load_hf_weights(const std::filesystem::path& dir, const ModelConfig& c, const LoadOptions& opt);
 
-// Every weight with its HF name, in checkpoint order (a tied lm_head is listed once, as the embedding).
+// Every weight with its HF name, in checkpoint order (a tied lm_head is listed once, as the embedding). A
+// quantized weight is listed as its three MLX tensors: <name> (packed words, uint32), <prefix>.scales, .biases.
 std::vector<std::pair<std::string, at::Tensor>> named_weights(const ModelWeights& w, const ModelConfig& c);
+// The quantized form of a slot's weight, or nullptr (weights and embeddings only).
+const QuantizedTensor* quantized_slot(const ModelWeights& w, WeightSlot slot, int layer);
+QuantizedTensor* quantized_slot(ModelWeights& w, WeightSlot slot, int layer);
 
 at::ScalarType parse_torch_dtype(const std::string& name);
 

@@ -1,0 +1,96 @@
+// MLX affine quantization kernels: the CPU quant_linear equals ATen's x · dequant(W)ᵀ (the format's definition),
+// and on CUDA quantize/dequantize equal the CPU reference bit for bit and quant_linear (GEMV path ≤ 8 rows,
+// dequantize + cuBLAS beyond) equals it within the kernel tolerance.
+#include <gtest/gtest.h>
+
+#include "kernel_test.h"
+#include "kernels/cpu/quant.h"
+
+using namespace rlaif;
+
+namespace {
+
+struct Packed {
+  at::Tensor wq, scales, biases;
+};
+
+Packed quantize_cpu(const at::Tensor& w, int64_t bits, int64_t group, at::ScalarType scale_dtype) {
+  const int64_t O = w.size(0), K = w.size(1);
+  Packed p{at::empty({O, K * bits / 32}, at::kInt), at::empty({O, K / group}, scale_dtype),
+           at::empty({O, K / group}, scale_dtype)};
+  kernels::quantize_affine_cpu(w, bits, group, p.wq, p.scales, p.biases);
+  return p;
+}
+
+}  // namespace
+
+TEST(QuantKernel, CpuQuantLinearEqualsAtenLinearOfDequantizedWeights) {
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t bits : {4, 8}) {
+      const int64_t O = 40, K = 256, group = 64;
+      const Packed p = quantize_cpu(at::randn({O, K}) * 0.1, bits, group, at::kBFloat16);
+      at::Tensor deq = at::empty({O, K}, at::kFloat);
+      kernels::dequantize_affine_cpu(p.wq, p.scales, p.biases, bits, group, deq);
+      const at::Tensor x = at::randn({5, K}).to(dt);
+      at::Tensor out = at::empty({5, O}, x.options());
+      test::poison(out);
+      kernels::quant_linear_cpu(x, p.wq, p.scales, p.biases, bits, group, out);
+      EXPECT_LE(test::rel_err(out, at::linear(x.to(at::kFloat), deq)), test::tolerance(dt))
+          << c10::toString(dt) << " bits " << bits;
+    }
+  }
+}
+
+TEST(QuantKernel, CudaQuantizeAndDequantizeEqualCpuBitForBit) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType wdt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (int64_t bits : {4, 8}) {
+      for (int64_t group : {32, 64, 128}) {
+        SCOPED_TRACE(fmt::format("{} bits {} group {}", c10::toString(wdt), bits, group));
+        at::Tensor w = (at::randn({37, 512}) * 0.05).to(wdt);
+        w[0].zero_();
+        w[1].fill_(-0.25);
+        const Packed ref = quantize_cpu(w, bits, group, wdt);
+        const at::Tensor wc = w.cuda();
+        Packed got{at::full_like(ref.wq, -1, at::kCUDA), at::empty_like(ref.scales, at::kCUDA),
+                   at::empty_like(ref.biases, at::kCUDA)};
+        test::poison(got.scales);
+        kernels::quantize_affine(wc, bits, group, got.wq, got.scales, got.biases);
+        EXPECT_TRUE(got.wq.cpu().equal(ref.wq)) << "packed words";
+        EXPECT_TRUE(got.scales.cpu().equal(ref.scales)) << "scales";
+        EXPECT_TRUE(got.biases.cpu().equal(ref.biases)) << "biases";
+        for (at::ScalarType odt : {at::kFloat, at::kBFloat16}) {
+          at::Tensor dref = at::empty({37, 512}, odt), dgot = at::empty({37, 512}, odt).cuda();
+          kernels::dequantize_affine_cpu(ref.wq, ref.scales, ref.biases, bits, group, dref);
+          test::poison(dgot);
+          kernels::dequantize_affine(got.wq, got.scales, got.biases, bits, group, dgot);
+          EXPECT_TRUE(dgot.cpu().equal(dref)) << "dequantized " << c10::toString(odt);
+        }
+      }
+    }
+  }
+}
+
+TEST(QuantKernel, CudaQuantLinearEqualsCpuReference) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t bits : {4, 8}) {
+      for (int64_t n : {1, 3, 8, 9, 64}) {  // 1-8: the GEMV kernel; 9 and 64: dequantize + cuBLAS
+        for (auto [O, K] : {std::pair<int64_t, int64_t>{2048, 2048}, {260, 11008}}) {
+          SCOPED_TRACE(fmt::format("{} bits {} N={} O={} K={}", c10::toString(dt), bits, n, O, K));
+          const Packed p = quantize_cpu(at::randn({O, K}) * 0.05, bits, 64, at::kBFloat16);
+          const at::Tensor x = at::randn({n, K}).to(dt);
+          at::Tensor ref = at::empty({n, O}, x.options());
+          kernels::quant_linear_cpu(x, p.wq, p.scales, p.biases, bits, 64, ref);
+          at::Tensor out = at::empty({n, O}, x.options()).cuda();
+          test::poison(out);
+          kernels::quant_linear(x.cuda(), p.wq.cuda(), p.scales.cuda(), p.biases.cuda(), bits, 64, out);
+          EXPECT_LE(test::rel_err(out, ref), test::tolerance(dt));
+        }
+      }
+    }
+  }
+}
