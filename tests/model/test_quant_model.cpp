@@ -8,7 +8,9 @@
 #include "model_test.h"
 #include "models/decoder.h"
 #include "models/gguf_model.h"
+#include "core/io.h"
 #include "models/layers.h"
+#include "models/lora.h"
 #include "models/quantized_model.h"
 #include "test_util.h"
 
@@ -148,4 +150,31 @@ TEST(QuantModel, LiveRequantizationEqualsFreshQuantization) {
     EXPECT_TRUE(gen->weights().layers[2].quant[p].scales.equal(fw.layers[2].quant[p].scales)) << kProjNames[p];
   }
   EXPECT_TRUE(gen->weights().embed_q.wq.equal(fw.embed_q.wq));
+}
+
+TEST(QuantModel, CheckpointWithAdapterConvertsToTheMergedModel) {
+  const fs::path base = test::reference_dir() / "llama3_gqa";
+  auto m = DecoderModel::load(base, {at::kFloat, at::kCPU});
+  attach_lora(*m, LoraConfig{}, 7);
+  {
+    at::NoGradGuard g;
+    for (auto& L : m->weights().layers)
+      for (auto& a : L.lora) a.b.normal_(0, 0.05);  // a trained adapter: B no longer zero
+  }
+  const fs::path ckpt = test::temp_dir("quant_ckpt") / "checkpoint-3-gs3";
+  save_peft_adapter(*m, LoraConfig{}, ckpt, base.string());
+  write_file_atomic(ckpt / "trainer_state.json", nlohmann::json({{"global_step", 3}, {"model", base.string()}}).dump());
+  ConvertSource s = load_convert_source(ckpt);
+  EXPECT_EQ(s.kind, "checkpoint");
+  const fs::path out = test::temp_dir("quant_ckpt_out");
+  write_mlx_folder(s, out, {}, at::kFloat);
+  auto merged = DecoderModel::load(out, {at::kFloat, at::kCPU});
+  EXPECT_FALSE(merged->weights().quantized());
+  at::NoGradGuard g;
+  const at::Tensor ids = at::randint(0, merged->config().vocab_size, {2, 9});
+  const at::Tensor mask = at::ones({2, 9}, at::kLong);
+  const at::Tensor with_adapter = m->forward(ids, mask), plain = merged->forward(ids, mask);
+  EXPECT_LE((with_adapter - plain).abs().max().item<double>(), 1e-4);
+  AdaptersOff off(*m);
+  EXPECT_GT((m->forward(ids, mask) - plain).abs().max().item<double>(), 1e-3) << "the adapter changed the model";
 }
