@@ -224,6 +224,7 @@ void training_rlaif_validate(const RunConfig& c, const Bad& bad) {
   if (t.save_every_epochs < 0) bad("training.save_every_epochs", "must be >= 0 (0: off)");
   if (t.save_every_batches < 0) bad("training.save_every_batches", "must be >= 0 (0: off)");
   if (t.baseline_eval_batches < 0) bad("training.baseline_eval_batches", "must be >= 0 (0: off)");
+  if (t.eval_steps < 0) bad("training.eval_steps", "must be >= 0 (0: off)");
   if (t.min_lr_ratio < 0 || t.min_lr_ratio > 1) bad("training.min_lr_ratio", "must be in [0, 1]");
   if (t.adam_beta1 < 0 || t.adam_beta1 >= 1) bad("training.adam_beta1", "must be in [0, 1)");
   if (t.adam_beta2 < 0 || t.adam_beta2 >= 1) bad("training.adam_beta2", "must be in [0, 1)");
@@ -356,7 +357,9 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
             .field("max_eval_samples", &c.data.max_eval_samples);
       })
       .sub("logging", [&c](Section& s) {
-        s.field("output_dir", &c.logging.output_dir).field("log_level", &c.logging.log_level);
+        s.field("output_dir", &c.logging.output_dir)
+            .field("log_level", &c.logging.log_level)
+            .field("save_samples", &c.logging.save_samples);
       })
       .sub("hardware", [&c](Section& s) {
         s.field("device", &c.hardware.device)

@@ -42,11 +42,11 @@ struct TrainingConfig {
   int seed = 42;
   int save_steps = 100;       // a checkpoint every N optimizer steps (0: only the final one)
   int save_total_limit = 0;   // keep at most N step checkpoints, oldest deleted first (0: keep all)
-  int eval_steps = 100;
+  int eval_steps = 100;             // evaluate on data.eval_file every N steps (0: off; needs data.eval_file)
   int save_every_epochs = 0;       // a checkpoint at the end of every N epochs (0: off)
   int save_every_batches = 0;      // a checkpoint every N batches within an epoch (0: off)
   bool save_merged = false;        // LoRA: also write a merged HF model folder into each checkpoint
-  int baseline_eval_batches = 0;   // evaluate this many eval batches before training (0: off)
+  int baseline_eval_batches = 0;   // before training, evaluate this many batches of batch_size eval prompts (0: off)
   bool bf16 = false;               // autocast the training forward/backward to bfloat16 (fp32 master weights)
   bool gradient_checkpointing = false;  // recompute each decoder layer in backward instead of keeping activations
 };
@@ -95,6 +95,7 @@ struct DataConfig {
 struct LoggingConfig {
   std::string output_dir = "runs/latest";
   std::string log_level = "info";
+  bool save_samples = true;  // samples.jsonl: every completion with its reward, per step (docs/METRICS.md)
 };
 
 struct HardwareConfig {

@@ -4,8 +4,11 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <numeric>
@@ -18,6 +21,8 @@
 #include "engine/engine.h"
 #include "models/lora.h"
 #include "rl/data.h"
+#include "rl/eval.h"
+#include "rl/export.h"
 #include "teacher/scorer.h"
 #include "train/advantages.h"
 #include "train/batch.h"
@@ -30,14 +35,14 @@ namespace rlaif {
 namespace fs = std::filesystem;
 
 nlohmann::json StepMetrics::to_json() const {
-  return {{"step", step}, {"epoch", epoch}, {"reward/mean", reward_mean}, {"reward/std", reward_std},
+  return {{"type", "step"}, {"step", step}, {"epoch", epoch}, {"reward/mean", reward_mean}, {"reward/std", reward_std},
           {"reward/min", reward_min}, {"reward/max", reward_max}, {"accuracy", accuracy}, {"loss", loss},
           {"policy_loss", policy_loss}, {"kl", kl}, {"beta", beta}, {"lr", lr}, {"grad_norm", grad_norm},
           {"clip_fraction", clip_fraction}, {"sampler_trainer_logprob_mad", sampler_trainer_logprob_mad},
           {"samples", samples}, {"kept", kept}, {"unscored", unscored}, {"zero_variance_groups", zero_variance_groups},
           {"generated_tokens", generated_tokens}, {"trained_tokens", trained_tokens}, {"time/generate_s", generate_s},
           {"time/score_s", score_s}, {"time/train_s", train_s}, {"teacher/calls", teacher_calls},
-          {"teacher/cache_hits", cache_hits}};
+          {"teacher/cache_hits", cache_hits}, {"teacher/tokens", teacher_tokens}, {"eta_s", eta_s}};
 }
 
 namespace {
@@ -57,11 +62,15 @@ struct Run {
   train::AdvantageOptions adv_opt;
   train::KlControllerOptions kl_opt;
   train::KlControllerState kl;
-  std::vector<PromptRow> rows;
+  std::vector<PromptRow> rows, eval_rows;
   std::unique_ptr<PromptSampler> sampler;
   LoraConfig lora;
   int64_t step = 0, total_steps = 0;
   int64_t pad_id = 0;
+  // Best evaluation so far (reward, step, checkpoint name), restored from best_checkpoint.json on resume.
+  double best_reward = -1e300;
+  int64_t best_step = -1;
+  std::string best_name;
 };
 
 // One sample of the current step.
@@ -69,20 +78,10 @@ struct Sample {
   int64_t row = 0, group = 0;
   std::vector<int32_t> prompt;
   GeneratedSample gen;
+  std::string text;  // the decoded completion, as scored
   std::optional<double> reward;
-  bool verified = false, correct = false;
 };
 
-at::Device pick_device(const std::string& name) {
-  if (name == "cpu") return at::kCPU;
-  if (name == "auto") return at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
-  if (name.rfind("cuda", 0) == 0) {
-    if (!at::hasCUDA()) throw Error("train", fmt::format("hardware.device is '{}' but no CUDA device is available", name),
-                                    "use hardware.device: cpu");
-    return at::Device(name);
-  }
-  throw Error("train", fmt::format("hardware.device '{}' is not one of auto, cpu, cuda, cuda:N", name));
-}
 
 template <typename E>
 E pick(const std::string& key, const std::string& v, std::initializer_list<std::pair<const char*, E>> options) {
@@ -91,8 +90,62 @@ E pick(const std::string& key, const std::string& v, std::initializer_list<std::
   throw Error("config", fmt::format("{}: unknown value '{}'", key, v));
 }
 
-// Checkpoint files: the adapter (PEFT) or full weights, optimizer state, and trainer_state.json.
+// Checkpoint files: the adapter (PEFT) or full weights, optimizer state, the dropout RNG, and trainer_state.json
+// (written last: a directory without it is incomplete).
 constexpr const char* kTrainerState = "trainer_state.json";
+constexpr const char* kRngState = "rng_state.safetensors";
+constexpr const char* kBestCheckpoint = "best_checkpoint.json";
+
+// LoRA dropout draws from the device's default generator (models/decoder.cpp); its state is part of a checkpoint
+// so a resumed run draws the same masks. (Sampling uses per-step seeds and needs nothing saved.)
+at::Tensor rng_state(const at::Device& dev) {
+  at::Generator gen = at::globalContext().defaultGenerator(dev);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void restore_rng(const fs::path& dir, const at::Device& dev) {
+  if (!fs::exists(dir / kRngState)) {
+    log_warn("[train] {} has no {}: dropout masks after the resume will differ from an uninterrupted run",
+             dir.string(), kRngState);
+    return;
+  }
+  auto t = load_safetensors(dir / kRngState);
+  auto it = t.find("default_generator");
+  if (it == t.end()) throw Error("train", fmt::format("{}: no tensor 'default_generator'", (dir / kRngState).string()));
+  at::Generator gen = at::globalContext().defaultGenerator(dev);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(it->second);
+}
+
+nlohmann::json read_json_file(const fs::path& p, const char* component) {
+  const auto j = nlohmann::json::parse(read_file(p), nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    throw Error(component, fmt::format("{}: invalid JSON", p.string()),
+                "the checkpoint is damaged; resume from an earlier one");
+  return j;
+}
+
+// A checkpoint passed to --resume is checked before the model is loaded: each missing or unreadable file is named.
+void check_checkpoint(const fs::path& dir, bool lora) {
+  if (!fs::is_directory(dir)) throw Error("train", fmt::format("{} is not a checkpoint (not a directory)", dir.string()));
+  if (!fs::exists(dir / kTrainerState))
+    throw Error("train", fmt::format("{} is not a checkpoint (no {})", dir.string(), kTrainerState),
+                "an interrupted save leaves no trainer_state.json; resume from an earlier checkpoint or 'latest'");
+  const auto st = read_json_file(dir / kTrainerState, "train");
+  for (const char* k : {"global_step", "epoch", "index", "kl_controller"})
+    if (!st.contains(k))
+      throw Error("train", fmt::format("{}: missing key '{}'", (dir / kTrainerState).string(), k),
+                  "the checkpoint is damaged; resume from an earlier one");
+  std::vector<std::string> need = {"optimizer.safetensors"};
+  if (lora) need.insert(need.end(), {"adapter_config.json", "adapter_model.safetensors"});
+  else need.push_back("model.safetensors");
+  for (const auto& f : need)
+    if (!fs::exists(dir / f))
+      throw Error("train", fmt::format("{}: missing {}", dir.string(), f),
+                  lora && f == "adapter_config.json" ? "the checkpoint may come from a full fine-tuning run (model.use_lora: false)"
+                                                     : "the checkpoint is incomplete; resume from an earlier one");
+}
 
 void setup(Run& r, const fs::path& resume_dir) {
   const RunConfig& c = r.cfg;
@@ -100,18 +153,11 @@ void setup(Run& r, const fs::path& resume_dir) {
   if (c.data.train_file.empty()) throw Error("config", "data.train_file is required");
   // Keys that parse but whose features are not built yet: said out loud, never silently ignored.
   auto not_yet = [](bool set, const char* key) {
-    if (set) log_warn("[config] {} is not implemented yet (evaluation and checkpoints: issue 8) and is ignored", key);
+    if (set) log_warn("[config] {} is not implemented yet and is ignored", key);
   };
-  not_yet(!c.data.eval_file.empty(), "data.eval_file");
-  not_yet(c.data.max_eval_samples != DataConfig{}.max_eval_samples, "data.max_eval_samples");
-  not_yet(c.training.eval_steps != TrainingConfig{}.eval_steps, "training.eval_steps");
-  not_yet(c.training.save_every_epochs != 0, "training.save_every_epochs");
-  not_yet(c.training.save_every_batches != 0, "training.save_every_batches");
-  not_yet(c.training.save_merged, "training.save_merged");
-  not_yet(c.training.baseline_eval_batches != 0, "training.baseline_eval_batches");
   not_yet(c.training.bf16, "training.bf16");
   not_yet(c.training.gradient_checkpointing, "training.gradient_checkpointing");
-  const at::Device dev = pick_device(c.hardware.device);
+  const at::Device dev = resolve_device(c.hardware.device);
   // Trainable weights are float32 on the CPU; on the GPU the base model runs in model.dtype (LoRA stays fp32).
   const std::string dtype = dev.is_cpu() ? "float32" : c.model.dtype;
   r.bundle = load_bundle(c.model.name_or_path, {parse_torch_dtype(dtype), dev});
@@ -153,6 +199,10 @@ void setup(Run& r, const fs::path& resume_dir) {
                                                                      c.training.adam_epsilon, c.training.weight_decay});
 
   r.rows = load_prompt_rows(c.data.train_file, c.data.prompt_field, c.data.max_train_samples);
+  if (!c.data.eval_file.empty())
+    r.eval_rows = load_prompt_rows(c.data.eval_file, c.data.prompt_field, c.data.max_eval_samples);
+  else if (c.data.max_eval_samples != DataConfig{}.max_eval_samples)
+    log_warn("[config] data.max_eval_samples is set but data.eval_file is not: no evaluation set to limit");
   r.sampler = std::make_unique<PromptSampler>(static_cast<int64_t>(r.rows.size()), c.training.seed, c.data.shuffle);
   const int64_t per_epoch = (static_cast<int64_t>(r.rows.size()) + c.training.batch_size - 1) / c.training.batch_size;
   r.total_steps = c.training.max_steps > 0 ? c.training.max_steps : per_epoch * c.training.num_epochs;
@@ -209,6 +259,8 @@ void setup(Run& r, const fs::path& resume_dir) {
   eo.eos_ids = r.bundle.eos_ids;
   r.engine = std::make_unique<Engine>(r.bundle.model, eo);
   r.scorer = std::make_unique<teacher::Scorer>(c.teacher);
+  // Last, so nothing in setup draws from the generator after it is restored.
+  if (!resume_dir.empty()) restore_rng(resume_dir, dev);
   log_info("[train] {} on {} ({}), {} prompts, {} steps, {} x {} samples per step, {} ({} trainable tensors)",
            c.model.name_or_path, r.engine->backend(), dtype, r.rows.size(), r.total_steps, c.training.batch_size,
            c.rlaif.num_samples_per_prompt, c.model.use_lora ? "LoRA" : "full fine-tuning", params.size());
@@ -221,17 +273,10 @@ std::vector<Sample> rollout(Run& r, StepMetrics& m) {
   m.epoch = r.sampler->epoch();
   std::vector<GenerationRequest> reqs;
   for (int64_t row : batch) {
-    GenerationRequest q;
-    q.prompt = r.bundle.encode_prompt(r.rows[row].prompt, c.model.chat_template, c.model.system_prompt);
+    GenerationRequest q = prompt_request(r.bundle, c, r.rows[row].prompt, c.data.train_file, row);
     q.num_samples = c.rlaif.num_samples_per_prompt;
     q.params.temperature = c.rlaif.temperature;
     q.params.top_p = c.rlaif.top_p;
-    const int64_t room = c.model.max_seq_len - static_cast<int64_t>(q.prompt.size());
-    if (room < 1)
-      throw Error("train", fmt::format("{}: prompt {} is {} tokens, model.max_seq_len is {}", c.data.train_file, row + 1,
-                                       q.prompt.size(), c.model.max_seq_len),
-                  "raise model.max_seq_len or shorten the prompt");
-    q.params.max_new_tokens = std::min<int64_t>(c.rlaif.max_new_tokens, room);
     q.params.seed = static_cast<uint64_t>(c.training.seed) * 7919ULL + static_cast<uint64_t>(r.step);
     reqs.push_back(std::move(q));
   }
@@ -254,10 +299,11 @@ std::vector<Sample> rollout(Run& r, StepMetrics& m) {
 void score(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<teacher::ScoreRequest> reqs;
-  for (const auto& s : samples) {
+  for (auto& s : samples) {
     const PromptRow& row = r.rows[s.row];
-    reqs.push_back({fmt::format("{}:{}:{}", r.step, s.group, s.gen.sample), row.prompt,
-                    r.bundle.tokenizer.decode(s.gen.tokens, /*skip_special=*/true), row.language, row.answer, row.tests});
+    s.text = r.bundle.tokenizer.decode(s.gen.tokens, /*skip_special=*/true);
+    reqs.push_back({fmt::format("{}:{}:{}", r.step, s.group, s.gen.sample), row.prompt, s.text, row.language,
+                    row.answer, row.tests});
   }
   auto results = r.scorer->score(reqs);
   int64_t checked = 0, passed = 0;
@@ -274,6 +320,7 @@ void score(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
   m.accuracy = checked ? static_cast<double>(passed) / checked : -1;
   m.teacher_calls = r.scorer->step_stats().api.calls;
   m.cache_hits = r.scorer->step_stats().cache_hits;
+  m.teacher_tokens = r.scorer->step_stats().api.input_tokens + r.scorer->step_stats().api.output_tokens;
   m.score_s = seconds_since(t0);
 }
 
@@ -329,7 +376,7 @@ void update(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
   m.beta = r.kl.beta;
   m.lr = r.schedule.lr_at(r.step);
   if (kept.empty()) {
-    log_info("[train] step {}: no sample carries a learning signal (all groups zero-variance or unscored)", r.step);
+    log_info("[train] step {}: no sample carries a learning signal (all groups zero-variance or unscored)", r.step + 1);
     m.train_s = seconds_since(t0);
     return;
   }
@@ -382,34 +429,85 @@ void update(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
   m.train_s = seconds_since(t0);
 }
 
+std::string format_duration(double s) {
+  const auto t = static_cast<int64_t>(std::lround(std::max(s, 0.0)));
+  if (t >= 3600) return fmt::format("{}h{:02}m", t / 3600, t / 60 % 60);
+  if (t >= 60) return fmt::format("{}m{:02}s", t / 60, t % 60);
+  return fmt::format("{}s", t);
+}
+
 void log_step(const Run& r, const StepMetrics& m) {
   const double total = m.generate_s + m.score_s + m.train_s;
-  log_info("[train] step {}/{} (epoch {}) | reward {:.3f} ± {:.3f} [{:.2f}, {:.2f}]{} | loss {:.4f} kl {:.2e} β {:.3g} "
-           "lr {:.2e} | gen {:.0f} tok/s, train {:.0f} tok/s | time gen {:.0f}% score {:.0f}% train {:.0f}% ({:.1f} s) | "
-           "kept {}/{}, zero-var groups {}, unscored {}, teacher calls {}, cache hits {} | |Δlogp| {:.1e}",
+  log_info("[train] step {}/{} (epoch {}) | reward {:.3f} ± {:.3f} [{:.2f}, {:.2f}]{} | loss {:.4f} policy {:.4f} "
+           "kl {:.2e} β {:.3g} lr {:.2e} | gen {:.0f} tok/s, train {:.0f} tok/s | time gen {:.0f}% score {:.0f}% "
+           "train {:.0f}% ({:.1f} s) | kept {}/{}, zero-var groups {}, unscored {}, teacher calls {} ({} tokens), "
+           "cache hits {} | |Δlogp| {:.1e} | ETA {}",
            m.step, r.total_steps, m.epoch, m.reward_mean, m.reward_std, m.reward_min, m.reward_max,
-           m.accuracy >= 0 ? fmt::format(" acc {:.0f}%", 100 * m.accuracy) : "", m.loss, m.kl, m.beta, m.lr,
-           m.generate_s > 0 ? m.generated_tokens / m.generate_s : 0.0, m.train_s > 0 ? m.trained_tokens / m.train_s : 0.0,
-           100 * m.generate_s / total, 100 * m.score_s / total, 100 * m.train_s / total, total, m.kept, m.samples,
-           m.zero_variance_groups, m.unscored, m.teacher_calls, m.cache_hits, m.sampler_trainer_logprob_mad);
+           m.accuracy >= 0 ? fmt::format(" acc {:.0f}%", 100 * m.accuracy) : "", m.loss, m.policy_loss, m.kl, m.beta,
+           m.lr, m.generate_s > 0 ? m.generated_tokens / m.generate_s : 0.0,
+           m.train_s > 0 ? m.trained_tokens / m.train_s : 0.0, 100 * m.generate_s / total, 100 * m.score_s / total,
+           100 * m.train_s / total, total, m.kept, m.samples, m.zero_variance_groups, m.unscored, m.teacher_calls,
+           m.teacher_tokens, m.cache_hits, m.sampler_trainer_logprob_mad, format_duration(m.eta_s));
 }
+
+// A one-line progress bar, redrawn in place on a terminal (stderr is a TTY); log lines clear it first.
+class ProgressBar {
+ public:
+  explicit ProgressBar(int64_t total) : total_(total), tty_(isatty(STDERR_FILENO) == 1) {}
+  void draw(int64_t done, double eta_s, double reward) {
+    if (!tty_) return;
+    constexpr int kWidth = 30;
+    const int fill = total_ > 0 ? static_cast<int>(kWidth * done / total_) : kWidth;
+    const std::string line = fmt::format("\r\033[K[{}{}] {}/{} {:.0f}% | reward {:.3f} | ETA {}", std::string(fill, '#'),
+                                         std::string(kWidth - fill, '.'), done, total_,
+                                         total_ > 0 ? 100.0 * done / total_ : 100.0, reward, format_duration(eta_s));
+    std::fwrite(line.data(), 1, line.size(), stderr);
+    std::fflush(stderr);
+    shown_ = true;
+  }
+  void clear() {
+    if (!shown_) return;
+    std::fputs("\r\033[K", stderr);
+    std::fflush(stderr);
+    shown_ = false;
+  }
+
+ private:
+  int64_t total_;
+  bool tty_, shown_ = false;
+};
 
 // Writes a checkpoint atomically: everything goes to a temporary directory, renamed into place at the end, so
 // a crash mid-save leaves the previous checkpoint as it was.
+// RLAIF_TEST_CRASH_DURING_SAVE=N (tests only): the Nth save dies like a kill -9 after writing the weights, so a
+// test can check that the previous checkpoint survives and the half-written one is never resumed from.
+void maybe_crash_during_save() {
+  static int saves = 0;
+  static const char* env = std::getenv("RLAIF_TEST_CRASH_DURING_SAVE");
+  if (env && ++saves == std::atoi(env)) {
+    log_warn("[train] RLAIF_TEST_CRASH_DURING_SAVE={}: exiting mid-save", env);
+    _exit(137);
+  }
+}
+
 fs::path save_checkpoint(Run& r, const fs::path& out_dir, const std::string& name) {
   const RunConfig& c = r.cfg;
   const fs::path final_dir = out_dir / name, tmp = out_dir / (name + ".tmp");
   remove_tree(tmp);
   fs::create_directories(tmp);
   DecoderModel& m = *r.bundle.model;
+  const at::Device dev = m.weights().embed.device();
   if (c.model.use_lora) {
     save_peft_adapter(m, r.lora, tmp, c.model.name_or_path);
+    if (c.training.save_merged) save_merged_model(m, c.model.name_or_path, tmp / "merged");
   } else {
     std::map<std::string, at::Tensor> w;
     for (const auto& [n, t] : m.named_weights()) w[n] = t;
     save_safetensors(tmp / "model.safetensors", w);
   }
+  maybe_crash_during_save();
   save_safetensors(tmp / "optimizer.safetensors", r.opt->state_dict());
+  save_safetensors(tmp / kRngState, {{"default_generator", rng_state(dev)}});
   const nlohmann::json st = {{"global_step", r.step}, {"epoch", r.sampler->epoch()}, {"index", r.sampler->index()},
                              {"kl_controller", r.kl}, {"seed", c.training.seed}, {"total_steps", r.total_steps},
                              {"model", c.model.name_or_path}};
@@ -454,58 +552,238 @@ std::string reward_curve(const std::vector<StepMetrics>& steps, int width) {
   return out;
 }
 
+namespace {
+
+// Half-written checkpoints (a crash mid-save) are never resumed from; they are reported and removed.
+void remove_incomplete_checkpoints(const fs::path& out_dir) {
+  if (!fs::exists(out_dir)) return;
+  for (const std::string& n : list_dir(out_dir))
+    if (n.rfind("checkpoint-", 0) == 0 && n.size() > 4 && n.substr(n.size() - 4) == ".tmp") {
+      log_warn("[train] removing {}: a checkpoint whose save was interrupted (incomplete, never resumed from)",
+               (out_dir / n).string());
+      remove_tree(out_dir / n);
+    }
+}
+
+// On resume, records of steps after the checkpoint (written by the interrupted run) are dropped: the resumed run
+// writes them again, so each step appears once.
+void keep_records_up_to(const fs::path& path, int64_t step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string kept;
+  int64_t dropped = 0;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded()) {  // a line cut by the kill: dropped
+      ++dropped;
+      continue;
+    }
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() > step) {
+      ++dropped;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  if (dropped > 0) {
+    log_info("[train] {}: dropped {} records after step {} (the resumed run redoes them)", path.string(), dropped, step);
+    write_file_atomic(path, kept);
+  }
+}
+
+// Summary of one epoch from its steps' metrics (means over steps, sums of counts).
+nlohmann::json epoch_summary(int64_t epoch, const std::vector<StepMetrics>& steps) {
+  double reward = 0, acc = 0, loss = 0, kl = 0, time = 0;
+  int64_t n = 0, n_acc = 0, samples = 0, gen = 0, trained = 0, calls = 0;
+  for (const auto& m : steps) {
+    if (m.epoch != epoch) continue;
+    ++n;
+    reward += m.reward_mean;
+    loss += m.loss;
+    kl += m.kl;
+    time += m.generate_s + m.score_s + m.train_s;
+    samples += m.samples;
+    gen += m.generated_tokens;
+    trained += m.trained_tokens;
+    calls += m.teacher_calls;
+    if (m.accuracy >= 0) acc += m.accuracy, ++n_acc;
+  }
+  return {{"type", "epoch"}, {"epoch", epoch}, {"steps", n}, {"last_step", n ? steps.back().step : 0},
+          {"reward/mean", n ? reward / n : 0.0}, {"accuracy", n_acc ? acc / n_acc : -1.0}, {"loss", n ? loss / n : 0.0},
+          {"kl", n ? kl / n : 0.0}, {"samples", samples}, {"generated_tokens", gen}, {"trained_tokens", trained},
+          {"teacher/calls", calls}, {"time_s", time}};
+}
+
+// Writes every row of an evaluation to eval/eval-gs{step}.jsonl (users read what the model answered).
+void write_eval_rows(const fs::path& out_dir, int64_t step, const std::vector<PromptRow>& rows, const EvalResult& e) {
+  fs::create_directories(out_dir / "eval");
+  std::string text;
+  for (const auto& row : e.per_row) {
+    nlohmann::json j = {{"row", row.row}, {"prompt", rows[row.row].prompt}, {"completion", row.completion},
+                        {"reward", row.reward ? nlohmann::json(*row.reward) : nlohmann::json(nullptr)}};
+    if (row.verified) j["correct"] = row.correct;
+    if (!row.failure.empty()) j["failure"] = row.failure;
+    text += j.dump() + "\n";
+  }
+  write_file_atomic(out_dir / "eval" / fmt::format("eval-gs{}.jsonl", step), text);
+}
+
+}  // namespace
+
 TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const std::string& resume) {
+  const fs::path out_dir = cfg.logging.output_dir;
   fs::path resume_dir;
+  if (!resume.empty() && resume != "latest") check_checkpoint(resume, cfg.model.use_lora);  // before any clean-up
+  remove_incomplete_checkpoints(out_dir);
   if (resume == "latest") {
-    const auto all = step_checkpoints(cfg.logging.output_dir);
+    const auto all = step_checkpoints(out_dir);
     if (all.empty())
-      throw Error("train", fmt::format("--resume latest: no checkpoint in {}", cfg.logging.output_dir),
+      throw Error("train", fmt::format("--resume latest: no complete checkpoint in {}", cfg.logging.output_dir),
                   "checkpoints are written every training.save_steps steps");
     resume_dir = all.back();
   } else if (!resume.empty()) {
     resume_dir = resume;
-    if (!fs::exists(resume_dir / kTrainerState))
-      throw Error("train", fmt::format("{} is not a checkpoint (no {})", resume, kTrainerState));
   }
-  Run r{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0, 0, 0};
+  if (!resume_dir.empty()) check_checkpoint(resume_dir, cfg.model.use_lora);
+  Run r{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0, 0, 0};
   setup(r, resume_dir);
   TrainResult result;
-  result.output_dir = cfg.logging.output_dir;
-  fs::create_directories(result.output_dir);
-  if (!cfg.path.empty() && fs::exists(cfg.path)) write_file_atomic(result.output_dir / "config.yaml", read_file(cfg.path));
-  result.metrics_path = result.output_dir / "metrics.jsonl";
+  result.output_dir = out_dir;
+  fs::create_directories(out_dir);
+  if (!cfg.path.empty() && fs::exists(cfg.path)) write_file_atomic(out_dir / "config.yaml", read_file(cfg.path));
+  result.metrics_path = out_dir / "metrics.jsonl";
+  result.samples_path = out_dir / "samples.jsonl";
+  if (!resume_dir.empty()) {
+    keep_records_up_to(result.metrics_path, r.step);
+    keep_records_up_to(result.samples_path, r.step);
+    if (fs::exists(out_dir / kBestCheckpoint)) {
+      const auto b = read_json_file(out_dir / kBestCheckpoint, "train");
+      if (b.value("step", int64_t{-1}) <= r.step && fs::exists(out_dir / b.value("checkpoint", std::string("-")))) {
+        r.best_reward = b.value("eval/reward_mean", -1e300);
+        r.best_step = b.value("step", int64_t{-1});
+        r.best_name = b.value("checkpoint", std::string());
+      }
+    }
+  }
   std::ofstream metrics(result.metrics_path, std::ios::app);
+  std::ofstream samples_log;
+  if (cfg.logging.save_samples) samples_log.open(result.samples_path, std::ios::app);
   // TensorBoard: the original system's tags where they still apply (docs/METRICS.md lists them).
-  TensorBoardWriter tb(result.output_dir / "tensorboard");
+  TensorBoardWriter tb(out_dir / "tensorboard");
+  ProgressBar bar(r.total_steps);
+  auto write_record = [&](const nlohmann::json& j, int64_t step) {
+    metrics << j.dump() << "\n" << std::flush;
+    for (const auto& [tag, v] : j.items())
+      if (v.is_number() && tag != "step" && tag != "epoch") tb.scalar(tag, v.get<double>(), step);
+    tb.flush();
+  };
+  auto run_eval = [&](const std::vector<PromptRow>& rows, int64_t step, const std::string& what) {
+    bar.clear();
+    log_info("[eval] {} on {} prompts (greedy)", what, rows.size());
+    EvalResult e = evaluate(r.bundle, *r.engine, *r.scorer, rows, cfg, fmt::format("eval-gs{}", step));
+    nlohmann::json j = e.summary_json();
+    j["type"] = step == 0 ? "baseline_eval" : "eval";
+    j["step"] = step;
+    write_record(j, step);
+    write_eval_rows(out_dir, step, rows, e);
+    result.evals.push_back({step, j});
+    log_info("[eval] step {}: reward {:.4f}{}, {}/{} scored ({:.1f} s)", step, e.reward_mean,
+             e.accuracy >= 0 ? fmt::format(", accuracy {:.1f}%", 100 * e.accuracy) : "", e.scored, e.rows, e.seconds);
+    return e;
+  };
+  auto prune = [&]() {
+    auto all = step_checkpoints(out_dir);
+    // The best checkpoint by eval reward is kept whatever the limit.
+    std::erase_if(all, [&](const fs::path& p) { return !r.best_name.empty() && p.filename() == r.best_name; });
+    std::erase_if(all, [](const fs::path& p) { return p.filename().string().rfind("checkpoint-final-", 0) == 0; });
+    while (cfg.training.save_total_limit > 0 && static_cast<int64_t>(all.size()) > cfg.training.save_total_limit) {
+      remove_tree(all.front());
+      all.erase(all.begin());
+    }
+  };
+
+  if (cfg.training.baseline_eval_batches > 0 && r.step == 0) {
+    const auto& src = r.eval_rows.empty() ? r.rows : r.eval_rows;
+    const size_t n = std::min(src.size(), static_cast<size_t>(cfg.training.baseline_eval_batches) * cfg.training.batch_size);
+    const std::vector<PromptRow> rows(src.begin(), src.begin() + static_cast<std::ptrdiff_t>(n));
+    run_eval(rows, 0, fmt::format("baseline ({} set)", r.eval_rows.empty() ? "training" : "eval"));
+  }
+  const auto t_start = std::chrono::steady_clock::now();
+  const int64_t first_step = r.step;
+  const auto n_rows = static_cast<int64_t>(r.rows.size());
   while (r.step < r.total_steps) {
     StepMetrics m;
     m.step = r.step + 1;
+    // The epoch this batch starts in (the sampler wraps lazily, at the next batch).
+    const int64_t start_epoch = r.sampler->index() >= n_rows ? r.sampler->epoch() + 1 : r.sampler->epoch();
+    bar.clear();
     auto samples = rollout(r, m);
     score(r, samples, m);
     update(r, samples, m);
     ++r.step;
+    m.eta_s = seconds_since(t_start) / static_cast<double>(r.step - first_step) * static_cast<double>(r.total_steps - r.step);
     log_step(r, m);
-    const nlohmann::json mj = m.to_json();  // kept alive: items() only views it
-    metrics << mj.dump() << "\n" << std::flush;
-    for (const auto& [tag, v] : mj.items())
-      if (v.is_number() && tag != "step" && tag != "epoch") tb.scalar(tag, v.get<double>(), m.step);
-    tb.flush();
+    write_record(m.to_json(), m.step);
+    if (samples_log.is_open()) {
+      for (const auto& s : samples)
+        samples_log << nlohmann::json{{"step", m.step}, {"row", s.row}, {"group", s.group}, {"sample", s.gen.sample},
+                                      {"completion", s.text},
+                                      {"reward", s.reward ? nlohmann::json(*s.reward) : nlohmann::json(nullptr)},
+                                      {"tokens", s.gen.tokens.size()}}.dump()
+                    << "\n";
+      samples_log.flush();
+    }
     result.steps.push_back(m);
     if (hooks.on_step) hooks.on_step(m);
-    if (cfg.training.save_steps > 0 && r.step % cfg.training.save_steps == 0 && r.step < r.total_steps) {
-      // Named as the original system named them: epoch, batch within the epoch, global step.
-      const int64_t batch_in_epoch = (r.sampler->index() + cfg.training.batch_size - 1) / cfg.training.batch_size;
-      const auto dir = save_checkpoint(
-          r, result.output_dir, fmt::format("checkpoint-e{}-b{}-gs{}", r.sampler->epoch(), batch_in_epoch, r.step));
-      log_info("[train] checkpoint {}", dir.string());
-      auto all = step_checkpoints(result.output_dir);
-      while (cfg.training.save_total_limit > 0 && static_cast<int64_t>(all.size()) > cfg.training.save_total_limit) {
-        remove_tree(all.front());
-        all.erase(all.begin());
+
+    // Epoch boundary: the batch used the epoch's last prompt, or ran over into the next epoch.
+    int64_t ended_epoch = -1;
+    if (r.sampler->index() >= n_rows) ended_epoch = r.sampler->epoch();
+    else if (r.sampler->epoch() > start_epoch) ended_epoch = r.sampler->epoch() - 1;
+    if (ended_epoch >= 0) {
+      const auto ej = epoch_summary(ended_epoch, result.steps);
+      metrics << ej.dump() << "\n" << std::flush;
+      log_info("[train] epoch {} done: {} steps, mean reward {:.3f}, mean loss {:.4f}", ended_epoch, ej["steps"].get<int64_t>(),
+               ej["reward/mean"].get<double>(), ej["loss"].get<double>());
+    }
+
+    const bool last = r.step >= r.total_steps;
+    bool new_best = false;
+    if (!r.eval_rows.empty() && cfg.training.eval_steps > 0 && (r.step % cfg.training.eval_steps == 0 || last)) {
+      const EvalResult e = run_eval(r.eval_rows, r.step, fmt::format("step {}", r.step));
+      if (e.scored > 0 && e.reward_mean > r.best_reward) {
+        r.best_reward = e.reward_mean;
+        new_best = true;
       }
     }
+    // Checkpoints named as the original system named them: epoch, batch within the epoch, global step.
+    const int64_t batch_in_epoch = (r.sampler->index() + cfg.training.batch_size - 1) / cfg.training.batch_size;
+    const bool by_steps = cfg.training.save_steps > 0 && r.step % cfg.training.save_steps == 0;
+    const bool by_batches = cfg.training.save_every_batches > 0 && batch_in_epoch % cfg.training.save_every_batches == 0;
+    const bool by_epochs = cfg.training.save_every_epochs > 0 && ended_epoch >= 0 &&
+                           (ended_epoch + 1) % cfg.training.save_every_epochs == 0;
+    std::string saved_name;
+    if (last) {
+      saved_name = fmt::format("checkpoint-final-gs{}", r.total_steps);
+      result.final_checkpoint = save_checkpoint(r, out_dir, saved_name);
+    } else if (by_steps || by_batches || by_epochs || new_best) {
+      saved_name = fmt::format("checkpoint-e{}-b{}-gs{}", r.sampler->epoch(), batch_in_epoch, r.step);
+      log_info("[train] checkpoint {}", save_checkpoint(r, out_dir, saved_name).string());
+    }
+    if (new_best) {
+      r.best_step = r.step;
+      r.best_name = saved_name;
+      const nlohmann::json b = {{"checkpoint", saved_name}, {"step", r.step}, {"eval/reward_mean", r.best_reward},
+                                {"eval/accuracy", result.evals.back().second["eval/accuracy"]}};
+      write_file_atomic(out_dir / kBestCheckpoint, b.dump(2));
+      log_info("[eval] best checkpoint so far: {} (eval reward {:.4f})", saved_name, r.best_reward);
+    }
+    if (!saved_name.empty()) prune();
+    bar.draw(r.step, m.eta_s, m.reward_mean);
   }
-  result.final_checkpoint = save_checkpoint(r, result.output_dir, fmt::format("checkpoint-final-gs{}", r.total_steps));
+  bar.clear();
+  if (result.final_checkpoint.empty())  // resumed from the final checkpoint: nothing left to run
+    result.final_checkpoint = out_dir / fmt::format("checkpoint-final-gs{}", r.total_steps);
+  if (!r.best_name.empty()) result.best_checkpoint = out_dir / r.best_name;
   return result;
 }
 

@@ -23,22 +23,26 @@ struct StepMetrics {
   int64_t samples = 0, kept = 0, unscored = 0, zero_variance_groups = 0;
   int64_t generated_tokens = 0, trained_tokens = 0;
   double generate_s = 0, score_s = 0, train_s = 0;
-  int64_t teacher_calls = 0, cache_hits = 0;
+  int64_t teacher_calls = 0, cache_hits = 0, teacher_tokens = 0;
+  double eta_s = 0;  // estimated time to the last step, from this process's mean step time
   nlohmann::json to_json() const;
 };
 
 struct TrainResult {
   std::vector<StepMetrics> steps;
-  std::filesystem::path output_dir, metrics_path, final_checkpoint;
+  std::filesystem::path output_dir, metrics_path, samples_path, final_checkpoint;
+  std::filesystem::path best_checkpoint;  // by eval reward; empty without evaluation
+  std::vector<std::pair<int64_t, nlohmann::json>> evals;  // (step, eval summary); step 0 is the baseline
 };
 
 struct TrainHooks {
   std::function<void(const StepMetrics&)> on_step;  // after each optimizer step
 };
 
-// `resume`: empty (fresh run), a checkpoint directory, or "latest" (the newest checkpoint in
+// `resume`: empty (fresh run), a checkpoint directory, or "latest" (the newest complete checkpoint in
 // logging.output_dir). A resumed run continues exactly: weights/adapters, optimizer, step, data position,
-// KL controller, and the per-step sampling seeds.
+// KL controller, the dropout RNG and the per-step sampling seeds; records after the checkpoint's step in
+// metrics.jsonl / samples.jsonl (from the interrupted run) are dropped, since the resumed run redoes those steps.
 TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks = {}, const std::string& resume = "");
 
 // A plain-text chart of per-step mean reward, for the end of a run.
