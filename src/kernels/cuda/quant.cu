@@ -78,9 +78,9 @@ __global__ void dequantize_kernel(const uint32_t* __restrict__ wq, const S* __re
     out[k0 + j] = static_cast<O>(__fadd_rn(__fmul_rn(s, static_cast<float>((word >> (j * BITS)) & kMask)), b));
 }
 
-// A warp per output row o: lanes walk the row's words (coalesced), dequantize in registers and accumulate
-// NR rows of x in float32; then a warp reduction.
-template <typename T, typename S, int BITS, int NR>
+// A warp per output row o: lanes walk the row's words (coalesced; WV = 4 words per 16-byte load when rows allow,
+// so more bytes are in flight), dequantize in registers and accumulate NR rows of x in float32; then a warp sum.
+template <typename T, typename S, int BITS, int NR, int WV>
 __global__ void gemv_kernel(const T* __restrict__ x, int64_t x_stride, const uint32_t* __restrict__ wq,
                             const S* __restrict__ scales, const S* __restrict__ biases, int64_t O, int64_t K,
                             int group, T* __restrict__ out) {
@@ -94,16 +94,28 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t x_stride, const uin
   float acc[NR];
 #pragma unroll
   for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
-  for (int64_t wi = lane; wi < words; wi += 32) {
-    const uint32_t word = __ldg(wrow + wi);
-    const int64_t k0 = wi * kPer;
-    const int64_t gi = o * groups + k0 / group;
-    const float s = as_float(scales[gi]), b = as_float(biases[gi]);
+  for (int64_t vi = lane; vi < words / WV; vi += 32) {
+    uint32_t wv[WV];
+    if constexpr (WV == 4) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(wrow) + vi);
+      wv[0] = u.x;
+      wv[1] = u.y;
+      wv[2] = u.z;
+      wv[3] = u.w;
+    } else {
+      wv[0] = __ldg(wrow + vi);
+    }
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const float wv = s * static_cast<float>((word >> (j * BITS)) & kMask) + b;
+    for (int t = 0; t < WV; ++t) {
+      const int64_t k0 = (vi * WV + t) * kPer;
+      const int64_t gi = o * groups + k0 / group;
+      const float s = as_float(scales[gi]), b = as_float(biases[gi]);
 #pragma unroll
-      for (int n = 0; n < NR; ++n) acc[n] += static_cast<float>(x[n * x_stride + k0 + j]) * wv;
+      for (int j = 0; j < kPer; ++j) {
+        const float w = s * static_cast<float>((wv[t] >> (j * BITS)) & kMask) + b;
+#pragma unroll
+        for (int n = 0; n < NR; ++n) acc[n] += static_cast<float>(x[n * x_stride + k0 + j]) * w;
+      }
     }
   }
 #pragma unroll
@@ -143,10 +155,15 @@ void launch_gemv_rows(const at::Tensor& x, const at::Tensor& wq, const at::Tenso
                       int64_t group, const at::Tensor& out, cudaStream_t stream) {
   const int64_t O = wq.size(0), K = x.size(1);
   constexpr int kWarps = kThreads / 32;
-  gemv_kernel<T, S, BITS, NR><<<blocks_for(O, kWarps), kThreads, 0, stream>>>(
-      x.data_ptr<T>(), x.stride(0), static_cast<const uint32_t*>(wq.data_ptr()),
-      static_cast<const S*>(scales.data_ptr()), static_cast<const S*>(biases.data_ptr()), O, K,
-      static_cast<int>(group), out.data_ptr<T>());
+  const auto* w = static_cast<const uint32_t*>(wq.data_ptr());
+  const S* s = static_cast<const S*>(scales.data_ptr());
+  const S* b = static_cast<const S*>(biases.data_ptr());
+  if (wq.size(1) % 4 == 0 && aligned16(w))
+    gemv_kernel<T, S, BITS, NR, 4><<<blocks_for(O, kWarps), kThreads, 0, stream>>>(
+        x.data_ptr<T>(), x.stride(0), w, s, b, O, K, static_cast<int>(group), out.data_ptr<T>());
+  else
+    gemv_kernel<T, S, BITS, NR, 1><<<blocks_for(O, kWarps), kThreads, 0, stream>>>(
+        x.data_ptr<T>(), x.stride(0), w, s, b, O, K, static_cast<int>(group), out.data_ptr<T>());
   check_launch("gemv_kernel");
 }
 
