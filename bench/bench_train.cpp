@@ -4,6 +4,7 @@
 // backward -> clip -> AdamW). Reports the step time split, training tokens/s and peak GPU memory as JSON; the
 // baseline of the training part is bench/hf_train_step.py (transformers + peft, same loss, same shapes).
 // Usage: bench_train --model DIR [--device cuda|cpu] [--prompts 8] [--samples 8] [--new 512] [--out FILE.json]
+//        [--micro-batch 4] [--checkpointing] [--attention auto|eager|sdpa] [--full-head]
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <algorithm>
@@ -28,11 +29,13 @@ using namespace rlaif;
 namespace {
 
 struct Options {
-  std::string model_dir, device = "cuda", dtype = "bf16", out;
+  std::string model_dir, device = "cuda", dtype = "bf16", out, attention = "auto";
   int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 4, steps = 3, lora_r = 16;
   double lr = 1e-5, kl_beta = 0.05;
-  bool checkpointing = false, no_autocast = false;
+  bool checkpointing = false, no_autocast = false, full_head = false;
 };
+
+constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
 
 double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -78,6 +81,7 @@ class Bench {
     lc.alpha = 2.0 * o.lora_r;
     attach_lora(*model_, lc, 0);
     model_->set_gradient_checkpointing(o.checkpointing);
+    model_->set_attention(parse_attention_kernel(o.attention, "--attention"));
     opt_ = std::make_unique<train::AdamW>(lora_parameters(*model_), train::AdamWOptions{});
     EngineOptions eo;
     eo.max_batch = o.prompts * o.samples;  // eos_ids empty: every sample runs its full --new tokens
@@ -150,12 +154,14 @@ class Bench {
       const train::PackedBatch p = pack(s, m);
       train::LossInputs in;
       {
+        // The LM head runs on the completion positions only (the loss never reads the prompt's log-probs).
+        const at::Tensor scored = o_.full_head ? at::Tensor() : p.completion_mask;
         AutocastScope ac(dev_.type(), at::kBFloat16, !o_.no_autocast);
-        in.new_logprobs = model_->token_logprobs(p.tokens, p.attention_mask, p.targets);
+        in.new_logprobs = model_->token_logprobs(p.tokens, p.attention_mask, p.targets, kChunkRows, scored);
         if (lo.kl_beta > 0) {
           at::NoGradGuard ng;
           AdaptersOff off(*model_);
-          in.ref_logprobs = model_->token_logprobs(p.tokens, p.attention_mask, p.targets);
+          in.ref_logprobs = model_->token_logprobs(p.tokens, p.attention_mask, p.targets, kChunkRows, scored);
         }
       }
       in.sampler_logprobs = p.sampler_logprobs;
@@ -202,6 +208,8 @@ int main(int argc, char** argv) {
   app.add_option("--kl-beta", o.kl_beta, "0: no reference forward");
   app.add_flag("--checkpointing", o.checkpointing, "gradient checkpointing");
   app.add_flag("--no-autocast", o.no_autocast, "train forward in the weights' dtype (no bf16 autocast)");
+  app.add_option("--attention", o.attention, "training attention: auto (sdpa on CUDA), eager, sdpa");
+  app.add_flag("--full-head", o.full_head, "LM head on every position, not only the completion's");
   CLI11_PARSE(app, argc, argv);
 
   Bench bench(o);
@@ -228,7 +236,8 @@ int main(int argc, char** argv) {
       {"impl", "rlaif"}, {"model", o.model_dir}, {"device", o.device}, {"backend", bench.engine().backend()},
       {"prompts", o.prompts}, {"samples", o.samples}, {"prompt_len", o.prompt_len}, {"new_tokens", o.new_tokens},
       {"micro_batch", o.micro_batch}, {"lora_r", o.lora_r}, {"kl_beta", o.kl_beta}, {"autocast_bf16", !o.no_autocast},
-      {"gradient_checkpointing", o.checkpointing}, {"steps", o.steps},
+      {"gradient_checkpointing", o.checkpointing}, {"attention", o.attention},
+      {"lm_head_rows", o.full_head ? "all" : "completion"}, {"steps", o.steps},
       {"step_s", total / o.steps}, {"generate_s", sum.gen_s / o.steps}, {"score_s", sum.score_s / o.steps},
       {"train_s", sum.train_s / o.steps}, {"generate_fraction", sum.gen_s / total},
       {"score_fraction", sum.score_s / total}, {"train_fraction", sum.train_s / total},

@@ -7,10 +7,12 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <atomic>
 #include <cmath>
 #include <mutex>
 
 #include "core/error.h"
+#include "core/logging.h"
 #include "models/layers.h"
 
 namespace rlaif {
@@ -42,6 +44,13 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
   return inv_freq;
 }
 
+AttentionKernel parse_attention_kernel(const std::string& name, const std::string& what) {
+  if (name == "auto") return AttentionKernel::kAuto;
+  if (name == "eager") return AttentionKernel::kEager;
+  if (name == "sdpa") return AttentionKernel::kSdpa;
+  throw Error("model", fmt::format("{}: unknown attention kernel '{}'", what, name), "use auto, eager or sdpa");
+}
+
 at::Tensor positions_from_mask(const at::Tensor& mask) {
   at::Tensor pos = mask.to(at::kLong).cumsum(-1) - 1;
   return pos.masked_fill(mask.eq(0), 1);
@@ -58,9 +67,51 @@ struct LayerInputs {
   int64_t B = 0, T = 0, H = 0, KV = 0, hd = 0;
   double eps = 0;
   at::Tensor cos, sin;  // [B, 1, T, hd]
-  at::Tensor allowed;   // [B, 1, T, T] bool
+  at::Tensor allowed;   // [B, 1, T, T] bool; undefined when `causal` (SDPA builds the causal mask itself)
+  bool sdpa = false;    // at::scaled_dot_product_attention instead of layers::attention
+  bool causal = false;  // right padding: the causal mask alone is exact for every real query
   AdapterMode mode;
 };
+
+constexpr int64_t kSdpMath = 0;  // at::_fused_sdp_choice's code for the unfused math backend (sdp::SDPBackend)
+
+const char* sdp_backend_name(int64_t b) {
+  switch (b) {
+    case 0: return "math";
+    case 1: return "flash";
+    case 2: return "memory-efficient";
+    case 3: return "cudnn";
+    default: return "other";
+  }
+}
+
+// Attention through at::scaled_dot_product_attention with transformers' scale 1/sqrt(hd). Under autocast the
+// inputs are cast to its dtype first (what autocast does inside the op anyway), so the backend query sees the
+// dtypes the kernel will. Grouped K/V go in unrepeated when a fused kernel takes them (enable_gqa: no copy, and
+// backward sums the groups inside the kernel); otherwise they are repeated as the eager path does.
+at::Tensor sdpa_attention(at::Tensor q, at::Tensor k, at::Tensor v, const LayerInputs& in) {
+  const at::DeviceType dt = q.device().type();
+  if (at::autocast::is_autocast_enabled(dt)) {
+    const at::ScalarType low = at::autocast::get_autocast_dtype(dt);
+    q = q.to(low), k = k.to(low), v = v.to(low);
+  }
+  const std::optional<at::Tensor> mask = in.causal ? std::nullopt : std::optional<at::Tensor>(in.allowed);
+  bool gqa = in.KV != in.H;
+  int64_t backend = at::_fused_sdp_choice(q, k, v, mask, 0.0, in.causal, std::nullopt, gqa);
+  if (gqa && backend == kSdpMath) {
+    k = k.repeat_interleave(in.H / in.KV, 1);
+    v = v.repeat_interleave(in.H / in.KV, 1);
+    gqa = false;
+    backend = at::_fused_sdp_choice(q, k, v, mask, 0.0, in.causal, std::nullopt, false);
+  }
+  // Which kernel trains is a performance fact worth one line per run (math on CUDA means no speed-up).
+  static std::atomic<int64_t> logged{-1};
+  const int64_t what = backend * 4 + (in.causal ? 2 : 0) + (gqa ? 1 : 0);
+  if (logged.exchange(what) != what)
+    log_info("training attention: scaled_dot_product_attention on {} ({}, {}, {})", c10::DeviceTypeName(dt),
+             sdp_backend_name(backend), in.causal ? "causal" : "boolean mask", gqa ? "grouped K/V" : "repeated K/V");
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, in.causal, std::nullopt, gqa);
+}
 
 // One pre-norm decoder layer: h + attn(norm(h)), then + mlp(norm(.)). [B, T, D] -> [B, T, D].
 at::Tensor layer_forward(at::Tensor h, const LayerWeights& L, const LayerInputs& in) {
@@ -71,11 +122,16 @@ at::Tensor layer_forward(at::Tensor h, const LayerWeights& L, const LayerInputs&
   at::Tensor v = layers::project(x, L, Proj::kV, in.mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
   q = layers::apply_rope(q, in.cos, in.sin);
   k = layers::apply_rope(k, in.cos, in.sin);
-  if (KV != H) {  // grouped-query attention: each KV head serves H/KV query heads
-    k = k.repeat_interleave(H / KV, 1);                                                           // [B, H, T, hd]
-    v = v.repeat_interleave(H / KV, 1);
+  at::Tensor o;
+  if (in.sdpa) {
+    o = sdpa_attention(q, k, v, in);                                                              // [B, H, T, hd]
+  } else {
+    if (KV != H) {  // grouped-query attention: each KV head serves H/KV query heads
+      k = k.repeat_interleave(H / KV, 1);                                                         // [B, H, T, hd]
+      v = v.repeat_interleave(H / KV, 1);
+    }
+    o = layers::attention(q, k, v, in.allowed);                                                   // [B, H, T, hd]
   }
-  at::Tensor o = layers::attention(q, k, v, in.allowed);                                          // [B, H, T, hd]
   o = o.transpose(1, 2).reshape({B, T, H * hd});                                                  // [B, T, H*hd]
   h = h + layers::project(o, L, Proj::kO, in.mode);                                               // [B, T, D]
   x = layers::rms_norm(h, L.post_norm, in.eps);
@@ -205,11 +261,18 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
   in.cos = cos.unsqueeze(1);                                                     // [B, 1, T, hd]
   in.sin = sin.unsqueeze(1);
 
-  // Causal mask AND key padding; each query also sees itself so padded rows stay finite (never read).
-  at::Tensor causal = at::ones({T, T}, at::TensorOptions().dtype(at::kBool).device(dev)).tril();
-  at::Tensor allowed = causal.unsqueeze(0).logical_and(m.unsqueeze(1));          // [B, T, T]
-  allowed = allowed.logical_or(at::eye(T, at::TensorOptions().dtype(at::kBool).device(dev)).unsqueeze(0));
-  in.allowed = allowed.unsqueeze(1);                                             // [B, 1, T, T]
+  in.sdpa = attention_ == AttentionKernel::kSdpa || (attention_ == AttentionKernel::kAuto && dev.is_cuda());
+  // Right padding (no real token after a padded one, one device sync): a real query's causal window holds only
+  // real keys, so SDPA needs no mask and may take its fastest kernels. Padded queries then read padded keys;
+  // their outputs are never scored.
+  in.causal = in.sdpa && (T < 2 || !m.narrow(1, 1, T - 1).gt(m.narrow(1, 0, T - 1)).any().item<bool>());
+  if (!in.causal) {
+    // Causal mask AND key padding; each query also sees itself so padded rows stay finite (never read).
+    at::Tensor causal = at::ones({T, T}, at::TensorOptions().dtype(at::kBool).device(dev)).tril();
+    at::Tensor allowed = causal.unsqueeze(0).logical_and(m.unsqueeze(1));        // [B, T, T]
+    allowed = allowed.logical_or(at::eye(T, at::TensorOptions().dtype(at::kBool).device(dev)).unsqueeze(0));
+    in.allowed = allowed.unsqueeze(1);                                           // [B, 1, T, T]
+  }
 
   const bool checkpoint = checkpointing_ && at::GradMode::is_enabled();
   const bool autocast = at::autocast::is_autocast_enabled(dev.type());
@@ -241,9 +304,15 @@ at::Tensor DecoderModel::forward(const at::Tensor& tokens, const at::Tensor& mas
 }
 
 at::Tensor DecoderModel::token_logprobs(const at::Tensor& tokens, const at::Tensor& mask, const at::Tensor& targets,
-                                        int64_t chunk_rows) const {
+                                        int64_t chunk_rows, const at::Tensor& score_mask) const {
   at::Tensor h = hidden_states(tokens, mask);                                    // [B, T, D]
-  const int64_t B = h.size(0), T = h.size(1);
+  const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
+  at::Tensor flat_targets = targets.to(h.device(), at::kLong).reshape({B * T});
+  at::Tensor rows;  // the scored positions of the flattened [B * T] (undefined: all of them)
+  if (score_mask.defined()) {
+    RLAIF_CHECK(score_mask.sizes() == tokens.sizes(), "score_mask [B,T] like tokens");
+    rows = score_mask.to(h.device()).reshape({B * T}).ne(0).nonzero().squeeze(1);  // one device sync
+  }
   at::Tensor head = weights_.lm_head;
   const at::DeviceType dt = head.device().type();
   if (at::autocast::is_autocast_enabled(dt)) {
@@ -253,9 +322,12 @@ at::Tensor DecoderModel::token_logprobs(const at::Tensor& tokens, const at::Tens
     h = h.to(low);
     head = head.to(low);
   }
-  at::Tensor flat = chunked_target_logprobs(h.reshape({B * T, h.size(2)}), head,
-                                            targets.to(h.device(), at::kLong).reshape({B * T}), chunk_rows);
-  return flat.view({B, T});                                                      // [B, T] float32
+  h = h.reshape({B * T, D});
+  if (!rows.defined()) return chunked_target_logprobs(h, head, flat_targets, chunk_rows).view({B, T});
+  const at::Tensor picked = chunked_target_logprobs(h.index_select(0, rows), head, flat_targets.index_select(0, rows),
+                                                    chunk_rows);              // [rows] float32
+  // index_copy is differentiable in its source: the scored positions get their gradient, the rest none.
+  return at::zeros({B * T}, picked.options()).index_copy(0, rows, picked).view({B, T});  // [B, T] float32
 }
 
 }  // namespace rlaif

@@ -6,11 +6,19 @@
 
 #include <filesystem>
 #include <memory>
+#include <string>
 
 #include "models/model_config.h"
 #include "models/weights.h"
 
 namespace rlaif {
+
+// How the training forward computes attention. kEager: the float32 score matrix of layers::attention
+// (transformers' eager numerics, bit-for-bit the parity tests' path). kSdpa: at::scaled_dot_product_attention
+// (flash / memory-efficient kernels on CUDA: no [B, H, T, T] tensor kept for backward), causal-only when the
+// padding is on the right (exact for every real query: padded keys come after all real ones), with the
+// boolean mask otherwise. kAuto: kSdpa on CUDA, kEager elsewhere.
+enum class AttentionKernel { kAuto, kEager, kSdpa };
 
 class DecoderModel {
  public:
@@ -25,8 +33,13 @@ class DecoderModel {
   at::Tensor hidden_states(const at::Tensor& tokens, const at::Tensor& mask) const;
   // log p(targets[b, t] | tokens[b, :t+1]) as float32 [B, T], computing the log-softmax over the vocabulary
   // `chunk_rows` rows at a time (also in backward), so no [B, T, V] logits tensor ever exists.
+  // `score_mask` [B, T] (optional; nonzero = wanted, e.g. the completion mask): the LM head runs on those
+  // positions only and every other entry is 0 with no gradient (the prompt's logits are never needed).
   at::Tensor token_logprobs(const at::Tensor& tokens, const at::Tensor& mask, const at::Tensor& targets,
-                            int64_t chunk_rows = 1024) const;
+                            int64_t chunk_rows = 1024, const at::Tensor& score_mask = {}) const;
+
+  void set_attention(AttentionKernel k) { attention_ = k; }
+  AttentionKernel attention() const { return attention_; }
 
   // LoRA adapters on (default) or off (the frozen base model: the KL reference, no second copy of the weights);
   // adapter dropout only in training mode.
@@ -52,6 +65,7 @@ class DecoderModel {
   at::Tensor inv_freq_;  // [hd/2] float32, with llama3 scaling applied
   AdapterMode mode_;
   bool checkpointing_ = false;
+  AttentionKernel attention_ = AttentionKernel::kAuto;
 };
 
 // Mixed precision for the training forward: inside the scope ATen's autocast runs matmuls (linear, matmul, ...)
@@ -84,6 +98,9 @@ class AdaptersOff {
   DecoderModel& m_;
   bool was_;
 };
+
+// "auto", "eager" or "sdpa" (config files, command lines); anything else is an Error naming `what`.
+AttentionKernel parse_attention_kernel(const std::string& name, const std::string& what);
 
 // Rotary inverse frequencies exactly as transformers computes them in float32 (default and llama3).
 at::Tensor rope_inv_freq(const ModelConfig& c);

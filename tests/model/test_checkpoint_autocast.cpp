@@ -118,9 +118,13 @@ size_t heap_in_use() {
 }  // namespace
 
 TEST(GradientCheckpointing, FullFineTuningLossAndEveryGradientUnchanged) {
-  for (const char* name : {"qwen2_untied", "llama3_gqa"}) {
-    SCOPED_TRACE(name);
+  // Both attention kernels: the recompute must replay the forward's (SDPA keeps no score matrix to reuse).
+  for (const auto& [name, attention] : {std::pair{"qwen2_untied", AttentionKernel::kEager},
+                                        std::pair{"llama3_gqa", AttentionKernel::kEager},
+                                        std::pair{"llama3_gqa", AttentionKernel::kSdpa}}) {
+    SCOPED_TRACE(fmt::format("{} {}", name, attention == AttentionKernel::kSdpa ? "sdpa" : "eager"));
     auto model = load(name);
+    model->set_attention(attention);
     const Params p = full_params(*model);
     const Batch b = make_batch(3, 24, model->config().vocab_size, 5);
     model->set_training(true);
