@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/logging.h"
 #include "kernels/cpu/paged_attention.h"
+#include "kernels/cpu/lora.h"
 #include "kernels/cpu/registry.h"
 #include "kernels/cpu/rms_norm.h"
 #include "kernels/cpu/rope_kv_write.h"
@@ -210,13 +211,48 @@ bool dense(const at::Tensor& w, const at::Tensor& x) {
   return w.defined() && w.scalar_type() == x.scalar_type() && w.device() == x.device() && w.is_contiguous();
 }
 
-bool has_lora(const LayerWeights& L, Proj p) { return L.lora[static_cast<int>(p)].defined(); }
+const LoraAdapter& adapter(const LayerWeights& L, Proj p) { return L.lora[static_cast<int>(p)]; }
 
-// y + the projection's LoRA update, rounded as layers::project rounds it.
+// y + the projection's LoRA update with ATen ops, rounded as layers::project rounds it (the CPU path).
 at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const LayerWeights& L, Proj p) {
-  const LoraAdapter& a = L.lora[static_cast<int>(p)];
+  const LoraAdapter& a = adapter(L, p);
   if (!a.defined()) return y;
   return y + (at::linear(at::linear(x.to(a.a.scalar_type()), a.a), a.b) * a.scale).to(y.scalar_type());
+}
+
+// Adds the LoRA updates of projections `ps` (sharing input x) to their base outputs `ys` in place: on the GPU one
+// shrink and one expand launch for the group (kernels/cpu/lora.h), on the CPU ATen ops. With `residual` (one
+// projection): residual = residual + (y + update), in place.
+void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vector<Proj>& ps, std::vector<at::Tensor>& ys,
+                    const at::Tensor& residual = {}) {
+  std::vector<at::Tensor> a, b, outs;
+  std::vector<double> scales;
+  bool kernels_fit = x.is_cuda();
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const LoraAdapter& ad = adapter(L, ps[i]);
+    if (!ad.defined()) continue;
+    kernels_fit = kernels_fit && ad.a.scalar_type() == at::kFloat && ad.b.scalar_type() == at::kFloat &&
+                  ad.a.is_contiguous() && ad.b.is_contiguous();
+    a.push_back(ad.a);
+    b.push_back(ad.b);
+    scales.push_back(ad.scale);
+    outs.push_back(ys[i]);
+  }
+  if (a.empty()) {
+    if (residual.defined()) residual.add_(ys[0]);
+    return;
+  }
+  if (!kernels_fit) {
+    for (size_t i = 0; i < ps.size(); ++i) ys[i] = add_lora(ys[i], x, L, ps[i]);
+    if (residual.defined()) residual.copy_(residual + ys[0]);
+    return;
+  }
+  int64_t rank = 0;
+  for (const auto& t : a) rank += t.size(0);
+  const at::Tensor t = at::empty({x.size(0), rank}, x.options().dtype(at::kFloat));   // [S, Σr]
+  kernels::lora_shrink(x, a, t);
+  if (residual.defined()) kernels::lora_expand(t, b, scales, outs, residual, {residual});
+  else kernels::lora_expand(t, b, scales, outs, {}, outs);
 }
 
 // Sampling the device sampler covers: temperature or greedy, no filter, no penalty.
@@ -284,42 +320,51 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   const ModelWeights& W = model_->weights();
   const int64_t S = in.tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  const AdapterMode mode{/*enabled=*/true, /*training=*/false};
   // Few rows on the GPU: bandwidth-bound GEMVs with q/k/v in one launch and the residual and SwiGLU fused.
   const bool small = W.embed.is_cuda() && S <= K::kSmallLinearMaxRows;
 
   at::Tensor h = at::embedding(W.embed, in.tokens);                                    // [S, D]
   at::Tensor x = K::rms_norm(h, W.layers[0].input_norm, c.rms_norm_eps);               // [S, D]
-  auto proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
-    return layers::project(in_x, L, p, mode);
-  };
-  // h += proj(in_x), fused when the projection has no adapter.
-  auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
-    if (small && dense(L.weight(p), in_x) && !has_lora(L, p)) {
-      K::small_linear(in_x, {L.weight(p)}, {L.bias(p)}, h, {h});
-      return h;
+  const AdapterMode base{/*enabled=*/false, /*training=*/false};  // adapters go through add_lora_group
+  // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
+  auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
+    std::vector<at::Tensor> ys;
+    bool fits = small && ps.size() <= 3;
+    for (Proj p : ps) fits = fits && dense(L.weight(p), in_x);
+    if (!fits) {
+      for (Proj p : ps) ys.push_back(layers::project(in_x, L, p, base));
+      return ys;
     }
-    return h + proj(in_x, L, p);
+    std::vector<at::Tensor> ws, bs;
+    for (Proj p : ps) {
+      ws.push_back(L.weight(p));
+      bs.push_back(L.bias(p));
+      ys.push_back(at::empty({S, L.weight(p).size(0)}, in_x.options()));
+    }
+    K::small_linear(in_x, ws, bs, at::Tensor(), ys);
+    return ys;
+  };
+  // h += project(in_x) (adapter included), the add fused into the projection or the LoRA expand.
+  auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
+    if (!adapter(L, p).defined()) {
+      if (small && dense(L.weight(p), in_x)) {
+        K::small_linear(in_x, {L.weight(p)}, {L.bias(p)}, h, {h});
+        return h;
+      }
+      return h + layers::project(in_x, L, p, base);
+    }
+    std::vector<at::Tensor> y = project_group(in_x, L, {p});
+    if (!in_x.is_cuda()) return h + add_lora(y[0], in_x, L, p);
+    add_lora_group(in_x, L, {p}, y, h);
+    return h;
   };
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = W.layers[l];
-    at::Tensor q, k, v;
-    if (small && dense(L.wq, x) && dense(L.wk, x) && dense(L.wv, x)) {
-      q = at::empty({S, H * hd}, x.options());
-      k = at::empty({S, KV * hd}, x.options());
-      v = at::empty({S, KV * hd}, x.options());
-      K::small_linear(x, {L.wq, L.wk, L.wv}, {L.bq, L.bk, L.bv}, at::Tensor(), {q, k, v});  // [S, (H+2KV)·hd]
-      q = add_lora(q, x, L, Proj::kQ);
-      k = add_lora(k, x, L, Proj::kK);
-      v = add_lora(v, x, L, Proj::kV);
-    } else {
-      q = proj(x, L, Proj::kQ);
-      k = proj(x, L, Proj::kK);
-      v = proj(x, L, Proj::kV);
-    }
-    q = q.view({S, H, hd});                                                             // [S, H, hd]
-    k = k.view({S, KV, hd});                                                            // [S, KV, hd]
-    v = v.view({S, KV, hd});
+    std::vector<at::Tensor> qkv = project_group(x, L, {Proj::kQ, Proj::kK, Proj::kV});  // [S, (H+2KV)·hd]
+    add_lora_group(x, L, {Proj::kQ, Proj::kK, Proj::kV}, qkv);
+    const at::Tensor q = qkv[0].view({S, H, hd});                                       // [S, H, hd]
+    const at::Tensor k = qkv[1].view({S, KV, hd});                                      // [S, KV, hd]
+    const at::Tensor v = qkv[2].view({S, KV, hd});
     K::rope_kv_write(q, k, v, in.positions, inv_freq_dev_, cache_->keys(l), cache_->values(l), in.slots);
     at::Tensor o = K::paged_attention_decode(q, cache_->keys(l), cache_->values(l), in.block_tables,
                                              in.context_lens, options_.block_size, max_context, scale);  // [S, H, hd]
@@ -327,10 +372,13 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     x = K::rms_norm(h, L.post_norm, c.rms_norm_eps);
     at::Tensor act = at::empty({S, c.intermediate_size}, h.options());                  // [S, F]
     if (small && dense(L.w_gate, x) && dense(L.w_up, x) && !L.b_gate.defined() && !L.b_up.defined() &&
-        !has_lora(L, Proj::kGate) && !has_lora(L, Proj::kUp))
+        !adapter(L, Proj::kGate).defined() && !adapter(L, Proj::kUp).defined()) {
       K::small_linear_silu_mul(x, L.w_gate, L.w_up, act);
-    else
-      K::silu_mul(proj(x, L, Proj::kGate), proj(x, L, Proj::kUp), act);
+    } else {
+      std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp});      // [S, F] each
+      add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
+      K::silu_mul(gu[0], gu[1], act);
+    }
     h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
     const at::Tensor& next_norm = l + 1 < c.num_layers ? W.layers[l + 1].input_norm : W.final_norm;
     x = K::rms_norm(h, next_norm, c.rms_norm_eps);

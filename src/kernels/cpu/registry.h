@@ -29,6 +29,11 @@ struct KernelRegistry {
                             const std::vector<at::Tensor>& outs) = nullptr;
   void (*small_linear_silu_mul_cuda)(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                                      const at::Tensor& out) = nullptr;
+  // LoRA's update for a group of projections sharing an input (kernels/cpu/lora.h).
+  void (*lora_shrink_cuda)(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) = nullptr;
+  void (*lora_expand_cuda)(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                           const std::vector<at::Tensor>& ys, const at::Tensor& residual,
+                           const std::vector<at::Tensor>& outs) = nullptr;
   // Token sampling without a sort (kernels/cpu/sample.h).
   void (*sample_cuda)(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniform,
                       const at::Tensor& tokens, const at::Tensor& logprobs) = nullptr;

@@ -6,6 +6,7 @@
 #include "kernels/cuda/rms_norm.h"
 #include "kernels/cuda/rope_kv_write.h"
 #include "kernels/cuda/graph.h"
+#include "kernels/cuda/lora.h"
 #include "kernels/cuda/silu_mul.h"
 #include "kernels/cuda/sample.h"
 #include "kernels/cuda/small_linear.h"
@@ -21,6 +22,8 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.small_linear_cuda = &small_linear_cuda;
   r.small_linear_silu_mul_cuda = &small_linear_silu_mul_cuda;
   r.sample_cuda = &sample_cuda;
+  r.lora_shrink_cuda = &lora_shrink_cuda;
+  r.lora_expand_cuda = &lora_expand_cuda;
   r.quantize_affine_cuda = &quantize_affine_cuda;
   r.dequantize_affine_cuda = &dequantize_affine_cuda;
   r.quant_linear_cuda = &quant_linear_cuda;

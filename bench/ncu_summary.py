@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""Where a decode step's GPU time goes: sums Nsight Compute's per-kernel gpu__time_duration over a window of
+launches (ncu --csv --metrics gpu__time_duration.sum) by kernel name, as a table with shares.
+Usage: ncu_summary.py NCU.csv [--steps N]   (N: decode steps inside the window, to print per-step figures)"""
+import argparse
+import collections
+import csv
+import re
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv")
+    ap.add_argument("--steps", type=float, default=0)
+    a = ap.parse_args()
+    lines = open(a.csv, errors="replace").read().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith('"ID"'))
+    total = collections.Counter()
+    count = collections.Counter()
+    for row in csv.DictReader(lines[start:]):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = re.sub(r"\(.*", "", row["Kernel Name"]).split("<")[0].split("::")[-1] or row["Kernel Name"][:60]
+        v = float(row["Metric Value"].replace(",", ""))
+        unit = row.get("Metric Unit", "nsecond")
+        total[name] += v * {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(unit, 1e-3)
+        count[name] += 1
+    all_us = sum(total.values())
+    print(f"{'kernel':44s} {'launches':>8s} {'total us':>10s} {'share':>6s} {'us/launch':>9s}")
+    for name, us in total.most_common():
+        print(f"{name[:44]:44s} {count[name]:8d} {us:10.1f} {100 * us / all_us:5.1f}% {us / count[name]:9.2f}")
+    print(f"{'all':44s} {sum(count.values()):8d} {all_us:10.1f}")
+    if a.steps:
+        print(f"per decode step: {all_us / a.steps:.1f} us of kernel time")
+
+
+if __name__ == "__main__":
+    main()

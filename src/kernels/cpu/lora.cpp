@@ -1,0 +1,119 @@
+// LoRA shrink/expand: CPU reference (plain loops, the spec) and the device dispatcher.
+#include "kernels/cpu/lora.h"
+
+#include "kernels/cpu/common.h"
+
+namespace rlaif::kernels {
+
+namespace {
+
+int64_t total_rank(const std::vector<at::Tensor>& a) {
+  int64_t r = 0;
+  for (const auto& t : a) r += t.size(0);
+  return r;
+}
+
+void check_shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
+  check_activation(x, "lora_shrink", "x");
+  RLAIF_CHECK(x.dim() == 2 && x.is_contiguous() && !a.empty(), "lora_shrink: x must be a contiguous [S, D], with adapters");
+  for (const auto& ai : a)
+    RLAIF_CHECK(ai.scalar_type() == at::kFloat && ai.dim() == 2 && ai.size(1) == x.size(1) && ai.is_contiguous() &&
+                    ai.device() == x.device(),
+                "lora_shrink: A must be a contiguous float32 [r, {}] on {}", x.size(1), x.device().str());
+  RLAIF_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.size(0) == x.size(0) &&
+                  t.size(1) == total_rank(a) && t.device() == x.device(),
+              "lora_shrink: t must be a contiguous float32 [{}, {}]", x.size(0), total_rank(a));
+}
+
+void check_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                  const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  RLAIF_CHECK(!b.empty() && b.size() <= 3 && scales.size() == b.size() && ys.size() == b.size() &&
+                  outs.size() == b.size(),
+              "lora_expand: 1-3 adapters, each with a scale, a base output and an out");
+  RLAIF_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous(), "lora_expand: t must be float32 [S, R]");
+  int64_t r = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    check_activation(ys[i], "lora_expand", "y");
+    check_same(outs[i], ys[i], "lora_expand", "out");
+    RLAIF_CHECK(b[i].scalar_type() == at::kFloat && b[i].dim() == 2 && b[i].is_contiguous() &&
+                    b[i].device() == t.device() && ys[i].device() == t.device(),
+                "lora_expand: B must be a contiguous float32 [O, r] on {}", t.device().str());
+    RLAIF_CHECK(ys[i].dim() == 2 && ys[i].is_contiguous() && ys[i].size(0) == t.size(0) &&
+                    ys[i].size(1) == b[i].size(0) && outs[i].sizes() == ys[i].sizes() && outs[i].is_contiguous(),
+                "lora_expand: y/out {} must be contiguous [{}, {}]", i, t.size(0), b[i].size(0));
+    r += b[i].size(1);
+  }
+  RLAIF_CHECK(r == t.size(1), "lora_expand: the adapters' ranks sum to {}, t has {} columns", r, t.size(1));
+  if (residual.defined()) {
+    check_same(residual, ys[0], "lora_expand", "residual");
+    RLAIF_CHECK(b.size() == 1 && residual.sizes() == ys[0].sizes() && residual.is_contiguous(),
+                "lora_expand: a residual goes with one adapter and has its output's shape");
+  }
+}
+
+template <typename T>
+void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
+  const int64_t S = x.size(0), D = x.size(1), R = t.size(1);
+  int64_t col = 0;
+  for (const auto& ai : a) {
+    for (int64_t j = 0; j < ai.size(0); ++j, ++col)
+      for (int64_t s = 0; s < S; ++s) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d)
+          acc += static_cast<float>(x.data_ptr<T>()[s * D + d]) * ai.data_ptr<float>()[j * D + d];
+        t.data_ptr<float>()[s * R + col] = acc;
+      }
+  }
+}
+
+template <typename T>
+void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+            const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  const int64_t S = t.size(0), R = t.size(1);
+  int64_t col = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    const int64_t O = b[i].size(0), r = b[i].size(1);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t o = 0; o < O; ++o) {
+        float d = 0.0f;
+        for (int64_t j = 0; j < r; ++j) d += t.data_ptr<float>()[s * R + col + j] * b[i].data_ptr<float>()[o * r + j];
+        const T delta = static_cast<T>(d * static_cast<float>(scales[i]));
+        T y = static_cast<T>(static_cast<float>(ys[i].data_ptr<T>()[s * O + o]) + static_cast<float>(delta));
+        if (residual.defined()) y = static_cast<T>(static_cast<float>(residual.data_ptr<T>()[s * O + o]) + static_cast<float>(y));
+        outs[i].data_ptr<T>()[s * O + o] = y;
+      }
+    col += r;
+  }
+}
+
+}  // namespace
+
+void lora_shrink_cpu(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
+  check_shrink(x, a, t);
+  RLAIF_CHECK(x.is_cpu(), "lora_shrink_cpu: tensors must be on the CPU");
+  if (x.scalar_type() == at::kFloat) shrink<float>(x, a, t);
+  else shrink<at::BFloat16>(x, a, t);
+}
+
+void lora_shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
+  if (!x.is_cuda()) return lora_shrink_cpu(x, a, t);
+  check_shrink(x, a, t);
+  cuda_kernel(&KernelRegistry::lora_shrink_cuda, "lora_shrink")(x, a, t);
+}
+
+void lora_expand_cpu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                     const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  check_expand(t, b, scales, ys, residual, outs);
+  RLAIF_CHECK(t.is_cpu(), "lora_expand_cpu: tensors must be on the CPU");
+  if (ys[0].scalar_type() == at::kFloat) expand<float>(t, b, scales, ys, residual, outs);
+  else expand<at::BFloat16>(t, b, scales, ys, residual, outs);
+}
+
+void lora_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                 const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  if (!t.is_cuda()) return lora_expand_cpu(t, b, scales, ys, residual, outs);
+  check_expand(t, b, scales, ys, residual, outs);
+  cuda_kernel(&KernelRegistry::lora_expand_cuda, "lora_expand")(t, b, scales, ys, residual, outs);
+}
+
+}  // namespace rlaif::kernels

@@ -1,0 +1,27 @@
+// LoRA's update in the decode step as two launches per group of projections sharing an input (q/k/v, gate/up,
+// o, down) instead of six ATen ops per projection: shrink (x·Aᵀ for every adapter of the group) and expand
+// (·Bᵀ, scaled, added to the base output, optionally to the residual too). Numerics of layers::project: the input
+// cast to the adapter dtype (float32), the update rounded to the output dtype, then added.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "kernels/cpu/registry.h"
+
+namespace rlaif::kernels {
+
+// t [S, Σ r_i] float32 = to_float(x [S, D]) · [A_1; A_2; …]ᵀ, A_i [r_i, D] float32 contiguous; x float32/bfloat16.
+void lora_shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t);
+void lora_shrink_cpu(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t);
+
+// For adapter i (columns of t in order): outs_i = to(y_i + to(scale_i · t_i · B_iᵀ)), B_i [O_i, r_i] float32,
+// y_i and outs_i [S, O_i] of the activation dtype (outs_i may alias y_i). With `residual` [S, O] (one adapter
+// only; outs_0 may alias it): outs_0 = to(residual + to(y_0 + to(scale_0 · t · B_0ᵀ))) — `h + project(x)`.
+void lora_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                 const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs);
+void lora_expand_cpu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                     const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs);
+
+}  // namespace rlaif::kernels

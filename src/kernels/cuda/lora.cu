@@ -1,0 +1,124 @@
+// LoRA shrink (a warp per (row, rank column): x·Aᵀ in float32) and expand (a thread per output element: t·Bᵀ over
+// the rank, scaled, rounded, added to the base output and optionally the residual), up to three adapters that
+// share an input per launch.
+#include "kernels/cuda/lora.h"
+
+#include "kernels/cuda/common.cuh"
+
+namespace rlaif::kernels {
+
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 256;
+
+struct ShrinkArgs {
+  const float* a[3];
+  int64_t rank[3];
+  int count;
+};
+
+template <typename T>
+struct ExpandArgs {
+  const float* b[3];
+  const T* y[3];
+  T* out[3];
+  int64_t rows[3], rank[3], col[3];
+  float scale[3];
+  int count;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restrict__ x, int64_t S, int64_t D,
+                                                                ShrinkArgs args, float* t, int64_t R) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // s * R + col
+  if (item >= S * R) return;
+  const int64_t s = item / R;
+  int64_t j = item % R;
+  int i = 0;
+  while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
+  const float* a = args.a[i] + j * D;
+  const T* xs = x + s * D;
+  float acc = 0.0f;
+  for (int64_t d = threadIdx.x % 32; d < D; d += 32) acc += static_cast<float>(xs[d]) * a[d];
+  acc = warp_sum(acc);
+  if (threadIdx.x % 32 == 0) t[item] = acc;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lora_expand_kernel(const float* __restrict__ t, int64_t S, int64_t R,
+                                                                ExpandArgs<T> args, const T* residual) {
+  int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  int i = 0;
+  while (i < args.count && item >= S * args.rows[i]) item -= S * args.rows[i++];
+  if (i == args.count) return;
+  const int64_t O = args.rows[i], r = args.rank[i], s = item / O, o = item % O;
+  const float* ts = t + s * R + args.col[i];
+  const float* b = args.b[i] + o * r;
+  float d = 0.0f;
+  for (int64_t j = 0; j < r; ++j) d += ts[j] * b[j];
+  const T delta = to<T>(d * args.scale[i]);
+  T y = to<T>(static_cast<float>(args.y[i][item]) + static_cast<float>(delta));
+  if (residual) y = to<T>(static_cast<float>(residual[item]) + static_cast<float>(y));
+  args.out[i][item] = y;
+}
+
+template <typename T>
+void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
+  const int64_t S = x.size(0), D = x.size(1), R = t.size(1);
+  if (S == 0 || R == 0) return;
+  ShrinkArgs args{};
+  for (size_t i = 0; i < a.size(); ++i) {
+    args.a[i] = a[i].data_ptr<float>();
+    args.rank[i] = a[i].size(0);
+  }
+  args.count = static_cast<int>(a.size());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const unsigned grid = static_cast<unsigned>((S * R + kWarps - 1) / kWarps);
+  lora_shrink_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<T>(), S, D, args,
+                                                                                t.data_ptr<float>(), R);
+  check_launch("lora_shrink_kernel");
+}
+
+template <typename T>
+void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+            const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  const int64_t S = t.size(0), R = t.size(1);
+  ExpandArgs<T> args{};
+  int64_t total = 0, col = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    args.b[i] = b[i].data_ptr<float>();
+    args.y[i] = ys[i].data_ptr<T>();
+    args.out[i] = outs[i].data_ptr<T>();
+    args.rows[i] = b[i].size(0);
+    args.rank[i] = b[i].size(1);
+    args.col[i] = col;
+    args.scale[i] = static_cast<float>(scales[i]);
+    col += b[i].size(1);
+    total += S * b[i].size(0);
+  }
+  args.count = static_cast<int>(b.size());
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const unsigned grid = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+  lora_expand_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      t.data_ptr<float>(), S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr);
+  check_launch("lora_expand_kernel");
+}
+
+}  // namespace
+
+void lora_shrink_cuda(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
+  if (x.scalar_type() == at::kFloat) shrink<float>(x, a, t);
+  else shrink<at::BFloat16>(x, a, t);
+}
+
+void lora_expand_cuda(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                      const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  if (ys[0].scalar_type() == at::kFloat) expand<float>(t, b, scales, ys, residual, outs);
+  else expand<at::BFloat16>(t, b, scales, ys, residual, outs);
+}
+
+}  // namespace rlaif::kernels

@@ -1,0 +1,14 @@
+// CUDA LoRA shrink/expand (kernels/cpu/lora.h has the spec); reached through the registry.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace rlaif::kernels {
+
+void lora_shrink_cuda(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t);
+void lora_expand_cuda(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                      const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs);
+
+}  // namespace rlaif::kernels

@@ -1,0 +1,83 @@
+// LoRA shrink/expand: the CPU reference equals layers::project's adapter math (PEFT's: input cast to float32,
+// x·Aᵀ·Bᵀ·scale rounded to the output dtype, then added; `h + project(x)` with a residual), and CUDA equals the
+// CPU reference for a group of three adapters of different ranks, in place, and with a residual.
+#include <gtest/gtest.h>
+
+#include "kernel_test.h"
+#include "kernels/cpu/lora.h"
+#include "models/layers.h"
+
+using namespace rlaif;
+
+namespace {
+
+// One projection with an adapter, as layers::project sees it.
+LayerWeights one_projection(int64_t O, int64_t D, int64_t r, at::ScalarType dt) {
+  LayerWeights L;
+  L.wq = (at::randn({O, D}) * 0.05).to(dt);
+  L.lora[0].a = at::randn({r, D}) * 0.1;
+  L.lora[0].b = at::randn({O, r}) * 0.1;
+  L.lora[0].scale = 2.0;
+  return L;
+}
+
+}  // namespace
+
+TEST(LoraKernel, CpuReferenceEqualsLayersProject) {
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    SCOPED_TRACE(c10::toString(dt));
+    const int64_t S = 5, D = 48, O = 40, r = 8;
+    const LayerWeights L = one_projection(O, D, r, dt);
+    const at::Tensor x = at::randn({S, D}).to(dt);
+    const at::Tensor want = layers::project(x, L, Proj::kQ, AdapterMode{true, false});
+    const at::Tensor base = layers::project(x, L, Proj::kQ, AdapterMode{false, false});
+    at::Tensor t = at::empty({S, r});
+    kernels::lora_shrink_cpu(x, {L.lora[0].a}, t);
+    at::Tensor out = at::empty_like(base);
+    test::poison(out);
+    kernels::lora_expand_cpu(t, {L.lora[0].b}, {L.lora[0].scale}, {base}, {}, {out});
+    EXPECT_LE(test::rel_err(out, want), test::tolerance(dt));
+    const at::Tensor h = at::randn({S, O}).to(dt), h_want = h + want;
+    kernels::lora_expand_cpu(t, {L.lora[0].b}, {L.lora[0].scale}, {base}, h, {h});
+    EXPECT_LE(test::rel_err(h, h_want), test::tolerance(dt)) << "with the residual";
+  }
+}
+
+TEST(LoraKernel, CudaEqualsCpuReference) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t S : {1, 7, 64}) {
+      SCOPED_TRACE(fmt::format("{} S={}", c10::toString(dt), S));
+      const int64_t D = 896;
+      const std::vector<int64_t> outs_dim = {896, 128, 100}, ranks = {16, 8, 4};
+      std::vector<at::Tensor> a, b, ys, ys_gpu, a_gpu, b_gpu;
+      for (size_t i = 0; i < 3; ++i) {
+        a.push_back(at::randn({ranks[i], D}) * 0.05);
+        b.push_back(at::randn({outs_dim[i], ranks[i]}) * 0.1);
+        ys.push_back(at::randn({S, outs_dim[i]}).to(dt));
+        a_gpu.push_back(a.back().cuda());
+        b_gpu.push_back(b.back().cuda());
+        ys_gpu.push_back(ys.back().cuda());
+      }
+      const at::Tensor x = at::randn({S, D}).to(dt);
+      at::Tensor t = at::empty({S, 28}), t_gpu = at::empty({S, 28}, x.options().dtype(at::kFloat).device(at::kCUDA));
+      kernels::lora_shrink_cpu(x, a, t);
+      test::poison(t_gpu);
+      kernels::lora_shrink(x.cuda(), a_gpu, t_gpu);
+      EXPECT_LE(test::rel_err(t_gpu, t), 1e-5) << "shrink";
+      const std::vector<double> scales = {2.0, 0.5, 1.0};
+      kernels::lora_expand_cpu(t, b, scales, ys, {}, ys);
+      kernels::lora_expand(t.cuda(), b_gpu, scales, ys_gpu, {}, ys_gpu);
+      for (size_t i = 0; i < 3; ++i) EXPECT_LE(test::rel_err(ys_gpu[i], ys[i]), test::tolerance(dt)) << "expand " << i;
+      const at::Tensor h = at::randn({S, 896}).to(dt);
+      at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
+      const at::Tensor y0 = at::randn({S, 896}).to(dt);
+      const at::Tensor t0 = t.narrow(1, 0, 16).contiguous();
+      kernels::lora_expand_cpu(t0, {b[0]}, {2.0}, {y0}, h_ref, {h_ref});
+      kernels::lora_expand(t0.cuda(), {b_gpu[0]}, {2.0}, {y0.cuda()}, h_gpu, {h_gpu});
+      EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "with the residual";
+    }
+  }
+}
