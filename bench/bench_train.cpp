@@ -4,7 +4,8 @@
 // backward -> clip -> AdamW). Reports the step time split, training tokens/s and peak GPU memory as JSON; the
 // baseline of the training part is bench/hf_train_step.py (transformers + peft, same loss, same shapes).
 // Usage: bench_train --model DIR [--device cuda|cpu] [--prompts 8] [--samples 8] [--new 512] [--out FILE.json]
-//        [--micro-batch 4] [--checkpointing] [--attention auto|eager|sdpa] [--full-head]
+//        [--micro-batch 4] [--checkpointing] [--attention auto|eager|sdpa] [--full-head] [--no-fused-lora]
+// The last three undo this file's speed-ups one by one (A/B on the same machine).
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <algorithm>
@@ -32,7 +33,7 @@ struct Options {
   std::string model_dir, device = "cuda", dtype = "bf16", out, attention = "auto";
   int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 4, steps = 3, lora_r = 16;
   double lr = 1e-5, kl_beta = 0.05;
-  bool checkpointing = false, no_autocast = false, full_head = false;
+  bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false;
 };
 
 constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
@@ -82,6 +83,7 @@ class Bench {
     attach_lora(*model_, lc, 0);
     model_->set_gradient_checkpointing(o.checkpointing);
     model_->set_attention(parse_attention_kernel(o.attention, "--attention"));
+    model_->set_fused_lora(!o.no_fused_lora);
     opt_ = std::make_unique<train::AdamW>(lora_parameters(*model_), train::AdamWOptions{});
     EngineOptions eo;
     eo.max_batch = o.prompts * o.samples;  // eos_ids empty: every sample runs its full --new tokens
@@ -210,6 +212,7 @@ int main(int argc, char** argv) {
   app.add_flag("--no-autocast", o.no_autocast, "train forward in the weights' dtype (no bf16 autocast)");
   app.add_option("--attention", o.attention, "training attention: auto (sdpa on CUDA), eager, sdpa");
   app.add_flag("--full-head", o.full_head, "LM head on every position, not only the completion's");
+  app.add_flag("--no-fused-lora", o.no_fused_lora, "LoRA through PEFT's op sequence (layers::project)");
   CLI11_PARSE(app, argc, argv);
 
   Bench bench(o);
@@ -237,7 +240,7 @@ int main(int argc, char** argv) {
       {"prompts", o.prompts}, {"samples", o.samples}, {"prompt_len", o.prompt_len}, {"new_tokens", o.new_tokens},
       {"micro_batch", o.micro_batch}, {"lora_r", o.lora_r}, {"kl_beta", o.kl_beta}, {"autocast_bf16", !o.no_autocast},
       {"gradient_checkpointing", o.checkpointing}, {"attention", o.attention},
-      {"lm_head_rows", o.full_head ? "all" : "completion"}, {"steps", o.steps},
+      {"lm_head_rows", o.full_head ? "all" : "completion"}, {"fused_lora", !o.no_fused_lora}, {"steps", o.steps},
       {"step_s", total / o.steps}, {"generate_s", sum.gen_s / o.steps}, {"score_s", sum.score_s / o.steps},
       {"train_s", sum.train_s / o.steps}, {"generate_fraction", sum.gen_s / total},
       {"score_fraction", sum.score_s / total}, {"train_fraction", sum.train_s / total},

@@ -70,8 +70,33 @@ struct LayerInputs {
   at::Tensor allowed;   // [B, 1, T, T] bool; undefined when `causal` (SDPA builds the causal mask itself)
   bool sdpa = false;    // at::scaled_dot_product_attention instead of layers::attention
   bool causal = false;  // right padding: the causal mask alone is exact for every real query
+  bool fused_lora = true;
   AdapterMode mode;
 };
+
+// layers::project with the LoRA update accumulated into the base output by one GEMM epilogue
+// (y.addmm_(t, (scale·B)ᵀ): 2 passes over y instead of the 6 of y + (t·Bᵀ · scale).to(y) plus its backward), and
+// under autocast no float32 round trip of the input: PEFT's cast to the adapter dtype is undone by the bf16 GEMM
+// anyway, and dropout rounds its output once either way. Falls back to layers::project where the dtypes of a
+// plain (non-autocast) forward differ (bf16 weights, float32 adapters) or the weight is quantized.
+at::Tensor train_project(const at::Tensor& x, const LayerWeights& L, Proj p, const LayerInputs& in) {
+  const LoraAdapter& a = L.lora[static_cast<int>(p)];
+  const bool autocast = at::autocast::is_autocast_enabled(x.device().type());
+  if (!in.fused_lora || !in.mode.enabled || !a.defined() || L.quant[static_cast<int>(p)].defined() ||
+      (!autocast && (x.scalar_type() != a.a.scalar_type() || L.weight(p).scalar_type() != a.a.scalar_type())))
+    return layers::project(x, L, p, in.mode);
+  // 2-D throughout, so the in-place update is on a base tensor (no view bookkeeping in autograd).
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});                                  // [N, I]
+  at::Tensor y = layers::linear(x2, L.weight(p), L.bias(p));                           // [N, O]
+  const at::Tensor xin = in.mode.training && a.dropout > 0 ? at::dropout(x2, a.dropout, /*train=*/true) : x2;
+  const at::Tensor t = at::linear(xin, a.a);                                           // [N, r]
+  // In-place ops bypass autocast: give the update GEMM y's dtype explicitly. y is not saved by linear's
+  // backward, so accumulating into it is autograd-safe.
+  y.addmm_(t.to(y.scalar_type()), (a.b * a.scale).to(y.scalar_type()).t());
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape);                                                                // [.., O]
+}
 
 constexpr int64_t kSdpMath = 0;  // at::_fused_sdp_choice's code for the unfused math backend (sdp::SDPBackend)
 
@@ -117,9 +142,9 @@ at::Tensor sdpa_attention(at::Tensor q, at::Tensor k, at::Tensor v, const LayerI
 at::Tensor layer_forward(at::Tensor h, const LayerWeights& L, const LayerInputs& in) {
   const int64_t B = in.B, T = in.T, H = in.H, KV = in.KV, hd = in.hd;
   at::Tensor x = layers::rms_norm(h, L.input_norm, in.eps);                                       // [B, T, D]
-  at::Tensor q = layers::project(x, L, Proj::kQ, in.mode).view({B, T, H, hd}).transpose(1, 2);    // [B, H, T, hd]
-  at::Tensor k = layers::project(x, L, Proj::kK, in.mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
-  at::Tensor v = layers::project(x, L, Proj::kV, in.mode).view({B, T, KV, hd}).transpose(1, 2);   // [B, KV, T, hd]
+  at::Tensor q = train_project(x, L, Proj::kQ, in).view({B, T, H, hd}).transpose(1, 2);           // [B, H, T, hd]
+  at::Tensor k = train_project(x, L, Proj::kK, in).view({B, T, KV, hd}).transpose(1, 2);          // [B, KV, T, hd]
+  at::Tensor v = train_project(x, L, Proj::kV, in).view({B, T, KV, hd}).transpose(1, 2);          // [B, KV, T, hd]
   q = layers::apply_rope(q, in.cos, in.sin);
   k = layers::apply_rope(k, in.cos, in.sin);
   at::Tensor o;
@@ -133,9 +158,11 @@ at::Tensor layer_forward(at::Tensor h, const LayerWeights& L, const LayerInputs&
     o = layers::attention(q, k, v, in.allowed);                                                   // [B, H, T, hd]
   }
   o = o.transpose(1, 2).reshape({B, T, H * hd});                                                  // [B, T, H*hd]
-  h = h + layers::project(o, L, Proj::kO, in.mode);                                               // [B, T, D]
+  h = h + train_project(o, L, Proj::kO, in);                                                      // [B, T, D]
   x = layers::rms_norm(h, L.post_norm, in.eps);
-  return h + layers::mlp(x, L, in.mode);                                                          // [B, T, D]
+  // SwiGLU as layers::mlp, through train_project.
+  at::Tensor g = at::silu(train_project(x, L, Proj::kGate, in)) * train_project(x, L, Proj::kUp, in);  // [B, T, F]
+  return h + train_project(g, L, Proj::kDown, in);                                                // [B, T, D]
 }
 
 // The layer's tensors that autograd must reach (those requiring grad): full fine-tuning's weights, norms and
@@ -256,6 +283,7 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
   LayerInputs in;
   in.B = B, in.T = T, in.H = c.num_heads, in.KV = c.num_kv_heads, in.hd = c.head_dim, in.eps = c.rms_norm_eps;
   in.mode = mode_;
+  in.fused_lora = fused_lora_;
   at::Tensor h = at::embedding(weights_.embed, ids);                             // [B, T, D]
   auto [cos, sin] = layers::rope_tables(positions_from_mask(m), inv_freq_, dt);   // [B, T, hd]
   in.cos = cos.unsqueeze(1);                                                     // [B, 1, T, hd]

@@ -40,6 +40,10 @@ class DecoderModel {
 
   void set_attention(AttentionKernel k) { attention_ = k; }
   AttentionKernel attention() const { return attention_; }
+  // LoRA in this forward (on by default): the update accumulated into the base projection's output by one GEMM,
+  // no float32 round trip of the input under autocast. Off: layers::project, PEFT's op sequence (the engine's).
+  void set_fused_lora(bool on) { fused_lora_ = on; }
+  bool fused_lora() const { return fused_lora_; }
 
   // LoRA adapters on (default) or off (the frozen base model: the KL reference, no second copy of the weights);
   // adapter dropout only in training mode.
@@ -66,6 +70,7 @@ class DecoderModel {
   AdapterMode mode_;
   bool checkpointing_ = false;
   AttentionKernel attention_ = AttentionKernel::kAuto;
+  bool fused_lora_ = true;
 };
 
 // Mixed precision for the training forward: inside the scope ATen's autocast runs matmuls (linear, matmul, ...)

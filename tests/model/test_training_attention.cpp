@@ -1,7 +1,8 @@
-// The training forward's SDPA attention (at::scaled_dot_product_attention, AttentionKernel::kSdpa) against the
-// eager float32-score path that the transformers parity tests pin down: same log-probs and same gradients on
-// every real position, for right padding (causal-only SDPA), left padding (boolean mask) and grouped K/V; and
-// the LM head restricted to the scored positions (token_logprobs' score_mask) against the full head.
+// The training forward's fast paths against the paths the transformers/PEFT parity tests pin down: SDPA
+// attention (AttentionKernel::kSdpa) against the eager float32-score path — same log-probs and gradients on
+// every real position, for right padding (causal-only SDPA), left padding (boolean mask) and grouped K/V; the
+// fused LoRA update (set_fused_lora) against layers::project's PEFT op sequence; and the LM head restricted to
+// the scored positions (token_logprobs' score_mask) against the full head.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -40,7 +41,7 @@ Batch make_batch(int64_t B, int64_t T, int64_t vocab, bool left_padding, uint64_
 using Params = std::vector<std::pair<std::string, at::Tensor>>;
 
 // LoRA (r 4, no dropout) with B randomised so every adapter tensor gets a gradient; or every weight trainable.
-Params trainable(DecoderModel& m, bool lora) {
+Params trainable(DecoderModel& m, bool lora, double dropout = 0) {
   if (!lora) {
     Params p = m.named_weights();
     for (auto& [n, w] : p) w.requires_grad_(true);
@@ -48,7 +49,7 @@ Params trainable(DecoderModel& m, bool lora) {
   }
   LoraConfig cfg;
   cfg.r = 4;
-  cfg.dropout = 0;
+  cfg.dropout = dropout;
   attach_lora(m, cfg, 3);
   Params p = lora_parameters(m);
   at::NoGradGuard ng;
@@ -99,6 +100,17 @@ void expect_same(const Params& p, const Result& a, const Result& b, const at::Te
   }
 }
 
+// Under bf16 autocast `candidate` must stay as close to the fp32 run `ref` as the established path `baseline`
+// (within 2x, bf16 noise being random), yet visibly differ from fp32 (it did compute in bf16).
+void expect_bf16_no_worse(const Result& ref, const Result& baseline, const Result& candidate, const at::Tensor& scored,
+                          const char* baseline_name, const char* candidate_name) {
+  const double e = max_scored_diff(ref.logprobs, baseline.logprobs, scored);
+  const double c = max_scored_diff(ref.logprobs, candidate.logprobs, scored);
+  std::printf("bf16 autocast vs fp32, max |dlogp|: %s %.3g, %s %.3g\n", baseline_name, e, candidate_name, c);
+  EXPECT_GT(c, 1e-5) << "autocast changed nothing: " << candidate_name << " did not run in bf16";
+  EXPECT_LE(c, 2 * e + 1e-3);
+}
+
 std::shared_ptr<DecoderModel> load(const std::string& name) {
   return DecoderModel::load(test::reference_dir() / name, {at::kFloat, test::test_device()});
 }
@@ -144,11 +156,7 @@ TEST(TrainingAttention, SdpaUnderBf16AutocastAsCloseToFp32AsEager) {
   const Result ref = run(*model, p, b, AttentionKernel::kEager);
   const Result eager16 = run(*model, p, b, AttentionKernel::kEager, /*autocast=*/true);
   const Result sdpa16 = run(*model, p, b, AttentionKernel::kSdpa, true);
-  const double e = max_scored_diff(ref.logprobs, eager16.logprobs, b.scored);
-  const double s = max_scored_diff(ref.logprobs, sdpa16.logprobs, b.scored);
-  std::printf("bf16 autocast vs fp32, max |dlogp|: eager %.3g, sdpa %.3g\n", e, s);
-  EXPECT_GT(s, 1e-5) << "autocast changed nothing: SDPA did not run in bf16";
-  EXPECT_LE(s, 2 * e + 1e-3);
+  expect_bf16_no_worse(ref, eager16, sdpa16, b.scored, "eager attention", "sdpa");
 }
 
 TEST(TrainingAttention, ScoreMaskRunsTheHeadOnScoredRowsOnly) {
@@ -167,4 +175,43 @@ TEST(TrainingAttention, ScoreMaskRunsTheHeadOnScoredRowsOnly) {
       << "unscored positions must hold 0";
   EXPECT_GT(full.logprobs.masked_select(mask.eq(0).logical_and(b.scored.ne(0))).abs().min().item<float>(), 0.0f)
       << "control: the full head does score those positions";
+}
+
+TEST(TrainingForward, FusedLoraEqualsPeftOpSequence) {
+  // fp32 with dropout (both paths draw the same masks from the same seed): equal to rounding.
+  for (const char* name : {"qwen2_untied", "llama3_gqa"}) {
+    SCOPED_TRACE(name);
+    auto model = load(name);
+    const Params p = trainable(*model, true, /*dropout=*/0.2);
+    const Batch b = make_batch(3, 20, model->config().vocab_size, /*left=*/false, 25);
+    model->set_training(true);
+    const auto pass = [&](bool fused, uint64_t seed) {
+      model->set_fused_lora(fused);
+      at::manual_seed(seed);
+      return run(*model, p, b, AttentionKernel::kEager);
+    };
+    const Result peft = pass(false, 5), fused = pass(true, 5);
+    expect_same(p, peft, fused, b.scored, 1e-5);
+    // Control: another seed draws other masks, so the equality above is the same dropout, not no dropout.
+    const Result other = pass(true, 6);
+    EXPECT_GT(max_scored_diff(other.logprobs, fused.logprobs, b.scored), 1e-4);
+  }
+}
+
+TEST(TrainingForward, FusedLoraUnderBf16AutocastAsCloseToFp32AsPeftOps) {
+  auto model = load("llama3_gqa");
+  const Params p = trainable(*model, true);
+  const Batch b = make_batch(3, 20, model->config().vocab_size, /*left=*/false, 26);
+  model->set_fused_lora(false);
+  const Result ref = run(*model, p, b, AttentionKernel::kEager);
+  const Result peft16 = run(*model, p, b, AttentionKernel::kSdpa, /*autocast=*/true);
+  model->set_fused_lora(true);
+  const Result fused16 = run(*model, p, b, AttentionKernel::kSdpa, true);
+  expect_bf16_no_worse(ref, peft16, fused16, b.scored, "PEFT ops", "fused LoRA");
+  // Gradient direction of every adapter tensor against fp32.
+  for (size_t i = 0; i < p.size(); ++i) {
+    const at::Tensor a = ref.grads[i].flatten(), c = fused16.grads[i].flatten();
+    const double cosine = (a * c).sum().item<double>() / (a.norm().item<double>() * c.norm().item<double>());
+    EXPECT_GT(cosine, 0.99) << p[i].first;
+  }
 }
