@@ -1,6 +1,5 @@
-// Paged decode attention. Short contexts (or grids that fill the GPU anyway) take one fused launch per step: a
-// block per (sequence, KV head) does scores, softmax and Σ p·V in shared memory. Otherwise three launches, split
-// over partitions of the context so that one long sequence still spreads over many blocks. The grid is sized by max_context (never by the actual lengths), so a captured
+// Paged decode attention in three launches, split over partitions of the context so that one long sequence
+// still spreads over many blocks. The grid is sized by max_context (never by the actual lengths), so a captured
 // CUDA graph replays correctly while lengths change; blocks past a sequence's length return at once.
 //   1. qk:     grid (P, KV, S). Scores of the partition's tokens for all G query heads sharing the KV head
 //              (K read once per KV head), stored in float32, plus the partition's max and sum of exp.
@@ -24,9 +23,6 @@ using namespace cuda_detail;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;  // tokens per thread group whose loads are in flight together
-// The single-launch path: contexts up to kFusedShortTokens always, up to kFusedMaxTokens when S·KV fills the SMs.
-constexpr int64_t kFusedShortTokens = 512;
-constexpr int64_t kFusedMaxTokens = 1024;
 
 struct AttnParams {
   const void* q;
@@ -67,10 +63,11 @@ __device__ __forceinline__ int64_t cache_row(const AttnParams& p, const int* tab
 }
 
 // Each token is handled by NT = hd / E consecutive lanes, E elements (16 bytes) each; NT divides 32.
-// Scores of the slice's tokens for the G query heads into sc_s [G][part_tokens] (and, for the split path, into
-// p.scores), rounded as the spec rounds them.
 template <typename T, int E, int MAX_G>
-__device__ __forceinline__ void qk_scores(const AttnParams& p, const Slice& w, float* sc_s, bool to_global) {
+__global__ void __launch_bounds__(kThreads) attn_qk_kernel(const AttnParams p) {
+  Slice w;
+  if (!block_slice(p, w)) return;
+  extern __shared__ float sc_s[];  // [G][part_tokens]
   const int G = p.G, hd = p.hd, NT = hd / E, groups = kThreads / NT;
   const int grp = threadIdx.x / NT, lane = threadIdx.x % NT;
   const int64_t score_stride = static_cast<int64_t>(p.P) * p.part_tokens;
@@ -113,18 +110,64 @@ __device__ __forceinline__ void qk_scores(const AttnParams& p, const Slice& w, f
         if (lane == 0 && t < w.end) {
           const float sc = static_cast<float>(to<T>(static_cast<float>(to<T>(dot)) * p.scale));  // as the spec
           sc_s[g * p.part_tokens + (t - w.start)] = sc;
-          if (to_global) p.scores[(w.head_base + g) * score_stride + t] = sc;
+          p.scores[(w.head_base + g) * score_stride + t] = sc;
         }
       }
     }
   }
+  __syncthreads();
+  const int n = w.end - w.start, warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  for (int g = warp; g < G; g += kWarps) {
+    const float* sc = sc_s + g * p.part_tokens;
+    float m = -INFINITY;
+    for (int i = wl; i < n; i += 32) m = fmaxf(m, sc[i]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int i = wl; i < n; i += 32) l += expf(sc[i] - m);
+    l = warp_sum(l);
+    if (wl == 0) {
+      p.part_max[(w.head_base + g) * p.P + w.part] = m;
+      p.part_sum[(w.head_base + g) * p.P + w.part] = l;
+    }
+  }
 }
 
-// Σ p·V over the slice's tokens for each query head, with p_s [G][part_tokens] the probabilities already rounded;
-// the thread groups' sums meet in `red` [groups][hd] and `emit(g, d, sum)` stores each head's result.
-template <typename T, int E, int MAX_G, typename Emit>
-__device__ __forceinline__ void pv_sums(const AttnParams& p, const Slice& w, const float* p_s, float* red, Emit emit) {
+template <typename T, int E, int MAX_G>
+__global__ void __launch_bounds__(kThreads) attn_pv_kernel(const AttnParams p) {
+  Slice w;
+  if (!block_slice(p, w)) return;
+  extern __shared__ float smem[];
   const int G = p.G, hd = p.hd, NT = hd / E, groups = kThreads / NT;
+  float* p_s = smem;                     // [G][part_tokens]: this partition's probabilities, rounded to T
+  float* red = smem + G * p.part_tokens; // [groups][hd]: the thread groups' sums, added at the end
+  __shared__ float max_s[MAX_G], inv_sum_s[MAX_G];
+  const int len = min(p.context_lens[w.s], p.max_context);
+  const int nparts = (len + p.part_tokens - 1) / p.part_tokens;
+  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  for (int g = warp; g < G; g += kWarps) {
+    const float* pm = p.part_max + (w.head_base + g) * p.P;
+    const float* ps = p.part_sum + (w.head_base + g) * p.P;
+    float m = -INFINITY;
+    for (int i = wl; i < nparts; i += 32) m = fmaxf(m, pm[i]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int i = wl; i < nparts; i += 32) l += ps[i] * expf(pm[i] - m);
+    l = warp_sum(l);
+    if (wl == 0) {
+      max_s[g] = m;
+      inv_sum_s[g] = 1.0f / l;  // softmax multiplies by the reciprocal of the sum, as ATen's does
+    }
+  }
+  __syncthreads();
+  const int n = w.end - w.start;
+  const int64_t score_stride = static_cast<int64_t>(p.P) * p.part_tokens;
+  for (int i = threadIdx.x; i < G * n; i += kThreads) {
+    const int g = i / n, j = i % n;
+    const float e = expf(p.scores[(w.head_base + g) * score_stride + w.start + j] - max_s[g]);
+    p_s[g * p.part_tokens + j] = static_cast<float>(to<T>(e * inv_sum_s[g]));
+  }
+  __syncthreads();
+
   const int grp = threadIdx.x / NT, lane = threadIdx.x % NT;
   const int* table = p.block_tables + w.s * p.bt_stride;
   const T* vc = static_cast<const T*>(p.v_cache);
@@ -161,109 +204,14 @@ __device__ __forceinline__ void pv_sums(const AttnParams& p, const Slice& w, con
 #pragma unroll
     for (int j = 0; j < E; ++j) red[grp * hd + lane * E + j] = acc[g][j];
     __syncthreads();
+    float* dst = p.partial_out + ((w.head_base + g) * p.P + w.part) * hd;
     for (int d = threadIdx.x; d < hd; d += kThreads) {
       float sum = 0.0f;
       for (int r = 0; r < groups; ++r) sum += red[r * hd + d];
-      emit(g, d, sum);
+      dst[d] = sum;
     }
     __syncthreads();
   }
-}
-
-template <typename T, int E, int MAX_G>
-__global__ void __launch_bounds__(kThreads) attn_qk_kernel(const AttnParams p) {
-  Slice w;
-  if (!block_slice(p, w)) return;
-  extern __shared__ float sc_s[];  // [G][part_tokens]
-  qk_scores<T, E, MAX_G>(p, w, sc_s, /*to_global=*/true);
-  __syncthreads();
-  const int G = p.G, n = w.end - w.start, warp = threadIdx.x / 32, wl = threadIdx.x % 32;
-  for (int g = warp; g < G; g += kWarps) {
-    const float* sc = sc_s + g * p.part_tokens;
-    float m = -INFINITY;
-    for (int i = wl; i < n; i += 32) m = fmaxf(m, sc[i]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int i = wl; i < n; i += 32) l += expf(sc[i] - m);
-    l = warp_sum(l);
-    if (wl == 0) {
-      p.part_max[(w.head_base + g) * p.P + w.part] = m;
-      p.part_sum[(w.head_base + g) * p.P + w.part] = l;
-    }
-  }
-}
-
-template <typename T, int E, int MAX_G>
-__global__ void __launch_bounds__(kThreads) attn_pv_kernel(const AttnParams p) {
-  Slice w;
-  if (!block_slice(p, w)) return;
-  extern __shared__ float smem[];
-  const int G = p.G, hd = p.hd;
-  float* p_s = smem;                     // [G][part_tokens]: this partition's probabilities, rounded to T
-  float* red = smem + G * p.part_tokens; // [groups][hd]: the thread groups' sums, added at the end
-  __shared__ float max_s[MAX_G], inv_sum_s[MAX_G];
-  const int len = min(p.context_lens[w.s], p.max_context);
-  const int nparts = (len + p.part_tokens - 1) / p.part_tokens;
-  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
-  for (int g = warp; g < G; g += kWarps) {
-    const float* pm = p.part_max + (w.head_base + g) * p.P;
-    const float* ps = p.part_sum + (w.head_base + g) * p.P;
-    float m = -INFINITY;
-    for (int i = wl; i < nparts; i += 32) m = fmaxf(m, pm[i]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int i = wl; i < nparts; i += 32) l += ps[i] * expf(pm[i] - m);
-    l = warp_sum(l);
-    if (wl == 0) {
-      max_s[g] = m;
-      inv_sum_s[g] = 1.0f / l;  // softmax multiplies by the reciprocal of the sum, as ATen's does
-    }
-  }
-  __syncthreads();
-  const int n = w.end - w.start;
-  const int64_t score_stride = static_cast<int64_t>(p.P) * p.part_tokens;
-  for (int i = threadIdx.x; i < G * n; i += kThreads) {
-    const int g = i / n, j = i % n;
-    const float e = expf(p.scores[(w.head_base + g) * score_stride + w.start + j] - max_s[g]);
-    p_s[g * p.part_tokens + j] = static_cast<float>(to<T>(e * inv_sum_s[g]));
-  }
-  __syncthreads();
-
-  pv_sums<T, E, MAX_G>(p, w, p_s, red, [&](int g, int d, float sum) {
-    p.partial_out[((w.head_base + g) * p.P + w.part) * hd + d] = sum;
-  });
-}
-
-// The whole context of (sequence, KV head) in one block when it fits one partition: scores, softmax and Σ p·V
-// without the workspace round trip or the other two launches. Same roundings as the split path.
-template <typename T, int E, int MAX_G>
-__global__ void __launch_bounds__(kThreads) attn_fused_kernel(const AttnParams p) {
-  Slice w;
-  const bool any = block_slice(p, w);
-  const int G = p.G, hd = p.hd;
-  T* out = static_cast<T*>(p.out);
-  if (!any) {  // empty context: zeros, as the reduce kernel writes them
-    for (int i = threadIdx.x; i < G * hd; i += kThreads) out[w.head_base * hd + i] = to<T>(0.0f);
-    return;
-  }
-  extern __shared__ float smem[];
-  float* sc_s = smem;                       // [G][part_tokens]: scores, then probabilities
-  float* red = smem + G * p.part_tokens;    // [groups][hd]
-  qk_scores<T, E, MAX_G>(p, w, sc_s, /*to_global=*/false);
-  __syncthreads();
-  const int n = w.end - w.start, warp = threadIdx.x / 32, wl = threadIdx.x % 32;
-  for (int g = warp; g < G; g += kWarps) {
-    float* sc = sc_s + g * p.part_tokens;
-    float m = -INFINITY;
-    for (int i = wl; i < n; i += 32) m = fmaxf(m, sc[i]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int i = wl; i < n; i += 32) l += expf(sc[i] - m);
-    const float inv = 1.0f / warp_sum(l);
-    for (int i = wl; i < n; i += 32) sc[i] = static_cast<float>(to<T>(expf(sc[i] - m) * inv));
-  }
-  __syncthreads();
-  pv_sums<T, E, MAX_G>(p, w, sc_s, red, [&](int g, int d, float sum) { out[(w.head_base + g) * hd + d] = to<T>(sum); });
 }
 
 // grid (H, S): out = sum of the valid partitions' outputs; zeros for an empty context.
@@ -321,14 +269,9 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const size_t smem_pv = sizeof(float) * (G * part_tokens + (kThreads / NT) * hd);
   RLAIF_CHECK(smem_pv <= 48 * 1024 && smem_qk <= 48 * 1024, "paged_attention_decode_cuda: shared memory {} bytes",
               smem_pv);
-  // One block per (sequence, KV head) over the whole context, in one launch, when the context is short (each
-  // block's loop is then short too) or the grid fills the GPU anyway, and its scores fit in shared memory.
-  const size_t smem_fused = sizeof(float) * (G * max_context + (kThreads / NT) * hd);
-  const bool fused = max_context <= kFusedMaxTokens && smem_fused <= 48 * 1024 &&
-                     (max_context <= kFusedShortTokens || S * KV >= sms);
 
   // Workspace from the caching allocator on the current stream (capture-safe under at::cuda::CUDAGraph).
-  at::Tensor ws = fused ? at::Tensor() : at::empty({S * H * (score_stride + 2 * P + P * hd)}, q.options().dtype(at::kFloat));
+  at::Tensor ws = at::empty({S * H * (score_stride + 2 * P + P * hd)}, q.options().dtype(at::kFloat));
   AttnParams p{};
   p.q = q.data_ptr();
   p.q_stride = q.stride(0);
@@ -345,23 +288,11 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   p.part_tokens = part_tokens;
   p.P = static_cast<int>(P);
   p.scale = static_cast<float>(scale);
-  p.out = out.data_ptr();
-  if (fused) {
-    p.part_tokens = static_cast<int>(max_context);
-    p.P = 1;
-    const dim3 grid(1, static_cast<unsigned>(KV), static_cast<unsigned>(S));
-    if (G <= 1) attn_fused_kernel<T, E, 1><<<grid, kThreads, smem_fused, stream>>>(p);
-    else if (G <= 2) attn_fused_kernel<T, E, 2><<<grid, kThreads, smem_fused, stream>>>(p);
-    else if (G <= 4) attn_fused_kernel<T, E, 4><<<grid, kThreads, smem_fused, stream>>>(p);
-    else if (G <= 8) attn_fused_kernel<T, E, 8><<<grid, kThreads, smem_fused, stream>>>(p);
-    else attn_fused_kernel<T, E, 16><<<grid, kThreads, smem_fused, stream>>>(p);
-    check_launch("attn_fused_kernel");
-    return;
-  }
   p.scores = ws.data_ptr<float>();
   p.part_max = p.scores + S * H * score_stride;
   p.part_sum = p.part_max + S * H * P;
   p.partial_out = p.part_sum + S * H * P;
+  p.out = out.data_ptr();
 
   const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV), static_cast<unsigned>(S));
   if (G <= 1) launch_partitions<T, E, 1>(p, grid, smem_qk, smem_pv, stream);
