@@ -35,10 +35,9 @@ const RegisterCommand kRegister{Command{
           log_info("[eval] {}", name);
           EvalResult r = evaluate_checkpoint(cfg, ck);
           for (const auto& e : r.per_row)
-            rows_jsonl += nlohmann::json{{"model", name}, {"row", e.row}, {"completion", e.completion},
+            rows_jsonl += jsonl_line(nlohmann::json{{"model", name}, {"row", e.row}, {"completion", e.completion},
                                          {"reward", e.reward ? nlohmann::json(*e.reward) : nlohmann::json(nullptr)},
-                                         {"correct", e.verified ? nlohmann::json(e.correct) : nlohmann::json(nullptr)}}
-                              .dump() + "\n";
+                                         {"correct", e.verified ? nlohmann::json(e.correct) : nlohmann::json(nullptr)}});
           results.push_back({name, std::move(r)});
         }
         const std::string table = eval_table(results);

@@ -126,6 +126,10 @@ EvalResult evaluate(const ModelBundle& bundle, Engine& engine, teacher::Scorer& 
   return res;
 }
 
+std::string jsonl_line(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
 std::string eval_table(const std::vector<std::pair<std::string, EvalResult>>& results) {
   size_t w = 5;
   for (const auto& [name, r] : results) w = std::max(w, name.size());

@@ -55,6 +55,10 @@ EvalResult evaluate_checkpoint(const RunConfig& cfg, const std::filesystem::path
 // hardware.device → a device: auto (CUDA when present), cpu, cuda, cuda:N.
 at::Device resolve_device(const std::string& name);
 
+// One JSONL line for records that carry model text: a completion cut at max_new_tokens may end inside a UTF-8
+// character, so invalid bytes are written as U+FFFD instead of failing the run.
+std::string jsonl_line(const nlohmann::json& j);
+
 // The comparison table `rlaif eval` prints: one line per evaluated model.
 std::string eval_table(const std::vector<std::pair<std::string, EvalResult>>& results);
 

@@ -607,7 +607,8 @@ nlohmann::json epoch_summary(int64_t epoch, const std::vector<StepMetrics>& step
     calls += m.teacher_calls;
     if (m.accuracy >= 0) acc += m.accuracy, ++n_acc;
   }
-  return {{"type", "epoch"}, {"epoch", epoch}, {"steps", n}, {"last_step", n ? steps.back().step : 0},
+  // "step": the step that ended the epoch (so a resume drops the record with that step's).
+  return {{"type", "epoch"}, {"epoch", epoch}, {"steps", n}, {"step", n ? steps.back().step : 0},
           {"reward/mean", n ? reward / n : 0.0}, {"accuracy", n_acc ? acc / n_acc : -1.0}, {"loss", n ? loss / n : 0.0},
           {"kl", n ? kl / n : 0.0}, {"samples", samples}, {"generated_tokens", gen}, {"trained_tokens", trained},
           {"teacher/calls", calls}, {"time_s", time}};
@@ -622,7 +623,7 @@ void write_eval_rows(const fs::path& out_dir, int64_t step, const std::vector<Pr
                         {"reward", row.reward ? nlohmann::json(*row.reward) : nlohmann::json(nullptr)}};
     if (row.verified) j["correct"] = row.correct;
     if (!row.failure.empty()) j["failure"] = row.failure;
-    text += j.dump() + "\n";
+    text += jsonl_line(j);
   }
   write_file_atomic(out_dir / "eval" / fmt::format("eval-gs{}.jsonl", step), text);
 }
@@ -725,11 +726,10 @@ TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const st
     write_record(m.to_json(), m.step);
     if (samples_log.is_open()) {
       for (const auto& s : samples)
-        samples_log << nlohmann::json{{"step", m.step}, {"row", s.row}, {"group", s.group}, {"sample", s.gen.sample},
+        samples_log << jsonl_line(nlohmann::json{{"step", m.step}, {"row", s.row}, {"group", s.group}, {"sample", s.gen.sample},
                                       {"completion", s.text},
                                       {"reward", s.reward ? nlohmann::json(*s.reward) : nlohmann::json(nullptr)},
-                                      {"tokens", s.gen.tokens.size()}}.dump()
-                    << "\n";
+                                      {"tokens", s.gen.tokens.size()}});
       samples_log.flush();
     }
     result.steps.push_back(m);

@@ -12,6 +12,8 @@ TEST(ExampleConfigs, QuickstartNeedsNoApiKey) {
   EXPECT_TRUE(c.teacher.verifiers.exact_answer);
   EXPECT_TRUE(c.model.use_lora);
   EXPECT_EQ(c.training.max_steps, 12);
+  EXPECT_EQ(c.data.eval_file, "examples/data/arith_eval.jsonl");  // `rlaif eval --config examples/quickstart.yaml` works
+  EXPECT_GT(c.training.eval_steps, 0);
   EXPECT_TRUE(c.warnings.empty());
 }
 
