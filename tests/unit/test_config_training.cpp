@@ -122,3 +122,29 @@ TEST(ConfigTraining, BadValuesNameTheKeyAndChoices) {
   // Types are checked by the parser too.
   EXPECT_NE(error_of("rlaif: {kl_in_reward: maybe}").find("boolean"), std::string::npos);
 }
+
+TEST(ConfigTraining, CheckpointEvalAndLoggingKeys) {
+  const auto c = parse_run_config(R"(training:
+  save_every_epochs: 2
+  save_every_batches: 10
+  save_merged: true
+  eval_steps: 5
+  baseline_eval_batches: 3
+data:
+  eval_file: e.jsonl
+  max_eval_samples: 7
+logging:
+  save_samples: false
+)", "t.yaml");
+  EXPECT_EQ(c.training.save_every_epochs, 2);
+  EXPECT_EQ(c.training.save_every_batches, 10);
+  EXPECT_TRUE(c.training.save_merged);
+  EXPECT_EQ(c.training.eval_steps, 5);
+  EXPECT_EQ(c.training.baseline_eval_batches, 3);
+  EXPECT_EQ(c.data.eval_file, "e.jsonl");
+  EXPECT_EQ(c.data.max_eval_samples, 7);
+  EXPECT_FALSE(c.logging.save_samples);
+  EXPECT_TRUE(parse_run_config("", "t.yaml").logging.save_samples);
+  EXPECT_NE(error_of("training:\n  eval_steps: -1\n").find("training.eval_steps"), std::string::npos);
+  EXPECT_NE(error_of("logging:\n  save_samples: maybe\n").find("logging.save_samples"), std::string::npos);
+}
