@@ -24,6 +24,9 @@ TEST(Quickstart, RewardRisesOnArithmeticWithSmolLM2) {
   };
   set("models/SmolLM2-135M-Instruct.Q4_1.gguf", model.string());
   set("examples/data/arith_train.jsonl", (test::source_dir() / "examples/data/arith_train.jsonl").string());
+  set("examples/data/arith_eval.jsonl", (test::source_dir() / "examples/data/arith_eval.jsonl").string());
+  set("max_eval_samples: 16", "max_eval_samples: 8");
+  set("eval_steps: 6", "eval_steps: 10");
   set("runs/quickstart", (dir / "run").string());
   set("max_steps: 12", "max_steps: 10");
   std::ofstream(dir / "quick.yaml") << yaml;
@@ -48,4 +51,6 @@ TEST(Quickstart, RewardRisesOnArithmeticWithSmolLM2) {
   EXPECT_GT(last, first) << out;
   EXPECT_TRUE(fs::exists(dir / "run" / "checkpoint-final-gs10" / "adapter_model.safetensors"));
   EXPECT_TRUE(fs::exists(dir / "run" / "checkpoint-final-gs10" / "adapter_config.json"));
+  EXPECT_TRUE(fs::exists(dir / "run" / "eval" / "eval-gs10.jsonl"));
+  EXPECT_TRUE(fs::exists(dir / "run" / "best_checkpoint.json"));
 }
