@@ -5,6 +5,7 @@
 // baseline of the training part is bench/hf_train_step.py (transformers + peft, same loss, same shapes).
 // Usage: bench_train --model DIR [--device cuda|cpu] [--prompts 8] [--samples 8] [--new 512] [--out FILE.json]
 //        [--micro-batch 4] [--checkpointing] [--attention auto|eager|sdpa] [--full-head] [--no-fused-lora]
+//        [--phase-times]
 // The last three undo this file's speed-ups one by one (A/B on the same machine).
 #include <c10/core/CachingDeviceAllocator.h>
 
@@ -33,7 +34,7 @@ struct Options {
   std::string model_dir, device = "cuda", dtype = "bf16", out, attention = "auto";
   int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 4, steps = 3, lora_r = 16;
   double lr = 1e-5, kl_beta = 0.05;
-  bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false;
+  bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false, phase_times = false;
 };
 
 constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
@@ -70,6 +71,8 @@ struct StepTimes {
   int64_t generated = 0, loss_tokens = 0, forward_tokens = 0;
   int64_t peak_gen = 0, peak_train = 0;
   double loss = 0, grad_norm = 0;
+  // --phase-times: the training time split (each phase ends with a device sync, which perturbs the total a little)
+  double policy_fwd_s = 0, ref_fwd_s = 0, backward_s = 0, optim_s = 0;
 };
 
 class Bench {
@@ -151,6 +154,15 @@ class Bench {
     const int64_t n = static_cast<int64_t>(kept.size());
     const double denom = train::loss_denominator(pack(0, n).completion_mask, lo);  // one for all micro-batches
     model_->set_training(true);
+    // Phase clock for --phase-times: adds the time since the last mark to `acc` (after a device sync).
+    double mark = now();
+    const auto phase = [&](double& acc) {
+      if (!o_.phase_times) return;
+      sync(dev_);
+      const double t = now();
+      acc += t - mark;
+      mark = t;
+    };
     for (int64_t s = 0; s < n; s += o_.micro_batch) {
       const int64_t m = std::min(o_.micro_batch, n - s);
       const train::PackedBatch p = pack(s, m);
@@ -159,12 +171,15 @@ class Bench {
         // The LM head runs on the completion positions only (the loss never reads the prompt's log-probs).
         const at::Tensor scored = o_.full_head ? at::Tensor() : p.completion_mask;
         AutocastScope ac(dev_.type(), at::kBFloat16, !o_.no_autocast);
+        phase(st.optim_s);  // packing: counted with the optimizer's bookkeeping
         in.new_logprobs = model_->token_logprobs(p.tokens, p.attention_mask, p.targets, kChunkRows, scored);
+        phase(st.policy_fwd_s);
         if (lo.kl_beta > 0) {
           at::NoGradGuard ng;
           AdaptersOff off(*model_);
           in.ref_logprobs = model_->token_logprobs(p.tokens, p.attention_mask, p.targets, kChunkRows, scored);
         }
+        phase(st.ref_fwd_s);
       }
       in.sampler_logprobs = p.sampler_logprobs;
       std::vector<float> a;
@@ -173,6 +188,7 @@ class Bench {
       in.mask = p.completion_mask;
       const train::LossResult r = train::policy_loss(in, lo, denom);
       r.loss.backward();
+      phase(st.backward_s);
       st.loss += r.loss.item<double>();
       st.loss_tokens += r.tokens;
       st.forward_tokens += p.attention_mask.sum().item<int64_t>();
@@ -181,6 +197,7 @@ class Bench {
     st.grad_norm = train::clip_grad_norm(opt_->params(), 1.0);
     opt_->step(o_.lr);
     opt_->zero_grad();
+    phase(st.optim_s);
   }
 
   Options o_;
@@ -213,6 +230,8 @@ int main(int argc, char** argv) {
   app.add_option("--attention", o.attention, "training attention: auto (sdpa on CUDA), eager, sdpa");
   app.add_flag("--full-head", o.full_head, "LM head on every position, not only the completion's");
   app.add_flag("--no-fused-lora", o.no_fused_lora, "LoRA through PEFT's op sequence (layers::project)");
+  app.add_flag("--phase-times", o.phase_times, "split the training time (policy forward / reference forward / "
+               "backward / optimizer; syncs after each)");
   CLI11_PARSE(app, argc, argv);
 
   Bench bench(o);
@@ -230,6 +249,12 @@ int main(int argc, char** argv) {
                      {"generated_tokens", st.generated}, {"loss_tokens", st.loss_tokens},
                      {"forward_tokens", st.forward_tokens}, {"peak_gpu_bytes_generate", st.peak_gen},
                      {"peak_gpu_bytes_train", st.peak_train}, {"loss", st.loss}, {"grad_norm", st.grad_norm}});
+    if (o.phase_times) {
+      steps.back()["phases_s"] = {{"policy_forward", st.policy_fwd_s}, {"reference_forward", st.ref_fwd_s},
+                                  {"backward", st.backward_s}, {"optimizer_and_packing", st.optim_s}};
+      std::printf("  train split: policy forward %.3f s, reference forward %.3f s, backward %.3f s, optimizer and "
+                  "packing %.3f s\n", st.policy_fwd_s, st.ref_fwd_s, st.backward_s, st.optim_s);
+    }
     sum.gen_s += st.gen_s, sum.score_s += st.score_s, sum.train_s += st.train_s;
     sum.generated += st.generated, sum.loss_tokens += st.loss_tokens, sum.forward_tokens += st.forward_tokens;
     sum.peak_gen = std::max(sum.peak_gen, st.peak_gen), sum.peak_train = std::max(sum.peak_train, st.peak_train);
