@@ -153,7 +153,7 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
   }
 
   const AdapterMode mode{/*enabled=*/true, /*training=*/false};  // the engine samples the current policy
-  at::Tensor h = at::embedding(W.embed, tokens);                                        // [S, Tq, D]
+  at::Tensor h = layers::embed(W, tokens);                                              // [S, Tq, D]
   auto [cos, sin] = layers::rope_tables(positions, inv_freq_, dt);                       // [S, Tq, hd]
   cos = cos.unsqueeze(1);                                                               // [S, 1, Tq, hd]
   sin = sin.unsqueeze(1);
@@ -185,7 +185,7 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
     h = h + layers::mlp(x, L, mode);  // [S, Tq, D]
   }
   at::Tensor hl = h.view({S * Tq, -1}).index_select(0, to_dev(last, {S}));              // [S, D]
-  return at::linear(layers::rms_norm(hl, W.final_norm, c.rms_norm_eps), W.lm_head);    // [S, V]
+  return layers::logits(W, layers::rms_norm(hl, W.final_norm, c.rms_norm_eps));        // [S, V]
 }
 
 bool Engine::use_fused_decode() {
@@ -323,7 +323,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // Few rows on the GPU: bandwidth-bound GEMVs with q/k/v in one launch and the residual and SwiGLU fused.
   const bool small = W.embed.is_cuda() && S <= K::kSmallLinearMaxRows;
 
-  at::Tensor h = at::embedding(W.embed, in.tokens);                                    // [S, D]
+  at::Tensor h = layers::embed(W, in.tokens);                                          // [S, D]
   at::Tensor x = K::rms_norm(h, W.layers[0].input_norm, c.rms_norm_eps);               // [S, D]
   const AdapterMode base{/*enabled=*/false, /*training=*/false};  // adapters go through add_lora_group
   // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
@@ -383,12 +383,12 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     const at::Tensor& next_norm = l + 1 < c.num_layers ? W.layers[l + 1].input_norm : W.final_norm;
     x = K::rms_norm(h, next_norm, c.rms_norm_eps);
   }
-  if (small && dense(W.lm_head, x)) {
+  if (small && !W.lm_head_q.defined() && dense(W.lm_head, x)) {
     at::Tensor logits = at::empty({S, W.lm_head.size(0)}, x.options());
     K::small_linear(x, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits});
     return logits;                                                                      // [S, V]
   }
-  return at::linear(x, W.lm_head);                                                      // [S, V]
+  return layers::logits(W, x);                                                          // [S, V]
 }
 
 SampleResult Engine::decode_step(const std::vector<Seq*>& seqs) {

@@ -263,7 +263,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int part_tokens = 256;
   auto parts = [&](int pt) { return std::max<int64_t>(1, (max_context + pt - 1) / pt); };
-  while (part_tokens > 64 && S * KV * parts(part_tokens) < 2 * sms) part_tokens /= 2;
+  while (part_tokens > 32 && S * KV * parts(part_tokens) < 2 * sms) part_tokens /= 2;
   const int64_t P = parts(part_tokens), score_stride = P * part_tokens;
   const size_t smem_qk = sizeof(float) * G * part_tokens;
   const size_t smem_pv = sizeof(float) * (G * part_tokens + (kThreads / NT) * hd);
