@@ -98,8 +98,12 @@ void save_merged_model(const DecoderModel& model, const fs::path& source, const 
       if (fs::exists(src / f)) write_file_atomic(dir / f, read_file(src / f));
   } else {
     write_file_atomic(dir / "config.json", config_from_metadata(model.config(), dtype).dump(2));
-    log_warn("[export] {} is not an HF folder: the merged model in {} has weights and config.json but no tokenizer "
-             "files (copy them from the original HF repository)", src.string(), dir.string());
+    // Once per run: every checkpoint would say the same.
+    static bool warned = false;
+    if (!warned)
+      log_warn("[export] {} is not an HF folder: merged models get weights and a config.json built from its metadata "
+               "but no tokenizer files (copy them from the original HF repository)", src.string());
+    warned = true;
   }
 }
 
