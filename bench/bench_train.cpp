@@ -5,8 +5,8 @@
 // baseline of the training part is bench/hf_train_step.py (transformers + peft, same loss, same shapes).
 // Usage: bench_train --model DIR [--device cuda|cpu] [--prompts 8] [--samples 8] [--new 512] [--out FILE.json]
 //        [--micro-batch 4] [--checkpointing] [--attention auto|eager|sdpa] [--full-head] [--no-fused-lora]
-//        [--phase-times]
-// The last three undo this file's speed-ups one by one (A/B on the same machine).
+//        [--eager-norm] [--phase-times]
+// --attention eager, --full-head, --no-fused-lora and --eager-norm undo the training speed-ups one by one (A/B).
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <algorithm>
@@ -35,6 +35,7 @@ struct Options {
   int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 4, steps = 3, lora_r = 16;
   double lr = 1e-5, kl_beta = 0.05;
   bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false, phase_times = false;
+  bool eager_norm = false;
 };
 
 constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
@@ -87,6 +88,7 @@ class Bench {
     model_->set_gradient_checkpointing(o.checkpointing);
     model_->set_attention(parse_attention_kernel(o.attention, "--attention"));
     model_->set_fused_lora(!o.no_fused_lora);
+    model_->set_norm(o.eager_norm ? NormKernel::kEager : NormKernel::kAuto);
     opt_ = std::make_unique<train::AdamW>(lora_parameters(*model_), train::AdamWOptions{});
     EngineOptions eo;
     eo.max_batch = o.prompts * o.samples;  // eos_ids empty: every sample runs its full --new tokens
@@ -230,6 +232,7 @@ int main(int argc, char** argv) {
   app.add_option("--attention", o.attention, "training attention: auto (sdpa on CUDA), eager, sdpa");
   app.add_flag("--full-head", o.full_head, "LM head on every position, not only the completion's");
   app.add_flag("--no-fused-lora", o.no_fused_lora, "LoRA through PEFT's op sequence (layers::project)");
+  app.add_flag("--eager-norm", o.eager_norm, "RMSNorm through transformers' op sequence (not the fused kernel)");
   app.add_flag("--phase-times", o.phase_times, "split the training time (policy forward / reference forward / "
                "backward / optimizer; syncs after each)");
   CLI11_PARSE(app, argc, argv);
@@ -265,7 +268,8 @@ int main(int argc, char** argv) {
       {"prompts", o.prompts}, {"samples", o.samples}, {"prompt_len", o.prompt_len}, {"new_tokens", o.new_tokens},
       {"micro_batch", o.micro_batch}, {"lora_r", o.lora_r}, {"kl_beta", o.kl_beta}, {"autocast_bf16", !o.no_autocast},
       {"gradient_checkpointing", o.checkpointing}, {"attention", o.attention},
-      {"lm_head_rows", o.full_head ? "all" : "completion"}, {"fused_lora", !o.no_fused_lora}, {"steps", o.steps},
+      {"lm_head_rows", o.full_head ? "all" : "completion"}, {"fused_lora", !o.no_fused_lora},
+      {"fused_rms_norm", !o.eager_norm && o.device == "cuda"}, {"steps", o.steps},
       {"step_s", total / o.steps}, {"generate_s", sum.gen_s / o.steps}, {"score_s", sum.score_s / o.steps},
       {"train_s", sum.train_s / o.steps}, {"generate_fraction", sum.gen_s / total},
       {"score_fraction", sum.score_s / total}, {"train_fraction", sum.train_s / total},

@@ -71,8 +71,14 @@ struct LayerInputs {
   bool sdpa = false;    // at::scaled_dot_product_attention instead of layers::attention
   bool causal = false;  // right padding: the causal mask alone is exact for every real query
   bool fused_lora = true;
+  bool fused_norm = false;  // at::_fused_rms_norm instead of layers::rms_norm
   AdapterMode mode;
 };
+
+at::Tensor train_rms_norm(const at::Tensor& x, const at::Tensor& w, const LayerInputs& in) {
+  if (!in.fused_norm || x.scalar_type() != w.scalar_type()) return layers::rms_norm(x, w, in.eps);
+  return std::get<0>(at::_fused_rms_norm(x, {x.size(-1)}, w, in.eps));
+}
 
 // layers::project with the LoRA update accumulated into the base output by one GEMM epilogue
 // (y.addmm_(t, (scale·B)ᵀ): 2 passes over y instead of the 6 of y + (t·Bᵀ · scale).to(y) plus its backward), and
@@ -141,7 +147,7 @@ at::Tensor sdpa_attention(at::Tensor q, at::Tensor k, at::Tensor v, const LayerI
 // One pre-norm decoder layer: h + attn(norm(h)), then + mlp(norm(.)). [B, T, D] -> [B, T, D].
 at::Tensor layer_forward(at::Tensor h, const LayerWeights& L, const LayerInputs& in) {
   const int64_t B = in.B, T = in.T, H = in.H, KV = in.KV, hd = in.hd;
-  at::Tensor x = layers::rms_norm(h, L.input_norm, in.eps);                                       // [B, T, D]
+  at::Tensor x = train_rms_norm(h, L.input_norm, in);                                             // [B, T, D]
   at::Tensor q = train_project(x, L, Proj::kQ, in).view({B, T, H, hd}).transpose(1, 2);           // [B, H, T, hd]
   at::Tensor k = train_project(x, L, Proj::kK, in).view({B, T, KV, hd}).transpose(1, 2);          // [B, KV, T, hd]
   at::Tensor v = train_project(x, L, Proj::kV, in).view({B, T, KV, hd}).transpose(1, 2);          // [B, KV, T, hd]
@@ -159,7 +165,7 @@ at::Tensor layer_forward(at::Tensor h, const LayerWeights& L, const LayerInputs&
   }
   o = o.transpose(1, 2).reshape({B, T, H * hd});                                                  // [B, T, H*hd]
   h = h + train_project(o, L, Proj::kO, in);                                                      // [B, T, D]
-  x = layers::rms_norm(h, L.post_norm, in.eps);
+  x = train_rms_norm(h, L.post_norm, in);
   // SwiGLU as layers::mlp, through train_project.
   at::Tensor g = at::silu(train_project(x, L, Proj::kGate, in)) * train_project(x, L, Proj::kUp, in);  // [B, T, F]
   return h + train_project(g, L, Proj::kDown, in);                                                // [B, T, D]
@@ -284,6 +290,7 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
   in.B = B, in.T = T, in.H = c.num_heads, in.KV = c.num_kv_heads, in.hd = c.head_dim, in.eps = c.rms_norm_eps;
   in.mode = mode_;
   in.fused_lora = fused_lora_;
+  in.fused_norm = norm_ == NormKernel::kFused || (norm_ == NormKernel::kAuto && dev.is_cuda());
   at::Tensor h = at::embedding(weights_.embed, ids);                             // [B, T, D]
   auto [cos, sin] = layers::rope_tables(positions_from_mask(m), inv_freq_, dt);   // [B, T, hd]
   in.cos = cos.unsqueeze(1);                                                     // [B, 1, T, hd]
@@ -324,7 +331,7 @@ at::Tensor DecoderModel::hidden_states(const at::Tensor& tokens, const at::Tenso
     }
     h = CheckpointedLayer::apply(h, at::TensorList(call->params), call);
   }
-  return layers::rms_norm(h, weights_.final_norm, c.rms_norm_eps);                       // [B, T, D]
+  return train_rms_norm(h, weights_.final_norm, in);                                     // [B, T, D]
 }
 
 at::Tensor DecoderModel::forward(const at::Tensor& tokens, const at::Tensor& mask) const {

@@ -19,6 +19,10 @@ namespace rlaif {
 // padding is on the right (exact for every real query: padded keys come after all real ones), with the
 // boolean mask otherwise. kAuto: kSdpa on CUDA, kEager elsewhere.
 enum class AttentionKernel { kAuto, kEager, kSdpa };
+// RMSNorm of the training forward. kEager: layers::rms_norm (transformers' op sequence: normalise in float32,
+// cast, then scale). kFused: at::_fused_rms_norm (one kernel each way on CUDA; scales before the single rounding,
+// so bf16 outputs may differ by one ulp). kAuto: kFused on CUDA, kEager elsewhere.
+enum class NormKernel { kAuto, kEager, kFused };
 
 class DecoderModel {
  public:
@@ -40,6 +44,8 @@ class DecoderModel {
 
   void set_attention(AttentionKernel k) { attention_ = k; }
   AttentionKernel attention() const { return attention_; }
+  void set_norm(NormKernel k) { norm_ = k; }
+  NormKernel norm() const { return norm_; }
   // LoRA in this forward (on by default): the update accumulated into the base projection's output by one GEMM,
   // no float32 round trip of the input under autocast. Off: layers::project, PEFT's op sequence (the engine's).
   void set_fused_lora(bool on) { fused_lora_ = on; }
@@ -71,6 +77,7 @@ class DecoderModel {
   bool checkpointing_ = false;
   AttentionKernel attention_ = AttentionKernel::kAuto;
   bool fused_lora_ = true;
+  NormKernel norm_ = NormKernel::kAuto;
 };
 
 // Mixed precision for the training forward: inside the scope ATen's autocast runs matmuls (linear, matmul, ...)

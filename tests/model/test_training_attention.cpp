@@ -1,8 +1,9 @@
 // The training forward's fast paths against the paths the transformers/PEFT parity tests pin down: SDPA
 // attention (AttentionKernel::kSdpa) against the eager float32-score path — same log-probs and gradients on
 // every real position, for right padding (causal-only SDPA), left padding (boolean mask) and grouped K/V; the
-// fused LoRA update (set_fused_lora) against layers::project's PEFT op sequence; and the LM head restricted to
-// the scored positions (token_logprobs' score_mask) against the full head.
+// fused LoRA update (set_fused_lora) against layers::project's PEFT op sequence; the fused RMSNorm
+// (NormKernel::kFused) against layers::rms_norm; and the LM head restricted to the scored positions
+// (token_logprobs' score_mask) against the full head.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -214,4 +215,30 @@ TEST(TrainingForward, FusedLoraUnderBf16AutocastAsCloseToFp32AsPeftOps) {
     const double cosine = (a * c).sum().item<double>() / (a.norm().item<double>() * c.norm().item<double>());
     EXPECT_GT(cosine, 0.99) << p[i].first;
   }
+}
+
+TEST(TrainingForward, FusedRmsNormEqualsTransformersOps) {
+  for (const bool lora : {true, false}) {  // full fine-tuning: the norm weights' gradients too
+    SCOPED_TRACE(lora ? "LoRA" : "full");
+    auto model = load("qwen2_untied");
+    const Params p = trainable(*model, lora);
+    const Batch b = make_batch(3, 20, model->config().vocab_size, /*left=*/false, 27);
+    model->set_norm(NormKernel::kEager);
+    const Result eager = run(*model, p, b, AttentionKernel::kEager);
+    model->set_norm(NormKernel::kFused);
+    const Result fused = run(*model, p, b, AttentionKernel::kEager);
+    expect_same(p, eager, fused, b.scored, 1e-5);
+  }
+  // bf16 autocast with every speed path on (what kAuto selects on CUDA) against the transformers/PEFT ops.
+  auto model = load("llama3_gqa");
+  const Params p = trainable(*model, true);
+  const Batch b = make_batch(3, 20, model->config().vocab_size, /*left=*/false, 28);
+  model->set_norm(NormKernel::kEager);
+  model->set_fused_lora(false);
+  const Result ref = run(*model, p, b, AttentionKernel::kEager);
+  const Result slow16 = run(*model, p, b, AttentionKernel::kEager, /*autocast=*/true);
+  model->set_norm(NormKernel::kFused);
+  model->set_fused_lora(true);
+  const Result fast16 = run(*model, p, b, AttentionKernel::kSdpa, true);
+  expect_bf16_no_worse(ref, slow16, fast16, b.scored, "transformers/PEFT ops", "SDPA + fused LoRA + fused norm");
 }
