@@ -82,13 +82,17 @@ if has train; then
   MD=/tmp/rlaif-bench-models
   [ -f "$MD/qwen2.5-3b-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate_models.json" \
     --shapes 3b --batches 1 > /dev/null 2>&1
-  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --out "$OUT/rlaif_train_3b.json" > "$OUT/rlaif_train_3b.log" 2>&1 || log "bench_train failed"
+  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --out "$OUT/rlaif_train_3b.json" \
+    > "$OUT/rlaif_train_3b.log" 2>&1 || log "bench_train failed"
   "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --micro-batch 8 --checkpointing --steps 2 \
     --out "$OUT/rlaif_train_3b_ckpt.json" > "$OUT/rlaif_train_3b_ckpt.log" 2>&1 || log "bench_train ckpt failed"
   $PY bench/hf_train_step.py --model "$MD/qwen2.5-3b-random" --out "$OUT/hf_train_3b.json" > "$OUT/hf_train_3b.log" 2>&1 \
     || log "hf_train_step failed"
+  # The same step on the pre-optimisation training path (eager attention, full head, PEFT's LoRA ops, eager norm).
+  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --attention eager --full-head --no-fused-lora --eager-norm \
+    --steps 2 --out "$OUT/rlaif_train_3b_old.json" > "$OUT/rlaif_train_3b_old.log" 2>&1 || log "bench_train old failed"
   grep -E "^step" "$OUT"/rlaif_train_3b*.log "$OUT/hf_train_3b.log" | tee -a "$OUT/summary.txt"
-  tail -5 "$OUT"/rlaif_train_3b.log "$OUT/hf_train_3b.log"
+  grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" | head -8 | tee -a "$OUT/summary.txt"
 fi
 # The device tool returns at most 8 files: keep the summary loose, pack the logs and JSON results.
 tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log "$OUT"/*.json

@@ -151,17 +151,12 @@ void setup(Run& r, const fs::path& resume_dir) {
   const RunConfig& c = r.cfg;
   if (c.model.name_or_path.empty()) throw Error("config", "model.name_or_path is required");
   if (c.data.train_file.empty()) throw Error("config", "data.train_file is required");
-  // Keys that parse but whose features are not built yet: said out loud, never silently ignored.
-  auto not_yet = [](bool set, const char* key) {
-    if (set) log_warn("[config] {} is not implemented yet and is ignored", key);
-  };
-  not_yet(c.training.bf16, "training.bf16");
-  not_yet(c.training.gradient_checkpointing, "training.gradient_checkpointing");
   const at::Device dev = resolve_device(c.hardware.device);
   // Trainable weights are float32 on the CPU; on the GPU the base model runs in model.dtype (LoRA stays fp32).
   const std::string dtype = dev.is_cpu() ? "float32" : c.model.dtype;
   r.bundle = load_bundle(c.model.name_or_path, {parse_torch_dtype(dtype), dev});
   DecoderModel& m = *r.bundle.model;
+  m.set_gradient_checkpointing(c.training.gradient_checkpointing);
   r.pad_id = r.bundle.tokenizer.pad_id().value_or(r.bundle.eos_ids.empty() ? 0 : r.bundle.eos_ids[0]);
 
   train::NamedParams params;
@@ -358,9 +353,9 @@ void update(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
   if (c.rlaif.kl_in_reward && use_ref && !index.empty()) {
     at::NoGradGuard ng;
     auto p = pack(index);
-    at::Tensor lp = model.token_logprobs(p.tokens, p.attention_mask, p.targets);
+    at::Tensor lp = model.token_logprobs(p.tokens, p.attention_mask, p.targets, 1024, p.completion_mask);
     AdaptersOff off(model);
-    at::Tensor ref = model.token_logprobs(p.tokens, p.attention_mask, p.targets);
+    at::Tensor ref = model.token_logprobs(p.tokens, p.attention_mask, p.targets, 1024, p.completion_mask);
     rewards = train::apply_kl_to_rewards(rewards, lp, ref, p.completion_mask, r.kl.beta, r.loss_opt.kl_estimator).rewards;
   }
   const train::AdvantageResult adv = train::compute_advantages(rewards, groups, r.adv_opt);
@@ -396,15 +391,19 @@ void update(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
     std::vector<double> part_adv(kept_adv.begin() + s, kept_adv.begin() + s + part.size());
     auto p = pack(part);
     train::LossInputs in;
-    in.new_logprobs = model.token_logprobs(p.tokens, p.attention_mask, p.targets);
+    {
+      // training.bf16: the forwards' matmuls in bfloat16 over float32 master weights; backward after the scope.
+      AutocastScope autocast(dev.type(), at::kBFloat16, c.training.bf16);
+      in.new_logprobs = model.token_logprobs(p.tokens, p.attention_mask, p.targets, 1024, p.completion_mask);
+      if (lo.kl_beta > 0) {
+        at::NoGradGuard ng;
+        AdaptersOff off(model);
+        in.ref_logprobs = model.token_logprobs(p.tokens, p.attention_mask, p.targets, 1024, p.completion_mask);
+      }
+    }
     in.sampler_logprobs = p.sampler_logprobs;
     in.advantages = at::tensor(part_adv, at::kDouble).to(dev, at::kFloat);
     in.mask = p.completion_mask;
-    if (lo.kl_beta > 0) {
-      at::NoGradGuard ng;
-      AdaptersOff off(model);
-      in.ref_logprobs = model.token_logprobs(p.tokens, p.attention_mask, p.targets);
-    }
     auto res = train::policy_loss(in, lo, denom);
     res.loss.backward();
     const double n = res.tokens;

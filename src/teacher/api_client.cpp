@@ -148,7 +148,8 @@ std::string make_request_body(const TeacherConfig& cfg, const std::string& syste
   } else {
     body["messages"] = json::array({{{"role", "system"}, {"content", system}}, {{"role", "user"}, {"content", user}}});
   }
-  return body.dump();
+  // A completion cut inside a multi-byte character must not abort scoring: invalid UTF-8 becomes U+FFFD.
+  return body.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 void parse_response_body(const std::string& provider, const std::string& body, std::string* text,
