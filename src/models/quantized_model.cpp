@@ -118,7 +118,7 @@ nlohmann::json hf_config_json(const ModelConfig& c) {
                       {"tie_word_embeddings", c.tie_word_embeddings},
                       {"hidden_act", "silu"}};
   if (c.family == "llama") {
-    j["attention_bias"] = c.qkv_bias;
+    j["attention_bias"] = c.o_bias || c.qkv_bias;
     j["mlp_bias"] = c.mlp_bias;
   }
   if (c.rope.type == "llama3")
@@ -128,6 +128,7 @@ nlohmann::json hf_config_json(const ModelConfig& c) {
   if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
   if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
   else if (!c.eos_token_ids.empty()) j["eos_token_id"] = c.eos_token_ids;
+  if (c.pad_token_id) j["pad_token_id"] = *c.pad_token_id;
   return j;
 }
 

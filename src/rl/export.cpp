@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/io.h"
 #include "core/logging.h"
+#include "models/quantized_model.h"
 #include "models/weights.h"
 
 namespace rlaif {
@@ -31,31 +32,6 @@ std::string dtype_json_name(at::ScalarType t) {
     case at::kHalf: return "float16";
     default: return "float32";
   }
-}
-
-// config.json for a model that came without one (GGUF): the keys transformers' Llama/Qwen2 configs read.
-nlohmann::ordered_json config_from_metadata(const ModelConfig& c, at::ScalarType dtype) {
-  nlohmann::ordered_json j = {{"architectures", {c.architecture}}, {"model_type", c.family},
-                              {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
-                              {"intermediate_size", c.intermediate_size}, {"num_hidden_layers", c.num_layers},
-                              {"num_attention_heads", c.num_heads}, {"num_key_value_heads", c.num_kv_heads},
-                              {"head_dim", c.head_dim}, {"max_position_embeddings", c.max_position_embeddings},
-                              {"rms_norm_eps", c.rms_norm_eps}, {"rope_theta", c.rope.theta},
-                              {"tie_word_embeddings", c.tie_word_embeddings}, {"hidden_act", "silu"},
-                              {"torch_dtype", dtype_json_name(dtype)}};
-  if (c.family == "llama") {
-    j["attention_bias"] = c.o_bias || c.qkv_bias;
-    j["mlp_bias"] = c.mlp_bias;
-  }
-  if (c.rope.type == "llama3")
-    j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", c.rope.factor}, {"low_freq_factor", c.rope.low_freq_factor},
-                         {"high_freq_factor", c.rope.high_freq_factor},
-                         {"original_max_position_embeddings", c.rope.original_max_position_embeddings}};
-  if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
-  if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
-  else if (!c.eos_token_ids.empty()) j["eos_token_id"] = c.eos_token_ids;
-  if (c.pad_token_id) j["pad_token_id"] = *c.pad_token_id;
-  return j;
 }
 
 // Files beside the weights that tokenizers and generation need; copied verbatim when present.
@@ -97,7 +73,10 @@ void save_merged_model(const DecoderModel& model, const fs::path& source, const 
     for (const char* f : kSideFiles)
       if (fs::exists(src / f)) write_file_atomic(dir / f, read_file(src / f));
   } else {
-    write_file_atomic(dir / "config.json", config_from_metadata(model.config(), dtype).dump(2));
+    // A model that came without one (GGUF): the keys transformers' Llama/Qwen2 configs read, from its metadata.
+    nlohmann::json j = hf_config_json(model.config());
+    j["torch_dtype"] = dtype_json_name(dtype);
+    write_file_atomic(dir / "config.json", j.dump(2));
     // Once per run: every checkpoint would say the same.
     static bool warned = false;
     if (!warned)
