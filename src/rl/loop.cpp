@@ -254,8 +254,15 @@ void setup(Run& r, const fs::path& resume_dir) {
   eo.eos_ids = r.bundle.eos_ids;
   r.engine = std::make_unique<Engine>(r.bundle.model, eo);
   r.scorer = std::make_unique<teacher::Scorer>(c.teacher);
-  // Last, so nothing in setup draws from the generator after it is restored.
-  if (!resume_dir.empty()) restore_rng(resume_dir, dev);
+  // Last, so nothing in setup draws from the generator after it is seeded or restored. A fresh run seeds the
+  // dropout generator from training.seed, so two runs of one config draw the same masks.
+  if (!resume_dir.empty()) {
+    restore_rng(resume_dir, dev);
+  } else {
+    at::Generator gen = at::globalContext().defaultGenerator(dev);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_current_seed(static_cast<uint64_t>(c.training.seed));
+  }
   log_info("[train] {} on {} ({}), {} prompts, {} steps, {} x {} samples per step, {} ({} trainable tensors)",
            c.model.name_or_path, r.engine->backend(), dtype, r.rows.size(), r.total_steps, c.training.batch_size,
            c.rlaif.num_samples_per_prompt, c.model.use_lora ? "LoRA" : "full fine-tuning", params.size());

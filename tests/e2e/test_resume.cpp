@@ -1,5 +1,6 @@
-// Exact resume through the real binary (CPU, fp32, fixed seeds, one thread; LoRA dropout off: with dropout on, two
-// straight runs already differ, see the report of issue 8): 4 steps straight vs a run killed with SIGKILL after its step-2 checkpoint appears, then
+// Exact resume through the real binary (CPU, fp32, fixed seeds, one thread, LoRA dropout on: the dropout generator
+// is seeded from training.seed and saved in every checkpoint): 4 steps straight vs a run killed with SIGKILL after
+// its step-2 checkpoint appears, then
 // `--resume latest` to 4 — identical per-step losses and byte-identical final adapter. A crash during a
 // checkpoint write (test hook) leaves the previous checkpoint loadable and the half-written one is removed;
 // missing or corrupt checkpoints fail with the file named.
@@ -44,7 +45,7 @@ std::string config(const fs::path& out) {
   use_lora: true
   lora_r: 4
   lora_alpha: 8
-  lora_dropout: 0.0
+  lora_dropout: 0.1
 teacher:
   provider: local
   cache_path: ""
