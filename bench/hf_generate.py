@@ -16,6 +16,9 @@ SHAPES = {
                  num_key_value_heads=2),
     "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                num_key_value_heads=2),
+    # SmolLM2-135M's dimensions (vocab 49152) for the CPU comparison.
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152),
 }
 
 
@@ -27,33 +30,39 @@ def main():
     ap.add_argument("--shapes", default="0.5b,3b")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     results = []
     for shape in a.shapes.split(","):
-        cfg = Qwen2Config(vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
-                          rms_norm_eps=1e-6, torch_dtype="bfloat16", **SHAPES[shape])
+        dims = {"vocab_size": 151936, **SHAPES[shape]}
+        cfg = Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
+                          rms_norm_eps=1e-6, torch_dtype=a.dtype, **dims)
         torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+        with torch.device(a.device):
+            model = Qwen2ForCausalLM(cfg).to(dtype).eval()
         d = os.path.join(a.models_dir, f"qwen2.5-{shape}-random")
         if not os.path.exists(os.path.join(d, "config.json")):
             model.save_pretrained(d)
         for b in [int(x) for x in a.batches.split(",")]:
-            ids = torch.randint(0, 151936, (b, a.prompt), device="cuda")
+            ids = torch.randint(0, dims["vocab_size"], (b, a.prompt), device=a.device)
             kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=a.new,
                       min_new_tokens=a.new, pad_token_id=0, eos_token_id=None)
             model.generate(ids, attention_mask=torch.ones_like(ids), **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-            torch.cuda.synchronize()
+            sync()
             dt = time.perf_counter() - t0
             n = (out.shape[1] - a.prompt) * b
             results.append({"impl": "transformers", "shape": shape, "batch": b, "new_tokens": n, "seconds": dt,
-                            "tokens_per_s": n / dt})
+                            "tokens_per_s": n / dt, "device": a.device, "dtype": a.dtype})
             print(f"transformers {shape} batch {b}: {n / dt:.1f} tok/s", flush=True)
         del model
-        torch.cuda.empty_cache()
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
     import transformers
     json.dump({"transformers": transformers.__version__, "torch": torch.__version__, "results": results},
               open(a.out, "w"), indent=1)
