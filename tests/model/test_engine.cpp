@@ -30,6 +30,35 @@ std::vector<Case> greedy_cases(const fs::path& dir) {
 
 class EngineParity : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
 
+// |engine log-prob − training forward log-prob| over every generated token: the trainer's view is one row
+// [prompt + tokens], log p of each generated token given its prefix.
+struct LogprobGap {
+  double mean = 0, max = 0;
+  int64_t tokens = 0;
+};
+
+LogprobGap engine_vs_trainer(const DecoderModel& model, const std::vector<GenerationRequest>& reqs,
+                             const std::vector<GeneratedSample>& out) {
+  at::NoGradGuard ng;  // adapters may require grad; the comparison needs no graph
+  double sum = 0;
+  LogprobGap g;
+  for (const auto& s : out) {
+    const auto& prompt = reqs[s.request].prompt;
+    std::vector<int64_t> ids(prompt.begin(), prompt.end());
+    ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
+    const at::Tensor t = at::tensor(ids, at::kLong).view({1, -1});
+    const at::Tensor lp = model.token_logprobs(t, at::ones_like(t), at::roll(t, -1, 1)).cpu();
+    for (size_t j = 0; j < s.tokens.size(); ++j) {
+      const double d = std::abs(lp[0][prompt.size() - 1 + j].item<double>() - s.logprobs[j]);
+      sum += d;
+      g.max = std::max(g.max, d);
+      ++g.tokens;
+    }
+  }
+  g.mean = sum / g.tokens;
+  return g;
+}
+
 TEST_P(EngineParity, GreedyEqualsTransformersGenerate) {
   const auto [name, share] = GetParam();
   const fs::path dir = test::reference_dir() / name;
@@ -77,29 +106,13 @@ TEST(Engine, LogprobsEqualTrainingForward) {
     reqs[i].params.seed = 5;
   }
   auto out = engine.generate(reqs);
-  double sum = 0, worst = 0;
-  int64_t n = 0;
-  for (const auto& s : out) {
-    // The trainer's view: one padded row [prompt + tokens], log p of each generated token given its prefix.
-    const auto& prompt = reqs[s.request].prompt;
-    std::vector<int64_t> ids(prompt.begin(), prompt.end());
-    ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
-    const int64_t T = ids.size();
-    at::Tensor t = at::tensor(ids, at::kLong).view({1, T});
-    at::Tensor targets = at::roll(t, -1, 1);
-    at::Tensor lp = model->token_logprobs(t, at::ones_like(t), targets).cpu();
-    for (size_t j = 0; j < s.tokens.size(); ++j) {
-      const double d = std::abs(lp[0][prompt.size() - 1 + j].item<double>() - s.logprobs[j]);
-      sum += d;
-      worst = std::max(worst, d);
-      ++n;
-    }
-    // Temperature 1 with no filters: the processed distribution is the raw one.
+  // Temperature 1 with no filters: the processed distribution is the raw one.
+  for (const auto& s : out)
     for (size_t j = 0; j < s.tokens.size(); ++j) EXPECT_NEAR(s.logprobs[j], s.processed_logprobs[j], 1e-5);
-  }
+  const LogprobGap g = engine_vs_trainer(*model, reqs, out);
   std::printf("[engine fp32 %s] engine vs training-forward log-probs over %ld tokens: mean abs %.2e, max %.2e\n",
-              test::test_device().str().c_str(), static_cast<long>(n), sum / n, worst);
-  EXPECT_LE(sum / n, 1e-5);
+              test::test_device().str().c_str(), static_cast<long>(g.tokens), g.mean, g.max);
+  EXPECT_LE(g.mean, 1e-5);
 }
 
 // LoRA on every projection (B randomised so the update is not zero): the engine's decode (on CUDA: the few-row
@@ -125,29 +138,11 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
       reqs[i].params.max_new_tokens = 16;
       reqs[i].params.seed = 9;
     }
-    double sum = 0, worst = 0;
-    int64_t n = 0;
-    for (const auto& s : engine.generate(reqs)) {
-      std::vector<int64_t> ids(reqs[s.request].prompt.begin(), reqs[s.request].prompt.end());
-      ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
-      at::Tensor t = at::tensor(ids, at::kLong).view({1, -1});
-      at::Tensor lp;
-      {
-        at::NoGradGuard ng;
-        lp = model->token_logprobs(t.to(test::test_device()), at::ones_like(t).to(test::test_device()),
-                                   at::roll(t, -1, 1).to(test::test_device())).cpu();
-      }
-      for (size_t j = 0; j < s.tokens.size(); ++j) {
-        const double d = std::abs(lp[0][reqs[s.request].prompt.size() - 1 + j].item<double>() - s.logprobs[j]);
-        sum += d;
-        worst = std::max(worst, d);
-        ++n;
-      }
-    }
+    const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
     std::printf("[engine lora fp32 %s] %ld rows: engine vs training forward over %ld tokens: mean abs %.2e, max %.2e\n",
-                test::test_device().str().c_str(), static_cast<long>(requests == 2 ? 6 : 16), static_cast<long>(n),
-                sum / n, worst);
-    EXPECT_LE(sum / n, 1e-5) << requests << " requests";
+                test::test_device().str().c_str(), static_cast<long>(requests == 2 ? 6 : 16),
+                static_cast<long>(g.tokens), g.mean, g.max);
+    EXPECT_LE(g.mean, 1e-5) << requests << " requests";
   }
 }
 
@@ -164,25 +159,12 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
     reqs[i].params.max_new_tokens = 32;
     reqs[i].params.seed = 3;
   }
-  double sum = 0, worst = 0;
-  int64_t n = 0;
-  for (const auto& s : engine.generate(reqs)) {
-    std::vector<int64_t> ids(reqs[s.request].prompt.begin(), reqs[s.request].prompt.end());
-    ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
-    at::Tensor t = at::tensor(ids, at::kLong).view({1, -1});
-    at::Tensor lp = model->token_logprobs(t, at::ones_like(t), at::roll(t, -1, 1)).cpu();
-    for (size_t j = 0; j < s.tokens.size(); ++j) {
-      const double d = std::abs(lp[0][reqs[s.request].prompt.size() - 1 + j].item<double>() - s.logprobs[j]);
-      sum += d;
-      worst = std::max(worst, d);
-      ++n;
-    }
-  }
+  const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
   // Both paths round to bf16 at every matmul, but in different kernels and orders (paged split-K attention vs
   // dense eager attention): differences of a few bf16 ulps of the logits are expected, not 1e-5.
   std::printf("[engine bf16 %s] engine (fused kernels, CUDA graphs) vs training forward over %ld tokens: mean abs %.2e, max %.2e\n",
-              test::test_device().str().c_str(), static_cast<long>(n), sum / n, worst);
-  EXPECT_LE(sum / n, 5e-2);
+              test::test_device().str().c_str(), static_cast<long>(g.tokens), g.mean, g.max);
+  EXPECT_LE(g.mean, 5e-2);
 }
 
 TEST(Engine, ContinuousBatchingMatchesRunningAlone) {
