@@ -134,7 +134,7 @@ at::Tensor Engine::forward_step(const std::vector<Seq*>& seqs, const std::vector
       write_src.push_back(i * Tq + j);
     }
     for (int64_t j = n; j < Tq; ++j) pos[i * Tq + j] = start + n - 1;  // padding queries repeat the last position
-    for (int64_t p = 0; p < start + n; ++p) {
+    for (int64_t p = 0; !fresh && p < start + n; ++p) {  // fresh prompts attend without reading the cache back
       ctx[i * Lk + p] = s.blocks[p / bs] * bs + p % bs;
       key_pos[i * Lk + p] = p;
     }
@@ -213,13 +213,6 @@ bool dense(const at::Tensor& w, const at::Tensor& x) {
 
 const LoraAdapter& adapter(const LayerWeights& L, Proj p) { return L.lora[static_cast<int>(p)]; }
 
-// y + the projection's LoRA update with ATen ops, rounded as layers::project rounds it (the CPU path).
-at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const LayerWeights& L, Proj p) {
-  const LoraAdapter& a = adapter(L, p);
-  if (!a.defined()) return y;
-  return y + (at::linear(at::linear(x.to(a.a.scalar_type()), a.a), a.b) * a.scale).to(y.scalar_type());
-}
-
 // Adds the LoRA updates of projections `ps` (sharing input x) to their base outputs `ys` in place: on the GPU one
 // shrink and one expand launch for the group (kernels/cpu/lora.h), on the CPU ATen ops. With `residual` (one
 // projection): residual = residual + (y + update), in place.
@@ -243,7 +236,8 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
     return;
   }
   if (!kernels_fit) {
-    for (size_t i = 0; i < ps.size(); ++i) ys[i] = add_lora(ys[i], x, L, ps[i]);
+    for (size_t i = 0; i < ps.size(); ++i)
+      if (adapter(L, ps[i]).defined()) ys[i] = layers::add_lora(ys[i], x, adapter(L, ps[i]), /*training=*/false);
     if (residual.defined()) residual.copy_(residual + ys[0]);
     return;
   }
@@ -261,47 +255,56 @@ bool plain_sampling(const SamplingParams& p, int64_t vocab) {
          p.top_p >= 1.0 && p.min_p <= 0.0;
 }
 
-// Carves 8-byte-aligned views of the given dtypes and sizes out of a byte buffer.
+// Carves 8-byte-aligned views of the given dtypes and shapes out of a byte buffer, one after another.
 struct Carver {
   const at::Tensor& buf;
   int64_t offset = 0;
+  static int64_t bytes(at::ScalarType dt, int64_t elements) {
+    return (elements * static_cast<int64_t>(c10::elementSize(dt)) + 7) / 8 * 8;
+  }
   at::Tensor take(at::ScalarType dt, std::vector<int64_t> shape) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(dt));
-    at::Tensor t = buf.narrow(0, offset, bytes).view(dt).view(shape);
-    offset += (bytes + 7) / 8 * 8;
+    at::Tensor t = buf.narrow(0, offset, n * static_cast<int64_t>(c10::elementSize(dt))).view(dt).view(shape);
+    offset += bytes(dt, n);
     return t;
   }
 };
 
-int64_t padded(int64_t bytes) { return (bytes + 7) / 8 * 8; }
-
 }  // namespace
 
 Engine::StepInputs Engine::make_step_inputs(int64_t rows, int64_t width, const at::Device& dev) {
-  const int64_t bytes = 4 * 8 * rows + padded(4 * rows) + padded(4 * rows) + padded(4 * rows * width);
+  // The packed layout: each input's device view, host view, dtype and columns (0: the block-table width).
+  struct Slot {
+    at::Tensor StepInputs::*dev;
+    at::Tensor StepInputs::*host;
+    at::ScalarType dtype;
+    int64_t cols;
+  };
+  const Slot slots[] = {{&StepInputs::tokens, &StepInputs::host_tokens, at::kLong, 1},
+                        {&StepInputs::positions, &StepInputs::host_positions, at::kLong, 1},
+                        {&StepInputs::slots, &StepInputs::host_slots, at::kLong, 1},
+                        {&StepInputs::uniform, &StepInputs::host_uniform, at::kDouble, 1},
+                        {&StepInputs::temperature, &StepInputs::host_temperature, at::kFloat, 1},
+                        {&StepInputs::context_lens, &StepInputs::host_context_lens, at::kInt, 1},
+                        {&StepInputs::block_tables, &StepInputs::host_block_tables, at::kInt, 0}};
+  int64_t bytes = 0;
+  for (const Slot& s : slots) bytes += Carver::bytes(s.dtype, rows * (s.cols ? s.cols : width));
   StepInputs in;
   const auto bytes_opt = at::TensorOptions().dtype(at::kByte);
   in.host = at::empty({bytes}, dev.is_cuda() ? bytes_opt.pinned_memory(true) : bytes_opt);
   in.dev = dev.is_cuda() ? at::empty({bytes}, bytes_opt.device(dev)) : in.host;
-  auto carve = [&](const at::Tensor& buf, StepInputs& v, bool host) {
-    Carver c{buf};
-    (host ? v.host_tokens : v.tokens) = c.take(at::kLong, {rows});
-    (host ? v.host_positions : v.positions) = c.take(at::kLong, {rows});
-    (host ? v.host_slots : v.slots) = c.take(at::kLong, {rows});
-    (host ? v.host_uniform : v.uniform) = c.take(at::kDouble, {rows});
-    (host ? v.host_temperature : v.temperature) = c.take(at::kFloat, {rows});
-    (host ? v.host_context_lens : v.context_lens) = c.take(at::kInt, {rows});
-    (host ? v.host_block_tables : v.block_tables) = c.take(at::kInt, {rows, width});
-  };
-  carve(in.host, in, true);
-  carve(in.dev, in, false);
+  Carver d{in.dev}, h{in.host};
+  for (const Slot& s : slots) {
+    const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{rows} : std::vector<int64_t>{rows, width};
+    in.*s.dev = d.take(s.dtype, shape);
+    in.*s.host = h.take(s.dtype, shape);
+  }
   return in;
 }
 
 Engine::StepOutputs Engine::make_step_outputs(int64_t rows, const at::Device& dev) {
-  const int64_t bytes = 8 * rows + 8 * rows;
+  const int64_t bytes = Carver::bytes(at::kLong, rows) + Carver::bytes(at::kFloat, 2 * rows);
   StepOutputs out;
   const auto bytes_opt = at::TensorOptions().dtype(at::kByte);
   out.dev = at::empty({bytes}, bytes_opt.device(dev));
@@ -354,7 +357,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
       return h + layers::project(in_x, L, p, base);
     }
     std::vector<at::Tensor> y = project_group(in_x, L, {p});
-    if (!in_x.is_cuda()) return h + add_lora(y[0], in_x, L, p);
+    if (!in_x.is_cuda()) return h + layers::add_lora(y[0], in_x, adapter(L, p), /*training=*/false);
     add_lora_group(in_x, L, {p}, y, h);
     return h;
   };

@@ -19,19 +19,21 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
 }
 
+// y + the adapter's update for input x, as PEFT computes it: the input cast to the adapter's dtype (dropout while
+// training), the update cast back to y's dtype, then added.
+inline at::Tensor add_lora(const at::Tensor& y, const at::Tensor& x, const LoraAdapter& a, bool training) {
+  at::Tensor xin = x.to(a.a.scalar_type());
+  if (training && a.dropout > 0) xin = at::dropout(xin, a.dropout, /*train=*/true);
+  return y + (at::linear(at::linear(xin, a.a), a.b) * a.scale).to(y.scalar_type());
+}
+
 // One projection of a layer with its LoRA adapter (if attached and enabled). A quantized weight (MLX folders)
 // computes with kernels::quant_linear on its packed form.
 inline at::Tensor project(const at::Tensor& x, const LayerWeights& L, Proj p, AdapterMode mode) {
   const QuantizedTensor& q = L.quant[static_cast<int>(p)];
   at::Tensor y = q.defined() ? quant_linear(x, q, L.bias(p)) : linear(x, L.weight(p), L.bias(p));
   const LoraAdapter& a = L.lora[static_cast<int>(p)];
-  if (mode.enabled && a.defined()) {
-    // As PEFT: the input is cast to the adapter's dtype, the update back to the base output's.
-    at::Tensor xin = x.to(a.a.scalar_type());
-    if (mode.training && a.dropout > 0) xin = at::dropout(xin, a.dropout, /*train=*/true);
-    y = y + (at::linear(at::linear(xin, a.a), a.b) * a.scale).to(y.scalar_type());
-  }
-  return y;
+  return mode.enabled && a.defined() ? add_lora(y, x, a, mode.training) : y;
 }
 
 // Token embeddings [..., D] for ids [...]: from the packed rows when the embedding is quantized.
