@@ -548,6 +548,7 @@ std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationReques
     release(s);
     GeneratedSample& g = results[offset[s.request] + s.sample];
     g = {s.request, s.sample, std::move(s.generated), std::move(s.logprobs), std::move(s.processed), s.finish};
+    if (cb.on_finish) cb.on_finish(g);
   };
 
   while (!waiting.empty() || !running.empty()) {

@@ -49,6 +49,9 @@ struct GenerateCallbacks {
   std::function<void(int64_t request, int64_t sample, int32_t token)> on_token;
   // Returns true when the generated tokens end in a stop string (the caller owns the tokenizer).
   std::function<bool(int64_t request, int64_t sample, const std::vector<int32_t>& generated)> stop;
+  // Called once per sample as soon as it finishes (its slot in generate()'s result is already filled), so a
+  // caller can start scoring it while the other samples still decode. Runs on the generating thread.
+  std::function<void(const GeneratedSample& done)> on_finish;
 };
 
 struct EngineStats {

@@ -183,7 +183,17 @@ TEST(Engine, ContinuousBatchingMatchesRunningAlone) {
     reqs[i].params.max_new_tokens = 5 + 3 * (i % 5);
   }
   Engine batched(model, small);
-  auto together = batched.generate(reqs);
+  // on_finish reports each sample once, as it finishes (shortest first here), with its final contents.
+  std::vector<GeneratedSample> finished;
+  GenerateCallbacks cb;
+  cb.on_finish = [&](const GeneratedSample& g) { finished.push_back(g); };
+  auto together = batched.generate(reqs, cb);
+  ASSERT_EQ(finished.size(), together.size());
+  for (const auto& f : finished) {
+    EXPECT_EQ(f.tokens, together[f.request].tokens) << "request " << f.request;
+    EXPECT_EQ(f.finish_reason, "length");
+  }
+  EXPECT_LT(finished.front().tokens.size(), finished.back().tokens.size()) << "short samples are reported first";
   for (int i = 0; i < 10; ++i) {
     Engine alone(model, {});
     auto one = alone.generate({reqs[i]});
