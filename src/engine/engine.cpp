@@ -17,7 +17,6 @@
 #include "kernels/cpu/lora.h"
 #include "kernels/cpu/registry.h"
 #include "kernels/cpu/rms_norm.h"
-#include "kernels/cpu/rope_kv_write.h"
 #include "kernels/cpu/sample.h"
 #include "kernels/cpu/silu_mul.h"
 #include "kernels/cpu/small_linear.h"
@@ -368,9 +367,10 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     const at::Tensor q = qkv[0].view({S, H, hd});                                       // [S, H, hd]
     const at::Tensor k = qkv[1].view({S, KV, hd});                                      // [S, KV, hd]
     const at::Tensor v = qkv[2].view({S, KV, hd});
-    K::rope_kv_write(q, k, v, in.positions, inv_freq_dev_, cache_->keys(l), cache_->values(l), in.slots);
-    at::Tensor o = K::paged_attention_decode(q, cache_->keys(l), cache_->values(l), in.block_tables,
-                                             in.context_lens, options_.block_size, max_context, scale);  // [S, H, hd]
+    at::Tensor o = at::empty({S, H, hd}, q.options());                                 // [S, H, hd]
+    K::paged_attention_decode_rope(q, {k, v, in.positions, inv_freq_dev_, in.slots}, cache_->keys(l),
+                                   cache_->values(l), in.block_tables, in.context_lens, options_.block_size,
+                                   max_context, scale, o);  // RoPE, the new token's K/V written, attention
     h = residual_proj(o.view({S, H * hd}), L, Proj::kO);                                // [S, D]
     x = K::rms_norm(h, L.post_norm, c.rms_norm_eps);
     at::Tensor act = at::empty({S, c.intermediate_size}, h.options());                  // [S, F]

@@ -131,3 +131,67 @@ TEST(PagedAttentionKernel, CudaBatchOfOneLongContext) {
   const PagedCase c({2049}, 16, 2, 128, at::kBFloat16);
   EXPECT_LE(test::rel_err(c.cuda(2049), c.cpu_reference(2049)), test::tolerance(at::kBFloat16));
 }
+
+namespace {
+
+// The fused RoPE + KV write + attention op against the CPU composition (rope_kv_write, then attention): the new
+// token of every sequence is its last one; its k/v arrive as strided views of a fused projection.
+void check_fused_rope(const PagedCase& c, int64_t max_context) {
+  const int64_t S = c.S, KV = c.KV, hd = c.hd;
+  const at::Tensor kv_full = (at::randn({S, 2 * KV * hd + 8}) * 2).to(c.q.scalar_type());
+  const at::Tensor k = kv_full.narrow(1, 0, KV * hd).view({S, KV, hd});
+  const at::Tensor v = kv_full.narrow(1, KV * hd, KV * hd).view({S, KV, hd});
+  std::vector<int64_t> pos, slot;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t t = c.lens[s] - 1;
+    pos.push_back(t >= 0 ? t + 3 : 0);  // positions need not equal the index (e.g. a left-padded prompt)
+    slot.push_back(t >= 0 ? c.block_tables[s][t / kBlock].item<int64_t>() * kBlock + t % kBlock : -1);
+  }
+  const at::Tensor positions = at::tensor(pos, at::kLong), slots = at::tensor(slot, at::kLong);
+  const at::Tensor inv_freq = 1.0 / at::pow(10000.0, at::arange(0, hd, 2, at::kFloat) / static_cast<double>(hd));
+  const at::Tensor kc = c.k_cache.clone(), vc = c.v_cache.clone();
+  at::Tensor ref = at::empty({S, c.H, hd}, c.q.options());
+  kernels::paged_attention_decode_rope_cpu(c.q, {k, v, positions, inv_freq, slots}, kc, vc, c.block_tables,
+                                           c.context_lens, kBlock, max_context, c.scale(), ref);
+
+  const at::Tensor qf = c.q_full.cuda(), q = qf.narrow(1, 8, c.H * hd).view({S, c.H, hd});
+  const at::Tensor q_before = q.clone();
+  const at::Tensor kvd = kv_full.cuda();
+  const at::Tensor kd = kvd.narrow(1, 0, KV * hd).view({S, KV, hd}), vd = kvd.narrow(1, KV * hd, KV * hd).view({S, KV, hd});
+  const at::Tensor kcd = c.k_cache.cuda(), vcd = c.v_cache.cuda();
+  at::Tensor out = at::empty({S, c.H, hd}, q.options());
+  test::poison(out);
+  kernels::paged_attention_decode_rope(q, {kd, vd, positions.cuda(), inv_freq.cuda(), slots.cuda()}, kcd, vcd,
+                                       c.block_tables.cuda(), c.context_lens.cuda(), kBlock, max_context, c.scale(),
+                                       out);
+  const double tol = test::tolerance(c.q.scalar_type());
+  for (int64_t s = 0; s < S; ++s) {
+    EXPECT_LE(test::rel_err(out[s], ref[s]), tol) << "length " << c.lens[s] << " max_context " << max_context;
+    if (slot[s] < 0) continue;
+    EXPECT_LE(test::rel_err(kcd[slot[s]], kc[slot[s]]), tol) << "rotated k of sequence " << s;
+    EXPECT_TRUE(vcd[slot[s]].cpu().equal(vc[slot[s]])) << "v of sequence " << s;
+  }
+  EXPECT_TRUE(q.equal(q_before)) << "q is not modified";
+  // Nothing but the slots changed in the caches (the NaN block included: compare with NaN equal).
+  for (int64_t s = 0; s < S; ++s)
+    if (slot[s] >= 0) {
+      kcd[slot[s]].copy_(kc[slot[s]].cuda());
+      vcd[slot[s]].copy_(vc[slot[s]].cuda());
+    }
+  EXPECT_TRUE(at::allclose(kcd.cpu().to(at::kFloat), c.k_cache.to(at::kFloat), 0, 0, /*equal_nan=*/true));
+  EXPECT_TRUE(at::allclose(vcd.cpu().to(at::kFloat), c.v_cache.to(at::kFloat), 0, 0, /*equal_nan=*/true));
+}
+
+}  // namespace
+
+TEST(PagedAttentionKernel, CudaFusedRopeEqualsCpuComposition) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (const Heads& h : {Heads{16, 2, 128}, Heads{14, 2, 64}, Heads{4, 4, 16}, Heads{8, 4, 8}}) {
+      SCOPED_TRACE(fmt::format("{} H={} KV={} hd={}", c10::toString(dt), h.H, h.KV, h.hd));
+      const PagedCase c({1, 7, 300, 2049, 0, 256, 33}, h.H, h.KV, h.hd, dt);
+      for (int64_t max_context : {int64_t{2049}, kBlock * c.max_blocks}) check_fused_rope(c, max_context);
+    }
+  }
+}

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/cpu/common.h"
+#include "kernels/cpu/rope_kv_write.h"
 
 namespace rlaif::kernels {
 
@@ -109,6 +110,29 @@ void paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, cons
   check_args(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, out);
   cuda_kernel(&KernelRegistry::paged_attention_decode_cuda, kOp)(q, k_cache, v_cache, block_tables, context_lens,
                                                                   block_size, max_context, scale, out);
+}
+
+void paged_attention_decode_rope_cpu(const at::Tensor& q, const RopeKvInputs& rope, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                     const at::Tensor& context_lens, int64_t block_size, int64_t max_context,
+                                     double scale, const at::Tensor& out) {
+  const at::Tensor rotated = q.clone();
+  rope_kv_write_cpu(rotated, rope.k, rope.v, rope.positions, rope.inv_freq, k_cache, v_cache, rope.slots);
+  paged_attention_decode_cpu(rotated, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale,
+                             out);
+}
+
+void paged_attention_decode_rope(const at::Tensor& q, const RopeKvInputs& rope, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& context_lens, int64_t block_size, int64_t max_context, double scale,
+                                 const at::Tensor& out) {
+  if (!q.is_cuda())
+    return paged_attention_decode_rope_cpu(q, rope, k_cache, v_cache, block_tables, context_lens, block_size,
+                                           max_context, scale, out);
+  check_args(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, out);
+  check_rope_kv_write_args(q, rope.k, rope.v, rope.positions, rope.inv_freq, k_cache, v_cache, rope.slots);
+  cuda_kernel(&KernelRegistry::paged_attention_decode_rope_cuda, "paged_attention_decode_rope")(
+      q, rope, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale, out);
 }
 
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

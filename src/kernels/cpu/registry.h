@@ -9,6 +9,8 @@
 
 namespace rlaif::kernels {
 
+struct RopeKvInputs;  // kernels/cpu/paged_attention.h
+
 // One pointer per op, nullptr until rlaif_register_cuda_kernels() (CUDA builds only) sets it. Signatures equal
 // the public ops' (kernels/cpu/<stem>.h); arguments reach them already checked by the dispatcher.
 struct KernelRegistry {
@@ -22,6 +24,10 @@ struct KernelRegistry {
                                       const at::Tensor& block_tables, const at::Tensor& context_lens,
                                       int64_t block_size, int64_t max_context, double scale,
                                       const at::Tensor& out) = nullptr;
+  void (*paged_attention_decode_rope_cuda)(const at::Tensor& q, const RopeKvInputs& rope, const at::Tensor& k_cache,
+                                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                           const at::Tensor& context_lens, int64_t block_size, int64_t max_context,
+                                           double scale, const at::Tensor& out) = nullptr;
   void (*silu_mul_cuda)(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) = nullptr;
   // Few-row projections (decode at small batch), weights streamed once for all rows (kernels/cpu/small_linear.h).
   void (*small_linear_cuda)(const at::Tensor& x, const std::vector<at::Tensor>& weights,

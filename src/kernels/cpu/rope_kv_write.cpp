@@ -20,9 +20,11 @@ void check_rows(const at::Tensor& t, const at::Tensor& q, int64_t S, int64_t hea
               t.sizes(), t.strides());
 }
 
-void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
-                const at::Tensor& inv_freq, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& slots) {
+}  // namespace
+
+void check_rope_kv_write_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& positions, const at::Tensor& inv_freq, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& slots) {
   check_activation(q, kOp, "q");
   RLAIF_CHECK(q.dim() == 3 && q.size(2) % 2 == 0, "{}: q must be [S, H, hd] with even hd, got {}", kOp, q.sizes());
   const int64_t S = q.size(0), hd = q.size(2);
@@ -42,6 +44,8 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
                   inv_freq.size(0) == hd / 2 && inv_freq.is_contiguous() && inv_freq.device() == q.device(),
               "{}: inv_freq must be contiguous float32 [{}] on {}", kOp, hd / 2, q.device().str());
 }
+
+namespace {
 
 // Rotates one [hd] row: src → dst (may alias) with this token's rounded cos/sin tables.
 template <typename T>
@@ -89,7 +93,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 void rope_kv_write_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                        const at::Tensor& inv_freq, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& slots) {
-  check_args(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
+  check_rope_kv_write_args(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
   RLAIF_CHECK(q.is_cpu(), "rope_kv_write_cpu: tensors must be on the CPU");
   if (q.scalar_type() == at::kFloat) run<float>(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
   else run<at::BFloat16>(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
@@ -99,7 +103,7 @@ void rope_kv_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const at::Tensor& inv_freq, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& slots) {
   if (!q.is_cuda()) return rope_kv_write_cpu(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
-  check_args(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
+  check_rope_kv_write_args(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
   cuda_kernel(&KernelRegistry::rope_kv_write_cuda, kOp)(q, k, v, positions, inv_freq, k_cache, v_cache, slots);
 }
 

@@ -20,6 +20,10 @@ namespace rlaif::kernels {
 void rope_kv_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                    const at::Tensor& inv_freq, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& slots);
+// The argument checks of rope_kv_write (shared with the fused attention op of kernels/cpu/paged_attention.h).
+void check_rope_kv_write_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& positions, const at::Tensor& inv_freq, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& slots);
 void rope_kv_write_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                        const at::Tensor& inv_freq, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& slots);

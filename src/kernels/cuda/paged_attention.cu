@@ -1,13 +1,11 @@
-// Paged decode attention in three launches, split over partitions of the context so that one long sequence
-// still spreads over many blocks. The grid is sized by max_context (never by the actual lengths), so a captured
-// CUDA graph replays correctly while lengths change; blocks past a sequence's length return at once.
-//   1. qk:     grid (P, KV, S). Scores of the partition's tokens for all G query heads sharing the KV head
-//              (K read once per KV head), stored in float32, plus the partition's max and sum of exp.
-//   2. pv:     grid (P, KV, S). Global max/sum from the partition stats, p = to_dtype(exp(s - max) / sum) exactly
-//              as the spec rounds it, and the partition's sum of p * V in float32.
-//   3. reduce: grid (H, S). Sum of the partitions' outputs (already normalised), rounded to the dtype.
-// Keeping the probabilities exact costs the score round trip (4 bytes per token and query head, against 2*hd*2
-// bytes of K/V per token and KV head: about 1/8 more traffic for Qwen2.5-3B bf16).
+// Paged decode attention in one launch (flash-decoding): grid (P, KV, S), each block takes one partition of one
+// sequence's context for the G query heads sharing a KV head (K and V read once per KV head), computes its scores,
+// their max m and exp-sum l, and the unnormalised sum of exp(score - m) * V. A sequence whose context spans one
+// partition writes its output directly; otherwise each block leaves (m, l, o) in a workspace and the last block to
+// arrive (an atomic count per sequence and KV head) rescales and sums the partitions. The grid is sized by
+// max_context, never by the lengths, so a captured CUDA graph replays correctly while they change.
+// Optionally the decode step's RoPE + KV write (rope_kv_write) happens in the same launch: every block rotates q
+// in registers, and the block holding the new token writes its rotated k and its v into the cache before reading.
 #include "kernels/cuda/paged_attention.h"
 
 #include <cmath>
@@ -27,71 +25,134 @@ constexpr int kUnroll = 4;  // tokens per thread group whose loads are in flight
 struct AttnParams {
   const void* q;
   int64_t q_stride;  // elements between tokens
-  const void* k_cache;
-  const void* v_cache;
+  void* k_cache;
+  void* v_cache;
   const int* block_tables;
   int64_t bt_stride;
   const int* context_lens;
   int max_context, block_size, KV, G, hd, part_tokens, P;
   float scale;
-  float* scores;       // [S, H, P * part_tokens]
-  float* part_max;     // [S, H, P]
-  float* part_sum;     // [S, H, P]
-  float* partial_out;  // [S, H, P, hd]
-  void* out;           // [S, H, hd]
+  // Fused RoPE + KV write (rope_kv_write's inputs); k_new == nullptr when not fused.
+  const void* k_new;
+  int64_t k_stride;
+  const void* v_new;
+  int64_t v_stride;
+  const void* positions;
+  const void* slots;
+  const float* inv_freq;
+  bool pos64, slot64;
+  float* part_ml;  // [S, H, P, 2]: each partition's max and exp-sum
+  float* part_o;   // [S, H, P, hd]: each partition's unnormalised output
+  int* arrivals;   // [S, KV]: partitions done, zero before the launch
+  void* out;       // [S, H, hd]
 };
 
-// The block's share of the work: sequence s, KV head kvh, tokens [start, end). False when it has none.
-struct Slice {
-  int s, kvh, part, start, end;
-  int64_t head_base;  // row of the first query head of this KV head in [S, H]
-};
-
-__device__ __forceinline__ bool block_slice(const AttnParams& p, Slice& w) {
-  w.part = blockIdx.x;
-  w.kvh = blockIdx.y;
-  w.s = blockIdx.z;
-  const int len = min(p.context_lens[w.s], p.max_context);
-  w.start = w.part * p.part_tokens;
-  w.end = min(w.start + p.part_tokens, len);
-  w.head_base = static_cast<int64_t>(w.s) * p.KV * p.G + static_cast<int64_t>(w.kvh) * p.G;
-  return w.start < len;
+__device__ __forceinline__ int64_t index_at(const void* p, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
 
 __device__ __forceinline__ int64_t cache_row(const AttnParams& p, const int* table, int t) {
   return static_cast<int64_t>(table[t / p.block_size]) * p.block_size + t % p.block_size;
 }
 
-// Each token is handled by NT = hd / E consecutive lanes, E elements (16 bytes) each; NT divides 32.
-template <typename T, int E, int MAX_G>
-__global__ void __launch_bounds__(kThreads) attn_qk_kernel(const AttnParams p) {
-  Slice w;
-  if (!block_slice(p, w)) return;
-  extern __shared__ float sc_s[];  // [G][part_tokens]
-  const int G = p.G, hd = p.hd, NT = hd / E, groups = kThreads / NT;
-  const int grp = threadIdx.x / NT, lane = threadIdx.x % NT;
-  const int64_t score_stride = static_cast<int64_t>(p.P) * p.part_tokens;
+// rope_kv_write's rotation of this lane's E elements of one head (element i = lane·E + j pairs with i ± hd/2,
+// held by lane ^ NT/2, or by this lane itself when one lane holds the whole head). All lanes of the warp call it.
+template <typename T, int E>
+__device__ __forceinline__ void rotate(float (&x)[E], const float (&c)[E], const float (&sn)[E], int lane, int NT) {
+  float other[E];
+#pragma unroll
+  for (int j = 0; j < E; ++j) other[j] = NT > 1 ? __shfl_xor_sync(0xffffffffu, x[j], NT / 2) : x[(j + E / 2) % E];
+  const bool first_half = NT > 1 ? lane < NT / 2 : false;
+#pragma unroll
+  for (int j = 0; j < E; ++j) {
+    const bool first = NT > 1 ? first_half : j < E / 2;
+    // first half: x1·c − x2·s; second half: x2·c + x1·s (each product and the sum rounded as ATen's ops)
+    const float a = static_cast<float>(to<T>(x[j] * c[j]));
+    const float b = static_cast<float>(to<T>(first ? -other[j] * sn[j] : other[j] * sn[j]));
+    x[j] = static_cast<float>(to<T>(a + b));
+  }
+}
 
+// Each token is handled by NT = hd / E consecutive lanes, E elements (16 bytes) each; NT divides 32.
+template <typename T, int E, int MAX_G, bool ROPE>
+__global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams p) {
+  const int part = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+  const int G = p.G, hd = p.hd, NT = hd / E, groups = kThreads / NT;
+  const int grp = threadIdx.x / NT, lane = threadIdx.x % NT, warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  const int64_t head_base = (static_cast<int64_t>(s) * p.KV + kvh) * G;  // row of the first query head in [S, H]
+  T* out = static_cast<T*>(p.out) + head_base * hd;
+  const int len = min(p.context_lens[s], p.max_context);
+  if (len <= 0) {  // padding row: zeros
+    if (part == 0)
+      for (int i = threadIdx.x; i < G * hd; i += kThreads) out[i] = to<T>(0.0f);
+    return;
+  }
+  const int start = part * p.part_tokens;
+  if (start >= len) return;
+  const int end = min(start + p.part_tokens, len), n = end - start;
+  const int nparts = (len + p.part_tokens - 1) / p.part_tokens;
+
+  extern __shared__ float smem[];
+  float* p_s = smem;                      // [G][part_tokens]: scores, then exp(score − m)
+  float* red = smem + G * p.part_tokens;  // [groups][hd]: the thread groups' partial outputs
+  __shared__ float m_s[MAX_G], l_s[MAX_G];
+  __shared__ bool last_s;
+
+  float c[E], sn[E];
+  if constexpr (ROPE) {
+    const float pos = static_cast<float>(index_at(p.positions, p.pos64, s));
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const float angle = pos * p.inv_freq[(lane * E + j) % (hd / 2)];
+      c[j] = static_cast<float>(to<T>(cosf(angle)));  // full-range cosf/sinf, as rope_kv_write
+      sn[j] = static_cast<float>(to<T>(sinf(angle)));
+    }
+  }
   float qr[MAX_G][E];
-  const T* qbase = static_cast<const T*>(p.q) + w.s * p.q_stride + static_cast<int64_t>(w.kvh) * G * hd + lane * E;
+  const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + static_cast<int64_t>(kvh) * G * hd + lane * E;
 #pragma unroll
   for (int g = 0; g < MAX_G; ++g) {
     if (g < G) {
       const Vec<T, E> qv = load_vec<T, E>(qbase + g * hd);
 #pragma unroll
       for (int j = 0; j < E; ++j) qr[g][j] = static_cast<float>(qv.v[j]);
+      if constexpr (ROPE) rotate<T, E>(qr[g], c, sn, lane, NT);
     }
   }
-  const int* table = p.block_tables + w.s * p.bt_stride;
-  const T* kc = static_cast<const T*>(p.k_cache);
-  // t0 is uniform over the block, so every lane reaches the shuffles below.
-  for (int t0 = w.start; t0 < w.end; t0 += groups * kUnroll) {
+  const int* table = p.block_tables + s * p.bt_stride;
+  T* kc = static_cast<T*>(p.k_cache);
+  T* vc = static_cast<T*>(p.v_cache);
+  if constexpr (ROPE) {
+    // The new token (len − 1) is in the last partition: its block writes it before anyone reads it (no other
+    // block of this launch reads that row). Every group computes the rotation (whole warps shuffle); group 0 stores.
+    if (part == nparts - 1) {
+      const int64_t slot = index_at(p.slots, p.slot64, s);
+      if (slot >= 0) {
+        const Vec<T, E> kv = load_vec<T, E>(static_cast<const T*>(p.k_new) + s * p.k_stride + kvh * hd + lane * E);
+        float kf[E];
+#pragma unroll
+        for (int j = 0; j < E; ++j) kf[j] = static_cast<float>(kv.v[j]);
+        rotate<T, E>(kf, c, sn, lane, NT);
+        if (grp == 0) {
+          Vec<T, E> ko, vo = load_vec<T, E>(static_cast<const T*>(p.v_new) + s * p.v_stride + kvh * hd + lane * E);
+#pragma unroll
+          for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
+          store_vec<T, E>(kc + (slot * p.KV + kvh) * hd + lane * E, ko);
+          store_vec<T, E>(vc + (slot * p.KV + kvh) * hd + lane * E, vo);
+        }
+      }
+      __syncthreads();  // the block's own writes are visible to its reads below
+    }
+  }
+
+  // scores: q·k rounded to T, times scale rounded to T (the spec's two roundings)
+  for (int t0 = start; t0 < end; t0 += groups * kUnroll) {  // t0 is uniform: every lane reaches the shuffles
     Vec<T, E> kv[kUnroll];  // kept in T (half the registers of float for bf16), converted at each use
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + u * groups + grp;
-      if (t < w.end) {
-        kv[u] = load_vec<T, E>(kc + (cache_row(p, table, t) * p.KV + w.kvh) * hd + lane * E);
+      if (t < end) {
+        kv[u] = load_vec<T, E>(kc + (cache_row(p, table, t) * p.KV + kvh) * hd + lane * E);
       } else {
 #pragma unroll
         for (int j = 0; j < E; ++j) kv[u].v[j] = to<T>(0.0f);
@@ -107,141 +168,111 @@ __global__ void __launch_bounds__(kThreads) attn_qk_kernel(const AttnParams p) {
         for (int j = 0; j < E; ++j) dot += qr[g][j] * static_cast<float>(kv[u].v[j]);
         for (int off = NT / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
         const int t = t0 + u * groups + grp;
-        if (lane == 0 && t < w.end) {
-          const float sc = static_cast<float>(to<T>(static_cast<float>(to<T>(dot)) * p.scale));  // as the spec
-          sc_s[g * p.part_tokens + (t - w.start)] = sc;
-          p.scores[(w.head_base + g) * score_stride + t] = sc;
-        }
+        if (lane == 0 && t < end)
+          p_s[g * p.part_tokens + (t - start)] = static_cast<float>(to<T>(static_cast<float>(to<T>(dot)) * p.scale));
       }
     }
   }
   __syncthreads();
-  const int n = w.end - w.start, warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  // the partition's max and exp-sum per head, exp(score − m) kept in place
   for (int g = warp; g < G; g += kWarps) {
-    const float* sc = sc_s + g * p.part_tokens;
+    float* sc = p_s + g * p.part_tokens;
     float m = -INFINITY;
     for (int i = wl; i < n; i += 32) m = fmaxf(m, sc[i]);
     m = warp_max(m);
     float l = 0.0f;
-    for (int i = wl; i < n; i += 32) l += expf(sc[i] - m);
-    l = warp_sum(l);
-    if (wl == 0) {
-      p.part_max[(w.head_base + g) * p.P + w.part] = m;
-      p.part_sum[(w.head_base + g) * p.P + w.part] = l;
+    for (int i = wl; i < n; i += 32) {
+      const float e = expf(sc[i] - m);
+      sc[i] = e;
+      l += e;
     }
-  }
-}
-
-template <typename T, int E, int MAX_G>
-__global__ void __launch_bounds__(kThreads) attn_pv_kernel(const AttnParams p) {
-  Slice w;
-  if (!block_slice(p, w)) return;
-  extern __shared__ float smem[];
-  const int G = p.G, hd = p.hd, NT = hd / E, groups = kThreads / NT;
-  float* p_s = smem;                     // [G][part_tokens]: this partition's probabilities, rounded to T
-  float* red = smem + G * p.part_tokens; // [groups][hd]: the thread groups' sums, added at the end
-  __shared__ float max_s[MAX_G], inv_sum_s[MAX_G];
-  const int len = min(p.context_lens[w.s], p.max_context);
-  const int nparts = (len + p.part_tokens - 1) / p.part_tokens;
-  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
-  for (int g = warp; g < G; g += kWarps) {
-    const float* pm = p.part_max + (w.head_base + g) * p.P;
-    const float* ps = p.part_sum + (w.head_base + g) * p.P;
-    float m = -INFINITY;
-    for (int i = wl; i < nparts; i += 32) m = fmaxf(m, pm[i]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int i = wl; i < nparts; i += 32) l += ps[i] * expf(pm[i] - m);
     l = warp_sum(l);
     if (wl == 0) {
-      max_s[g] = m;
-      inv_sum_s[g] = 1.0f / l;  // softmax multiplies by the reciprocal of the sum, as ATen's does
+      m_s[g] = m;
+      l_s[g] = l;
     }
   }
   __syncthreads();
-  const int n = w.end - w.start;
-  const int64_t score_stride = static_cast<int64_t>(p.P) * p.part_tokens;
-  for (int i = threadIdx.x; i < G * n; i += kThreads) {
-    const int g = i / n, j = i % n;
-    const float e = expf(p.scores[(w.head_base + g) * score_stride + w.start + j] - max_s[g]);
-    p_s[g * p.part_tokens + j] = static_cast<float>(to<T>(e * inv_sum_s[g]));
-  }
-  __syncthreads();
 
-  const int grp = threadIdx.x / NT, lane = threadIdx.x % NT;
-  const int* table = p.block_tables + w.s * p.bt_stride;
-  const T* vc = static_cast<const T*>(p.v_cache);
   float acc[MAX_G][E];
 #pragma unroll
   for (int g = 0; g < MAX_G; ++g)
 #pragma unroll
     for (int j = 0; j < E; ++j) acc[g][j] = 0.0f;
-  for (int t0 = w.start; t0 < w.end; t0 += groups * kUnroll) {
+  for (int t0 = start; t0 < end; t0 += groups * kUnroll) {
     Vec<T, E> vv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + u * groups + grp;
-      if (t < w.end) vv[u] = load_vec<T, E>(vc + (cache_row(p, table, t) * p.KV + w.kvh) * hd + lane * E);
+      if (t < end) vv[u] = load_vec<T, E>(vc + (cache_row(p, table, t) * p.KV + kvh) * hd + lane * E);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + u * groups + grp;
-      if (t >= w.end) break;
+      if (t >= end) break;
 #pragma unroll
       for (int g = 0; g < MAX_G; ++g) {
         if (g >= G) break;
-        const float pg = p_s[g * p.part_tokens + (t - w.start)];
+        const float pg = p_s[g * p.part_tokens + (t - start)];
 #pragma unroll
         for (int j = 0; j < E; ++j) acc[g][j] += pg * static_cast<float>(vv[u].v[j]);
       }
     }
   }
-  // Sum the thread groups' partial outputs head by head through shared memory (G is uniform: the barriers
-  // inside the branch are reached by the whole block).
+  // Sum the thread groups' outputs head by head through shared memory (G is uniform: the barriers inside the
+  // loop are reached by the whole block). One partition: normalise and write; else leave it for the combine.
+  const int64_t P = p.P;
 #pragma unroll
   for (int g = 0; g < MAX_G; ++g) {
     if (g >= G) break;
 #pragma unroll
     for (int j = 0; j < E; ++j) red[grp * hd + lane * E + j] = acc[g][j];
     __syncthreads();
-    float* dst = p.partial_out + ((w.head_base + g) * p.P + w.part) * hd;
     for (int d = threadIdx.x; d < hd; d += kThreads) {
       float sum = 0.0f;
       for (int r = 0; r < groups; ++r) sum += red[r * hd + d];
-      dst[d] = sum;
+      if (nparts == 1) out[g * hd + d] = to<T>(sum * (1.0f / l_s[g]));
+      else p.part_o[((head_base + g) * P + part) * hd + d] = sum;
     }
     __syncthreads();
   }
-}
-
-// grid (H, S): out = sum of the valid partitions' outputs; zeros for an empty context.
-template <typename T>
-__global__ void attn_reduce_kernel(const AttnParams p) {
-  const int h = blockIdx.x, s = blockIdx.y, H = p.KV * p.G;
-  const int len = min(p.context_lens[s], p.max_context);
-  const int nparts = len > 0 ? (len + p.part_tokens - 1) / p.part_tokens : 0;
-  const int64_t head = static_cast<int64_t>(s) * H + h;
-  const float* src = p.partial_out + head * p.P * p.hd;
-  T* dst = static_cast<T*>(p.out) + head * p.hd;
-  for (int d = threadIdx.x; d < p.hd; d += blockDim.x) {
-    float sum = 0.0f;
-    for (int i = 0; i < nparts; ++i) sum += src[i * p.hd + d];
-    dst[d] = to<T>(sum);
+  if (nparts == 1) return;
+  if (threadIdx.x < G) {
+    float* ml = p.part_ml + ((head_base + threadIdx.x) * P + part) * 2;
+    ml[0] = m_s[threadIdx.x];
+    ml[1] = l_s[threadIdx.x];
   }
-}
-
-template <typename T, int E, int MAX_G>
-void launch_partitions(const AttnParams& p, dim3 grid, size_t smem_qk, size_t smem_pv, cudaStream_t stream) {
-  attn_qk_kernel<T, E, MAX_G><<<grid, kThreads, smem_qk, stream>>>(p);
-  check_launch("attn_qk_kernel");
-  attn_pv_kernel<T, E, MAX_G><<<grid, kThreads, smem_pv, stream>>>(p);
-  check_launch("attn_pv_kernel");
+  __threadfence();  // this block's partials are visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last_s = atomicAdd(p.arrivals + s * p.KV + kvh, 1) == nparts - 1;
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  // combine: global max M, L = Σ l_i·e^(m_i − M), out = Σ o_i·e^(m_i − M) / L (partials read past L1: __ldcg)
+  if (threadIdx.x < G) {
+    const float* ml = p.part_ml + (head_base + threadIdx.x) * P * 2;
+    float M = -INFINITY;
+    for (int i = 0; i < nparts; ++i) M = fmaxf(M, __ldcg(ml + 2 * i));
+    float L = 0.0f;
+    for (int i = 0; i < nparts; ++i) L += __ldcg(ml + 2 * i + 1) * expf(__ldcg(ml + 2 * i) - M);
+    m_s[threadIdx.x] = M;
+    l_s[threadIdx.x] = 1.0f / L;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * hd; idx += kThreads) {
+    const int g = idx / hd, d = idx % hd;
+    const float* ml = p.part_ml + (head_base + g) * P * 2;
+    const float* po = p.part_o + (head_base + g) * P * hd + d;
+    float o = 0.0f;
+    for (int i = 0; i < nparts; ++i) o += __ldcg(po + i * hd) * expf(__ldcg(ml + 2 * i) - m_s[g]);
+    out[idx] = to<T>(o * l_s[g]);
+  }
 }
 
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
             const at::Tensor& context_lens, int64_t block_size, int64_t max_context, double scale,
-            const at::Tensor& out) {
+            const at::Tensor& out, const RopeKvInputs* rope) {
   constexpr int E = kVec<T>;
   const int64_t S = q.size(0), H = q.size(1), hd = q.size(2), KV = k_cache.size(1), G = H / KV;
   if (S == 0) return;
@@ -253,6 +284,10 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   RLAIF_CHECK(aligned16(q.data_ptr()) && q.stride(0) % E == 0 && aligned16(k_cache.data_ptr()) &&
                   aligned16(v_cache.data_ptr()),
               "paged_attention_decode_cuda: q, k_cache and v_cache need 16-byte aligned rows");
+  if (rope)
+    RLAIF_CHECK(aligned16(rope->k.data_ptr()) && aligned16(rope->v.data_ptr()) && rope->k.stride(0) % E == 0 &&
+                    rope->v.stride(0) % E == 0,
+                "paged_attention_decode_cuda: k and v need 16-byte aligned rows");
   RLAIF_CHECK(max_context < (int64_t{1} << 31) && block_size < (int64_t{1} << 31), "paged_attention_decode_cuda: "
               "max_context {} / block_size {} overflow int32", max_context, block_size);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -264,14 +299,14 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   int part_tokens = 256;
   auto parts = [&](int pt) { return std::max<int64_t>(1, (max_context + pt - 1) / pt); };
   while (part_tokens > 32 && S * KV * parts(part_tokens) < 2 * sms) part_tokens /= 2;
-  const int64_t P = parts(part_tokens), score_stride = P * part_tokens;
-  const size_t smem_qk = sizeof(float) * G * part_tokens;
-  const size_t smem_pv = sizeof(float) * (G * part_tokens + (kThreads / NT) * hd);
-  RLAIF_CHECK(smem_pv <= 48 * 1024 && smem_qk <= 48 * 1024, "paged_attention_decode_cuda: shared memory {} bytes",
-              smem_pv);
+  const int64_t P = parts(part_tokens);
+  const size_t smem = sizeof(float) * (G * part_tokens + (kThreads / NT) * hd);
+  RLAIF_CHECK(smem <= 48 * 1024, "paged_attention_decode_cuda: shared memory {} bytes", smem);
 
-  // Workspace from the caching allocator on the current stream (capture-safe under at::cuda::CUDAGraph).
-  at::Tensor ws = at::empty({S * H * (score_stride + 2 * P + P * hd)}, q.options().dtype(at::kFloat));
+  // Workspace from the caching allocator on the current stream (capture-safe under at::cuda::CUDAGraph); the
+  // arrival counters are zeroed by a memset on the stream (a memset node in a captured graph).
+  const int64_t floats = S * H * P * (2 + hd);
+  at::Tensor ws = at::empty({floats + S * KV}, q.options().dtype(at::kFloat));
   AttnParams p{};
   p.q = q.data_ptr();
   p.q_stride = q.stride(0);
@@ -288,21 +323,45 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   p.part_tokens = part_tokens;
   p.P = static_cast<int>(P);
   p.scale = static_cast<float>(scale);
-  p.scores = ws.data_ptr<float>();
-  p.part_max = p.scores + S * H * score_stride;
-  p.part_sum = p.part_max + S * H * P;
-  p.partial_out = p.part_sum + S * H * P;
+  p.part_ml = ws.data_ptr<float>();
+  p.part_o = p.part_ml + S * H * P * 2;
+  p.arrivals = reinterpret_cast<int*>(p.part_ml + floats);
   p.out = out.data_ptr();
+  if (rope) {
+    p.k_new = rope->k.data_ptr();
+    p.k_stride = rope->k.stride(0);
+    p.v_new = rope->v.data_ptr();
+    p.v_stride = rope->v.stride(0);
+    p.positions = rope->positions.data_ptr();
+    p.pos64 = rope->positions.scalar_type() == at::kLong;
+    p.slots = rope->slots.data_ptr();
+    p.slot64 = rope->slots.scalar_type() == at::kLong;
+    p.inv_freq = rope->inv_freq.data_ptr<float>();
+  }
+  const cudaError_t err = cudaMemsetAsync(p.arrivals, 0, sizeof(int) * S * KV, stream);
+  RLAIF_CHECK(err == cudaSuccess, "paged_attention_decode_cuda: memset failed: {}", cudaGetErrorString(err));
 
   const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV), static_cast<unsigned>(S));
-  if (G <= 1) launch_partitions<T, E, 1>(p, grid, smem_qk, smem_pv, stream);
-  else if (G <= 2) launch_partitions<T, E, 2>(p, grid, smem_qk, smem_pv, stream);
-  else if (G <= 4) launch_partitions<T, E, 4>(p, grid, smem_qk, smem_pv, stream);
-  else if (G <= 8) launch_partitions<T, E, 8>(p, grid, smem_qk, smem_pv, stream);
-  else launch_partitions<T, E, 16>(p, grid, smem_qk, smem_pv, stream);
-  const int reduce_threads = static_cast<int>(std::min<int64_t>(256, (hd + 31) / 32 * 32));
-  attn_reduce_kernel<T><<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(S)), reduce_threads, 0, stream>>>(p);
-  check_launch("attn_reduce_kernel");
+  auto go = [&](auto max_g) {
+    constexpr int MG = decltype(max_g)::value;
+    if (rope) attn_decode_kernel<T, E, MG, true><<<grid, kThreads, smem, stream>>>(p);
+    else attn_decode_kernel<T, E, MG, false><<<grid, kThreads, smem, stream>>>(p);
+    check_launch("attn_decode_kernel");
+  };
+  if (G <= 1) go(std::integral_constant<int, 1>{});
+  else if (G <= 2) go(std::integral_constant<int, 2>{});
+  else if (G <= 4) go(std::integral_constant<int, 4>{});
+  else if (G <= 8) go(std::integral_constant<int, 8>{});
+  else go(std::integral_constant<int, 16>{});
+}
+
+void dispatch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+              const at::Tensor& context_lens, int64_t block_size, int64_t max_context, double scale,
+              const at::Tensor& out, const RopeKvInputs* rope) {
+  if (q.scalar_type() == at::kFloat)
+    launch<float>(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale, out, rope);
+  else
+    launch<at::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale, out, rope);
 }
 
 }  // namespace
@@ -310,10 +369,14 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 void paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
                                  int64_t max_context, double scale, const at::Tensor& out) {
-  if (q.scalar_type() == at::kFloat)
-    launch<float>(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale, out);
-  else
-    launch<at::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale, out);
+  dispatch(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale, out, nullptr);
+}
+
+void paged_attention_decode_rope_cuda(const at::Tensor& q, const RopeKvInputs& rope, const at::Tensor& k_cache,
+                                      const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                      const at::Tensor& context_lens, int64_t block_size, int64_t max_context,
+                                      double scale, const at::Tensor& out) {
+  dispatch(q, k_cache, v_cache, block_tables, context_lens, block_size, max_context, scale, out, &rope);
 }
 
 }  // namespace rlaif::kernels

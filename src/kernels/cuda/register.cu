@@ -18,6 +18,7 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.add_rms_norm_cuda = &add_rms_norm_cuda;
   r.rope_kv_write_cuda = &rope_kv_write_cuda;
   r.paged_attention_decode_cuda = &paged_attention_decode_cuda;
+  r.paged_attention_decode_rope_cuda = &paged_attention_decode_rope_cuda;
   r.silu_mul_cuda = &silu_mul_cuda;
   r.small_linear_cuda = &small_linear_cuda;
   r.small_linear_silu_mul_cuda = &small_linear_silu_mul_cuda;
