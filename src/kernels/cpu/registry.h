@@ -40,8 +40,9 @@ struct KernelRegistry {
   void (*lora_expand_cuda)(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                            const std::vector<at::Tensor>& ys, const at::Tensor& residual,
                            const std::vector<at::Tensor>& outs) = nullptr;
-  // Token sampling without a sort (kernels/cpu/sample.h).
-  void (*sample_cuda)(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniform,
+  // Token sampling without a full sort, top-k/top-p/min-p per row (kernels/cpu/sample.h); filters may be undefined.
+  void (*sample_cuda)(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                      const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& uniform,
                       const at::Tensor& tokens, const at::Tensor& logprobs) = nullptr;
   // MLX affine quantization (kernels/cpu/quant.h): quantize, dequantize, and x · dequant(W)ᵀ.
   void (*quantize_affine_cuda)(const at::Tensor& w, int64_t bits, int64_t group_size, const at::Tensor& wq,
