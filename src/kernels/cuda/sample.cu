@@ -1,6 +1,7 @@
 // Sort-free sampling, one 1024-thread block per row: (1) max and argmax; (2) with top-k/top-p, the cut of the
 // (y descending, index ascending) ranking by bisection on the order-preserving uint32 key of y, one block-wide
-// count/mass pass per bit, and the cut's index among tied tokens by a tile scan; (3) per-tile float64 sums of the
+// count/mass pass per bit (over the row until the open range holds ≤ 2048 tokens, then over those, gathered in
+// shared memory), and the cut's index among tied tokens by a tile scan; (3) per-tile float64 sums of the
 // kept tokens' exp(y − max y) (tiles of 256 tokens, one warp each) and the raw normaliser; (4) one warp scans the
 // tile sums for the tile holding u·Σ, then that tile's 256 tokens for the token. Everything stays on the device
 // (no allocation, no host sync), so the sampler is part of the decode step's CUDA graph.
@@ -21,6 +22,7 @@ constexpr int kThreads = 1024;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kPerLane = 8;
 constexpr int kTile = 32 * kPerLane;
+constexpr int kCand = 2048;  // bisection candidates held in shared memory
 
 __device__ __forceinline__ double warp_sum_d(double x) {
 #pragma unroll
@@ -143,6 +145,9 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float warp_max[kWarpsPerBlock];
   __shared__ int64_t warp_arg[kWarpsPerBlock];
   __shared__ int64_t found;
+  __shared__ uint32_t cand_key[kCand];  // bisection candidates: key and e
+  __shared__ float cand_e[kCand];
+  __shared__ int n_cand_s;
   const int64_t s = blockIdx.x;
   const T* l = logits + s * row_stride;
   const float t = temperature[s];
@@ -187,38 +192,87 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t cut_key = 0;
   int64_t cut_idx = V;
   if (use_k || use_p) {
-    // Over the row: [0] tokens with key ≥ thr, [1] with key == thr, [2] mass (Σ e) of key > thr, [3] of key ≥ thr.
-    const auto pass = [&](uint32_t thr, bool mass, double (&c)[4]) {
+    // Counts over the row: [0] tokens with key ≥ thr, [1] with key == thr, [2] mass (Σ e) of key > thr, [3] of
+    // key ≥ thr. Once a bisection's open range [lo, hi) holds ≤ kCand tokens they are gathered into shared memory
+    // and the remaining passes read only them (plus the fixed count/mass at or above hi).
+    bool gathered = false;
+    int n_cand = 0;
+    double c_hi = 0.0, m_hi = 0.0;
+    const auto count = [&](uint32_t thr, bool mass, double (&c)[4]) {
       c[0] = c[1] = c[2] = c[3] = 0.0;
-      for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-        const float y = y_of(i);
-        const uint32_t key = key_of(y);
+      const int64_t n = gathered ? n_cand : V;
+      for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+        const float y = gathered ? 0.0f : y_of(i);
+        const uint32_t key = gathered ? cand_key[i] : key_of(y);
         if (key < thr) continue;
         c[0] += 1.0;
         if (key == thr) c[1] += 1.0;
         if (mass) {
-          const double e = expf(y - mt);
+          const double e = gathered ? cand_e[i] : expf(y - mt);
           c[3] += e;
           if (key > thr) c[2] += e;
         }
       }
       block_sum_d(c, partial);
+      if (gathered) c[0] += c_hi, c[2] += m_hi, c[3] += m_hi;
+    };
+    const auto gather = [&](uint32_t lo, uint64_t hi) {
+      if (threadIdx.x == 0) n_cand_s = 0;
+      __syncthreads();
+      double above[2] = {0.0, 0.0};  // count and mass at or above hi
+      for (int64_t i0 = 0; i0 < V; i0 += kThreads) {
+        const int64_t i = i0 + threadIdx.x;
+        float y = 0.0f;
+        uint32_t key = 0;
+        bool in = false;
+        if (i < V) {
+          y = y_of(i);
+          key = key_of(y);
+          in = key >= lo && key < hi;
+          if (key >= hi) above[0] += 1.0, above[1] += expf(y - mt);
+        }
+        const unsigned b = __ballot_sync(0xffffffffu, in);
+        if (b == 0) continue;
+        const int leader = __ffs(b) - 1;
+        int base = 0;
+        if (lane == leader) base = atomicAdd(&n_cand_s, __popc(b));
+        base = __shfl_sync(0xffffffffu, base, leader);
+        if (in) {
+          const int pos = base + __popc(b & ((1u << lane) - 1u));
+          cand_key[pos] = key;
+          cand_e[pos] = expf(y - mt);
+        }
+      }
+      block_sum_d(above, partial);  // also orders the candidate writes before their reads
+      c_hi = above[0], m_hi = above[1], n_cand = n_cand_s, gathered = true;
+    };
+    // The largest key K with ok(counts at K), given ok(counts at 0): one bit per pass from the top.
+    const auto bisect = [&](auto ok, bool mass) {
+      gathered = false;
+      uint32_t lo = 0;
+      uint64_t hi = uint64_t{1} << 32;
+      double c_lo = V, c[4];
+      c_hi = m_hi = 0.0;
+      for (int bit = 31; bit >= 0; --bit) {
+        if (!gathered && c_lo - c_hi <= kCand) gather(lo, hi);
+        const uint32_t cand = lo | (1u << bit);
+        count(cand, mass, c);
+        if (ok(c)) lo = cand, c_lo = c[0];
+        else hi = cand, c_hi = gathered ? c_hi : c[0];
+      }
+      return lo;
     };
     double c[4];
     // Top-k: the largest key with at least k tokens at or above it; take k minus those above of its ties.
     uint32_t kc = 0;
     double take = V, ties = V, zk = 0.0;
     if (use_k) {
-      for (int bit = 31; bit >= 0; --bit) {
-        const uint32_t cand = kc | (1u << bit);
-        pass(cand, false, c);
-        if (c[0] >= k) kc = cand;
-      }
-      pass(kc, use_p, c);
+      kc = bisect([&](const double (&n)[4]) { return n[0] >= k; }, false);
+      count(kc, use_p, c);
       ties = c[1], take = k - (c[0] - c[1]);
       zk = c[2] + take * static_cast<double>(expf(value_of(kc) - mt));
     } else if (use_p) {
-      pass(0, true, c);
+      count(0, true, c);
       zk = c[3];
     }
     // Top-p: the largest key whose mass at or above reaches p·Z_k; of its ties, those with prefix mass < p·Z_k.
@@ -226,15 +280,9 @@ __global__ void __launch_bounds__(kThreads)
       const double target = static_cast<double>(p) * zk;
       uint32_t pc = key_of(mt);  // p ≤ 0: only rank 0 (the max, first index)
       double take_p = 1.0;
-      if (target > 0.0) {
-        pc = 0;
-        for (int bit = 31; bit >= 0; --bit) {
-          const uint32_t cand = pc | (1u << bit);
-          pass(cand, true, c);
-          if (c[3] >= target) pc = cand;
-        }
-      }
-      pass(pc, true, c);
+      gathered = false;  // the full row again (top-k's candidates cover another range)
+      if (target > 0.0) pc = bisect([&](const double (&n)[4]) { return n[3] >= target; }, true);
+      count(pc, true, c);
       if (target > 0.0) {
         const double e = expf(value_of(pc) - mt);
         take_p = e > 0.0 ? fmin(c[1], ceil((target - c[2]) / e)) : c[1];
@@ -315,7 +363,7 @@ void launch(const at::Tensor& logits, const at::Tensor& temperature, const at::T
   const c10::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const size_t shared = static_cast<size_t>((V + kTile - 1) / kTile) * sizeof(double);
-  RLAIF_CHECK(shared <= 40 * 1024, "sample: vocabulary of {} needs {} bytes of tile sums, more than 40 KiB", V, shared);
+  RLAIF_CHECK(shared <= 28 * 1024, "sample: vocabulary of {} needs {} bytes of tile sums, more than 28 KiB", V, shared);
   sample_kernel<T><<<static_cast<unsigned>(S), kThreads, shared, stream>>>(
       logits.data_ptr<T>(), logits.stride(0), V, temperature.data_ptr<float>(),
       top_k.defined() ? top_k.data_ptr<int32_t>() : nullptr, top_p.defined() ? top_p.data_ptr<float>() : nullptr,
