@@ -329,6 +329,7 @@ RunConfig parse_run_config(const std::string& yaml_text, const std::string& name
             .field("temperature", &r.temperature)
             .field("top_p", &r.top_p)
             .field("max_new_tokens", &r.max_new_tokens)
+            .field("overlap_scoring", &r.overlap_scoring)
             .field("advantage_scheme", &r.advantage_scheme)
             .field("advantage_baseline", &r.advantage_baseline)
             .field("normalize_advantage_std", &r.normalize_advantage_std)

@@ -59,6 +59,9 @@ struct RlaifConfig {
   double temperature = 0.8;
   double top_p = 1.0;
   int max_new_tokens = 512;
+  // Score each prompt's samples on a worker thread as soon as they have all finished decoding, while the engine
+  // decodes the rest (false: score the whole batch after generation). Same rewards either way.
+  bool overlap_scoring = true;
   // Advantages (train/advantages.h).
   std::string advantage_scheme = "group";     // group, mad_tanh (the original's tanh((r - median) / 1.4826 MAD))
   std::string advantage_baseline = "mean";    // mean, leave_one_out, none (group scheme)

@@ -24,6 +24,7 @@
 #include "rl/eval.h"
 #include "rl/export.h"
 #include "teacher/scorer.h"
+#include "teacher/scoring_pipeline.h"
 #include "train/advantages.h"
 #include "train/batch.h"
 #include "train/kl_controller.h"
@@ -41,7 +42,8 @@ nlohmann::json StepMetrics::to_json() const {
           {"clip_fraction", clip_fraction}, {"sampler_trainer_logprob_mad", sampler_trainer_logprob_mad},
           {"samples", samples}, {"kept", kept}, {"unscored", unscored}, {"zero_variance_groups", zero_variance_groups},
           {"generated_tokens", generated_tokens}, {"trained_tokens", trained_tokens}, {"time/generate_s", generate_s},
-          {"time/score_s", score_s}, {"time/train_s", train_s}, {"teacher/calls", teacher_calls},
+          {"time/score_s", score_s}, {"time/score_overlap_s", score_overlap_s},
+          {"time/train_s", train_s}, {"teacher/calls", teacher_calls},
           {"teacher/cache_hits", cache_hits}, {"teacher/tokens", teacher_tokens}, {"eta_s", eta_s}};
 }
 
@@ -268,7 +270,25 @@ void setup(Run& r, const fs::path& resume_dir) {
            c.rlaif.num_samples_per_prompt, c.model.use_lora ? "LoRA" : "full fine-tuning", params.size());
 }
 
-std::vector<Sample> rollout(Run& r, StepMetrics& m) {
+// Where a sample's score request went: its batch in the scoring pipeline and its position there.
+struct ScoreSlot {
+  size_t batch = 0, pos = 0;
+  std::string id;
+};
+
+// The scoring request of one sample; its id ("step:group:sample") is how its result is checked on return.
+teacher::ScoreRequest score_request(const Run& r, int64_t row, int64_t group, int64_t sample, std::string text) {
+  const PromptRow& p = r.rows[row];
+  return {fmt::format("{}:{}:{}", r.step, group, sample), p.prompt, std::move(text), p.language, p.answer, p.tests};
+}
+
+// Generation. With rlaif.overlap_scoring, a prompt's samples go to the scoring worker as soon as the last of them
+// finishes (engine on_finish, on this thread) while the engine decodes the others; otherwise the whole batch goes
+// in one call after generation. Either way each sample's request is recorded in `slots` (by sample index).
+std::vector<Sample> rollout(Run& r, StepMetrics& m, const TrainHooks& hooks, teacher::ScoringPipeline& scoring,
+                            std::vector<ScoreSlot>& slots,
+                            std::chrono::steady_clock::time_point& gen_start,
+                            std::chrono::steady_clock::time_point& gen_end) {
   const RunConfig& c = r.cfg;
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<int64_t> batch = r.sampler->next_batch(c.training.batch_size);
@@ -282,48 +302,86 @@ std::vector<Sample> rollout(Run& r, StepMetrics& m) {
     q.params.seed = static_cast<uint64_t>(c.training.seed) * 7919ULL + static_cast<uint64_t>(r.step);
     reqs.push_back(std::move(q));
   }
+  const int64_t n = c.rlaif.num_samples_per_prompt;
+  // texts[group][sample]: decoded once, as scored and as logged.
+  std::vector<std::vector<std::string>> texts(batch.size(), std::vector<std::string>(n));
+  // slots[group][sample]: where the sample's request went (id empty until sent).
+  std::vector<std::vector<ScoreSlot>> group_slots(batch.size(), std::vector<ScoreSlot>(n));
+  auto send = [&](const std::vector<int64_t>& groups) {
+    std::vector<teacher::ScoreRequest> q;
+    for (int64_t g : groups)
+      for (int64_t k = 0; k < n; ++k) q.push_back(score_request(r, batch[g], g, k, texts[g][k]));
+    std::vector<std::string> ids;
+    for (const auto& x : q) ids.push_back(x.id);
+    const size_t b = scoring.submit(std::move(q));
+    for (size_t pos = 0; pos < ids.size(); ++pos)
+      group_slots[groups[pos / n]][pos % n] = {b, pos, std::move(ids[pos])};
+  };
+  auto decode = [&](const GeneratedSample& s) {
+    texts[s.request][s.sample] = r.bundle.tokenizer.decode(s.tokens, /*skip_special=*/true);
+  };
+  std::vector<int64_t> finished(batch.size(), 0);
+  GenerateCallbacks cb;
+  cb.on_token = hooks.on_rollout_token;
+  if (c.rlaif.overlap_scoring)
+    cb.on_finish = [&](const GeneratedSample& s) {
+      decode(s);
+      if (++finished[s.request] == n) send({s.request});
+    };
   r.bundle.model->set_training(false);
-  auto gens = r.engine->generate(reqs);
+  gen_start = std::chrono::steady_clock::now();
+  auto gens = r.engine->generate(reqs, cb);
+  gen_end = std::chrono::steady_clock::now();
+  m.generate_s = seconds_since(t0);
+  if (!c.rlaif.overlap_scoring) {
+    for (const auto& g : gens) decode(g);
+    std::vector<int64_t> all(batch.size());
+    std::iota(all.begin(), all.end(), int64_t{0});
+    send(all);
+  }
   std::vector<Sample> out;
   for (auto& g : gens) {
     Sample s;
     s.row = batch[g.request];
     s.group = g.request;
     s.prompt = reqs[g.request].prompt;
+    s.text = texts[g.request][g.sample];
     m.generated_tokens += static_cast<int64_t>(g.tokens.size());
+    RLAIF_CHECK(!group_slots[g.request][g.sample].id.empty(), "sample {}:{} finished but was never sent to scoring",
+                g.request, g.sample);
+    slots.push_back(group_slots[g.request][g.sample]);
     s.gen = std::move(g);
     out.push_back(std::move(s));
   }
-  m.generate_s = seconds_since(t0);
   return out;
 }
 
-void score(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
-  const auto t0 = std::chrono::steady_clock::now();
-  std::vector<teacher::ScoreRequest> reqs;
-  for (auto& s : samples) {
-    const PromptRow& row = r.rows[s.row];
-    s.text = r.bundle.tokenizer.decode(s.gen.tokens, /*skip_special=*/true);
-    reqs.push_back({fmt::format("{}:{}:{}", r.step, s.group, s.gen.sample), row.prompt, s.text, row.language,
-                    row.answer, row.tests});
-  }
-  auto results = r.scorer->score(reqs);
+// Waits for the scoring worker, then puts each result on its sample. `time/score_s` is the wait after generation
+// ended; `time/score_overlap_s` is the scoring time that ran under generation.
+void score(std::vector<Sample>& samples, const std::vector<ScoreSlot>& slots, teacher::ScoringPipeline& scoring,
+           std::chrono::steady_clock::time_point gen_start, std::chrono::steady_clock::time_point gen_end,
+           StepMetrics& m) {
+  const auto results = scoring.finish();
   int64_t checked = 0, passed = 0;
   for (size_t i = 0; i < samples.size(); ++i) {
-    RLAIF_CHECK(results[i].id == reqs[i].id, "score result {} paired with {}", results[i].id, reqs[i].id);
-    samples[i].reward = results[i].reward;
-    for (const auto& t : results[i].tiers)
+    const ScoreSlot& slot = slots[i];
+    const teacher::ScoreResult& res = results.at(slot.batch).at(slot.pos);
+    RLAIF_CHECK(res.id == slot.id, "score result {} paired with {}", res.id, slot.id);
+    samples[i].reward = res.reward;
+    for (const auto& t : res.tiers)
       if (t.name == "exact_answer" || t.name == "tests") {
         ++checked;
         passed += t.passed;
       }
-    if (!results[i].reward) ++m.unscored;
+    if (!res.reward) ++m.unscored;
   }
   m.accuracy = checked ? static_cast<double>(passed) / checked : -1;
-  m.teacher_calls = r.scorer->step_stats().api.calls;
-  m.cache_hits = r.scorer->step_stats().cache_hits;
-  m.teacher_tokens = r.scorer->step_stats().api.input_tokens + r.scorer->step_stats().api.output_tokens;
-  m.score_s = seconds_since(t0);
+  const teacher::ScoringStats& st = scoring.stats();
+  m.teacher_calls = st.api.calls;
+  m.cache_hits = st.cache_hits;
+  m.teacher_tokens = st.api.input_tokens + st.api.output_tokens;
+  m.score_s = seconds_since(gen_end);
+  m.score_overlap_s = teacher::overlap_seconds(scoring.calls(), gen_start, gen_end);
 }
 
 void update(Run& r, std::vector<Sample>& samples, StepMetrics& m) {
@@ -446,14 +504,16 @@ void log_step(const Run& r, const StepMetrics& m) {
   const double total = m.generate_s + m.score_s + m.train_s;
   log_info("[train] step {}/{} (epoch {}) | reward {:.3f} ± {:.3f} [{:.2f}, {:.2f}]{} | loss {:.4f} policy {:.4f} "
            "kl {:.2e} β {:.3g} lr {:.2e} | gen {:.0f} tok/s, train {:.0f} tok/s | time gen {:.0f}% score {:.0f}% "
-           "train {:.0f}% ({:.1f} s) | kept {}/{}, zero-var groups {}, unscored {}, teacher calls {} ({} tokens), "
+           "train {:.0f}% ({:.1f} s{}) | kept {}/{}, zero-var groups {}, unscored {}, teacher calls {} ({} tokens), "
            "cache hits {} | |Δlogp| {:.1e} | ETA {}",
            m.step, r.total_steps, m.epoch, m.reward_mean, m.reward_std, m.reward_min, m.reward_max,
            m.accuracy >= 0 ? fmt::format(" acc {:.0f}%", 100 * m.accuracy) : "", m.loss, m.policy_loss, m.kl, m.beta,
            m.lr, m.generate_s > 0 ? m.generated_tokens / m.generate_s : 0.0,
            m.train_s > 0 ? m.trained_tokens / m.train_s : 0.0, 100 * m.generate_s / total, 100 * m.score_s / total,
-           100 * m.train_s / total, total, m.kept, m.samples, m.zero_variance_groups, m.unscored, m.teacher_calls,
-           m.teacher_tokens, m.cache_hits, m.sampler_trainer_logprob_mad, format_duration(m.eta_s));
+           100 * m.train_s / total, total,
+           m.score_overlap_s > 0 ? fmt::format("; +{:.1f} s scoring hidden under gen", m.score_overlap_s) : "", m.kept,
+           m.samples, m.zero_variance_groups, m.unscored, m.teacher_calls, m.teacher_tokens, m.cache_hits,
+           m.sampler_trainer_logprob_mad, format_duration(m.eta_s));
 }
 
 // A one-line progress bar, redrawn in place on a terminal (stderr is a TTY); log lines clear it first.
@@ -723,8 +783,14 @@ TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const st
     // The epoch this batch starts in (the sampler wraps lazily, at the next batch).
     const int64_t start_epoch = r.sampler->index() >= n_rows ? r.sampler->epoch() + 1 : r.sampler->epoch();
     bar.clear();
-    auto samples = rollout(r, m);
-    score(r, samples, m);
+    std::vector<ScoreSlot> slots;
+    std::chrono::steady_clock::time_point gen_start, gen_end;
+    std::vector<Sample> samples;
+    {
+      teacher::ScoringPipeline scoring(*r.scorer);  // the Scorer is the worker's until finish()
+      samples = rollout(r, m, hooks, scoring, slots, gen_start, gen_end);
+      score(samples, slots, scoring, gen_start, gen_end, m);
+    }
     update(r, samples, m);
     ++r.step;
     m.eta_s = seconds_since(t_start) / static_cast<double>(r.step - first_step) * static_cast<double>(r.total_steps - r.step);

@@ -22,7 +22,9 @@ struct StepMetrics {
   double sampler_trainer_logprob_mad = 0;  // mean |engine log-prob − trainer log-prob| over completion tokens
   int64_t samples = 0, kept = 0, unscored = 0, zero_variance_groups = 0;
   int64_t generated_tokens = 0, trained_tokens = 0;
-  double generate_s = 0, score_s = 0, train_s = 0;
+  // Wall-clock phases: generate_s + score_s + train_s is the step. score_s is the wait for scoring after generation
+  // ended; score_overlap_s is scoring that ran while the engine was still generating (hidden, not in the step).
+  double generate_s = 0, score_s = 0, train_s = 0, score_overlap_s = 0;
   int64_t teacher_calls = 0, cache_hits = 0, teacher_tokens = 0;
   double eta_s = 0;  // estimated time to the last step, from this process's mean step time
   nlohmann::json to_json() const;
@@ -37,6 +39,8 @@ struct TrainResult {
 
 struct TrainHooks {
   std::function<void(const StepMetrics&)> on_step;  // after each optimizer step
+  // Each token the rollout samples (group = the prompt's index in the batch), on the generating thread.
+  std::function<void(int64_t group, int64_t sample, int32_t token)> on_rollout_token;
 };
 
 // `resume`: empty (fresh run), a checkpoint directory, or "latest" (the newest complete checkpoint in

@@ -58,6 +58,7 @@ class Scorer {
   ~Scorer();
   // Scores one step's samples; results in the order of `rows`, each carrying its row's id.
   std::vector<ScoreResult> score(const std::vector<ScoreRequest>& rows);
+  // Stats of the last score() call (a step scored in several calls sums them: ScoringPipeline::stats()).
   const ScoringStats& step_stats() const { return step_; }
   const ScoringStats& run_stats() const { return run_; }
   const TeacherConfig& config() const { return cfg_; }

@@ -1,7 +1,8 @@
 // A fake teacher API for tests: cpp-httplib on 127.0.0.1 (random port) speaking the OpenAI and Anthropic schemas.
 // The score it means for a sample is a pure function of the sample id written in the completion, so a test can
 // check every reward independently; faults (429, 5xx, timeouts, dropped connections, bad JSON) are injected per
-// (sample id, attempt) and every arrival is recorded for the rate-limit and concurrency checks.
+// (sample id, attempt) and every arrival is recorded for the rate-limit and concurrency checks. A model's own
+// completions carry no id: `id_of_completion` gives them one from their text (e2e tests of `rlaif train`).
 #pragma once
 
 #include <httplib.h>
@@ -13,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <regex>
 #include <string>
 #include <thread>
@@ -29,6 +31,16 @@ enum class Fault { kNone, k429, k429RetryAfter, k500, k503, kDelay, kDrop, kMalf
 // Scores the server means for a sample id (the test recomputes them independently of the client).
 inline std::array<double, 4> intended_dims(int id) {
   return {(id * 37 % 101) / 100.0, (id * 53 % 101) / 100.0, (id * 71 % 101) / 100.0, (id * 89 % 101) / 100.0};
+}
+
+// The completion a scoring prompt asks about (rubric.cpp's "Response to score:\n```<lang>\n...\n```\n\nAnswer ...").
+inline std::string judged_completion(const std::string& user) {
+  const auto open = user.find("Response to score:\n```");
+  if (open == std::string::npos) return "<unparsed>";
+  const auto start = user.find('\n', open + 20) + 1;
+  const auto end = user.rfind("\n```\n\nAnswer with the JSON scores only.");
+  if (end == std::string::npos || end < start) return "<unparsed>";
+  return user.substr(start, end - start);
 }
 
 class FakeTeacher {
@@ -48,6 +60,9 @@ class FakeTeacher {
   std::function<double(int id)> latency_s = [](int) { return 0.005; };
   int reported_completion_tokens = 20;
   std::function<bool(int id)> clamp_id = [](int) { return false; };  // answers 1.7 and -0.4 for this id
+  // For a completion without "sample-id: N": its id from its text (unset: such requests get id-free defaults).
+  std::function<std::optional<int>(const std::string& completion)> id_of_completion;
+  bool uniform_dims = false;  // every dimension answers intended_dims(id)[0], so any weighted score equals it
 
   FakeTeacher() {
     // Idle keep-alive connections hold a pool thread each: a big pool and a short keep-alive keep new
@@ -80,6 +95,11 @@ class FakeTeacher {
     return attempt_faults_;
   }
   int reference_calls() const { return reference_calls_; }
+  // True when some scoring request was answered before one that arrived earlier.
+  bool answered_out_of_order() {
+    std::lock_guard<std::mutex> l(m_);
+    return !std::is_sorted(answer_order_.begin(), answer_order_.end());
+  }
   std::vector<std::string> bodies() {
     std::lock_guard<std::mutex> l(m_);
     return bodies_;
@@ -88,8 +108,9 @@ class FakeTeacher {
  private:
   double now() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count(); }
 
-  static std::string dims_json(int id, bool clamp_test) {
+  std::string dims_json(int id, bool clamp_test) const {
     auto d = intended_dims(id);
+    if (uniform_dims) d = {d[0], d[0], d[0], d[0]};
     if (clamp_test) return fmt::format(R"({{"correctness": 1.7, "code_quality": -0.4, "efficiency": {}, "documentation": {}}})", d[2], d[3]);
     return fmt::format(R"({{"correctness": {}, "code_quality": {}, "efficiency": {}, "documentation": {}}})", d[0], d[1], d[2], d[3]);
   }
@@ -115,7 +136,7 @@ class FakeTeacher {
       if (counted) --in_flight_;
       counted = false;
     };
-    ++calls_;
+    const int arrival = calls_++;
     const double t = now();
     const bool auth_ok = anthropic ? (q.get_header_value("x-api-key") == key &&
                                       q.get_header_value("anthropic-version") == "2023-06-01")
@@ -146,6 +167,8 @@ class FakeTeacher {
     for (auto it = std::sregex_iterator(user.begin(), user.end(), kId); it != std::sregex_iterator(); ++it)
       ids.push_back(std::stoi((*it)[1].str()));
     const bool reference = system.find("expert programmer") != std::string::npos;
+    if (ids.empty() && !reference && id_of_completion)
+      if (const auto id = id_of_completion(judged_completion(user))) ids.push_back(*id);
     Fault f = Fault::kNone;
     if (reference) {
       int attempt;
@@ -230,6 +253,10 @@ class FakeTeacher {
       else text = js;
     }
     reply(r, anthropic, text, in_tokens);
+    {
+      std::lock_guard<std::mutex> l(m_);
+      answer_order_.push_back(arrival);
+    }
     leave();
   }
 
@@ -244,6 +271,7 @@ class FakeTeacher {
   std::map<int, std::vector<double>> attempt_times_;
   std::map<int, std::vector<Fault>> attempt_faults_;
   std::map<std::string, int> reference_attempts_;
+  std::vector<int> answer_order_;  // arrival index of each answered request, in answer order
 };
 
 }  // namespace rlaif::test
