@@ -64,16 +64,16 @@ void ScoringPipeline::work() {
     call.start = Clock::now();
     std::vector<ScoreResult> out;
     ScoringStats st;
-    try {
+    try {  // nothing may escape the thread: every failure goes to finish()
       out = scorer_.score(rows);
       st = scorer_.step_stats();
+      RLAIF_CHECK(out.size() == rows.size(), "scorer returned {} results for {} rows", out.size(), rows.size());
     } catch (...) {
       l.lock();
       error_ = std::current_exception();
       return;  // finish() rethrows it; later batches stay unscored
     }
     call.end = Clock::now();
-    RLAIF_CHECK(out.size() == rows.size(), "scorer returned {} results for {} rows", out.size(), rows.size());
 
     l.lock();
     size_t pos = 0;
