@@ -32,6 +32,14 @@ bool quantize_this(const ModelWeights& w, WeightSlot slot, int layer, const at::
   return quantized_slot(w, slot, layer) != nullptr && t.defined() && t.dim() == 2 && quantizable(t.size(1), spec);
 }
 
+// Whether q's scales and biases survive a round trip through float16 unchanged (GGUF's d and m are fp16; the
+// biases −8·d and −128·d are too unless they overflow).
+bool exact_in_half(const QuantizedTensor& q) {
+  for (const at::Tensor* t : {&q.scales, &q.biases})
+    if (!at::equal(t->to(at::kHalf).to(t->scalar_type()), *t)) return false;
+  return true;
+}
+
 }  // namespace
 
 void quantize_model_weights(ModelWeights& w, const ModelConfig& c, const QuantSpec& spec, at::ScalarType dtype) {
@@ -141,9 +149,9 @@ static nlohmann::json read_json(const fs::path& p, const char* what) {
 }
 
 // An HF folder or .gguf file as a float32 CPU model with its config.json and tokenizer folder.
-static ConvertSource load_base(const fs::path& path) {
+static ConvertSource load_base(const fs::path& path, bool keep_gguf_quantization) {
   ConvertSource s;
-  s.model = load_model(path, LoadOptions{at::kFloat, at::kCPU});
+  s.model = load_model(path, LoadOptions{at::kFloat, at::kCPU, keep_gguf_quantization});
   if (fs::is_directory(path)) {
     s.config = read_json(path / "config.json", "config.json");
     s.files_dir = path;
@@ -155,7 +163,7 @@ static ConvertSource load_base(const fs::path& path) {
   return s;
 }
 
-ConvertSource load_convert_source(const fs::path& src) {
+ConvertSource load_convert_source(const fs::path& src, bool keep_quantization) {
   if (!fs::exists(src))
     throw Error("convert", fmt::format("source '{}' does not exist", src.string()),
                 "pass an HF model folder, a .gguf file or an rlaif checkpoint directory");
@@ -169,7 +177,7 @@ ConvertSource load_convert_source(const fs::path& src) {
       throw Error("convert", fmt::format("{}: its base model '{}' (trainer_state.json) does not exist here",
                                          src.string(), base.string()),
                   "run convert from the directory training ran in, or fix \"model\" in trainer_state.json");
-    s = load_base(base);
+    s = load_base(base, /*keep_gguf_quantization=*/false);
     s.kind = "checkpoint";
     if (fs::exists(src / "adapter_config.json")) {
       load_peft_adapter(*s.model, src);
@@ -188,13 +196,14 @@ ConvertSource load_convert_source(const fs::path& src) {
                                          src.string()));
     }
   } else if (fs::is_directory(src) || src.extension() == ".gguf") {
-    s = load_base(src);
+    s = load_base(src, keep_quantization);
   } else {
     throw Error("convert", fmt::format("'{}' is neither a model folder, a .gguf file nor a checkpoint", src.string()),
                 "pass an HF model folder, a .gguf file or an rlaif checkpoint directory");
   }
-  // An MLX-quantized source converts from its dequantized weights.
-  if (s.model->weights().quantized()) dequantize_model_weights(s.model->weights(), at::kFloat);
+  // An MLX-quantized source converts from its dequantized weights unless it keeps them.
+  if (s.model->weights().quantized() && !(keep_quantization && s.kind != "checkpoint"))
+    dequantize_model_weights(s.model->weights(), at::kFloat);
   s.config.erase("quantization");
   s.config.erase("quantization_config");
   return s;
@@ -206,20 +215,28 @@ ConvertStats write_mlx_folder(const ConvertSource& src, const fs::path& out, con
   ModelWeights& w = src.model->weights();
   const auto expected = expected_tensors(c);
   std::map<std::string, at::Tensor> tensors;
+  std::map<std::string, QuantSpec> module_specs;  // module path → its quantization
   ConvertStats stats;
   at::NoGradGuard no_grad;
   int64_t done = 0;
   for (const auto& [name, where] : expected) {
-    const at::Tensor t = weight_ref(w, where.first, where.second).detach().to(dtype).contiguous();
-    if (spec.enabled() && quantize_this(w, where.first, where.second, t, spec)) {
-      const QuantizedTensor q = quantize_weight(t, spec, dtype);
-      const std::string m = name.substr(0, name.size() - std::string(".weight").size());
-      tensors[name] = q.wq.view(at::kUInt32);
-      tensors[m + ".scales"] = q.scales;
-      tensors[m + ".biases"] = q.biases;
+    const std::string m = name.substr(0, name.size() - std::string(".weight").size());
+    auto put = [&](const QuantizedTensor& q, at::ScalarType scale_dtype) {
+      tensors[name] = q.wq.contiguous().view(at::kUInt32);
+      tensors[m + ".scales"] = q.scales.to(scale_dtype).contiguous();
+      tensors[m + ".biases"] = q.biases.to(scale_dtype).contiguous();
+      module_specs[m] = {q.bits, q.group_size};
       ++stats.quantized;
+    };
+    const QuantizedTensor* held = quantized_slot(w, where.first, where.second);
+    if (held && held->defined()) {
+      put(held->to(at::kCPU), exact_in_half(*held) ? at::kHalf : held->scales.scalar_type());
     } else {
-      tensors[name] = t;
+      const at::Tensor t = weight_ref(w, where.first, where.second).detach().to(dtype).contiguous();
+      if (spec.enabled() && quantize_this(w, where.first, where.second, t, spec))
+        put(quantize_weight(t, spec, dtype), dtype);
+      else
+        tensors[name] = t;
     }
     if (progress) progress(++done, static_cast<int64_t>(expected.size()));
   }
@@ -230,9 +247,17 @@ ConvertStats write_mlx_folder(const ConvertSource& src, const fs::path& out, con
 
   nlohmann::json config = src.config;
   config["torch_dtype"] = dtype_json_name(dtype);
-  if (spec.enabled()) {
-    config["quantization"] = {{"group_size", spec.group_size}, {"bits", spec.bits}};
-    config["quantization_config"] = config["quantization"];
+  if (!module_specs.empty()) {
+    // The most common (bits, group size) is the global entry; mlx_lm's per-module entries carry the others.
+    std::map<std::pair<int64_t, int64_t>, int64_t> counts;
+    for (const auto& [m, q] : module_specs) ++counts[{q.bits, q.group_size}];
+    const auto global = std::max_element(counts.begin(), counts.end(),
+                                         [](const auto& a, const auto& b) { return a.second < b.second; })->first;
+    nlohmann::json q = {{"group_size", global.second}, {"bits", global.first}};
+    for (const auto& [m, ms] : module_specs)
+      if (std::pair{ms.bits, ms.group_size} != global) q[m] = {{"group_size", ms.group_size}, {"bits", ms.bits}};
+    config["quantization"] = q;
+    config["quantization_config"] = q;
   }
   write_file_atomic(out / "config.json", config.dump(4) + "\n");
   static const char* kFiles[] = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",

@@ -40,7 +40,10 @@ struct ConvertSource {
 };
 // SRC: an HF folder (sharded or not, possibly MLX-quantized), a .gguf file, or an rlaif checkpoint directory
 // (trainer_state.json names the base model; its PEFT adapter is merged, or its full model.safetensors used).
-ConvertSource load_convert_source(const std::filesystem::path& src);
+// `keep_quantization`: an MLX-quantized folder keeps its packed weights, and a GGUF file its Q8_0/Q4_0/Q4_1
+// tensors repacked losslessly (LoadOptions::keep_gguf_quantization); otherwise, and always for a checkpoint (its
+// weights are merged into plain tensors), the model is dequantized to float32.
+ConvertSource load_convert_source(const std::filesystem::path& src, bool keep_quantization = false);
 
 struct ConvertStats {
   int64_t tensors = 0, quantized = 0, bytes = 0;
@@ -48,6 +51,10 @@ struct ConvertStats {
 };
 // Writes DST/model.safetensors (HF names; quantized modules as MLX triples), DST/config.json with the
 // quantization keys, and the tokenizer/chat-template files. `progress(done, total)` after each tensor.
+// Weights the source already holds quantized are written as they are (not re-quantized), their scales and
+// biases in float16 where that is exact (always for GGUF's fp16 d and m), else in their own dtype; a module
+// whose bits/group differ from the most common ones gets its own config["quantization"][module] entry.
+// Plain weights are quantized with `spec` when it is enabled.
 ConvertStats write_mlx_folder(const ConvertSource& src, const std::filesystem::path& out, const QuantSpec& spec,
                               at::ScalarType dtype, const std::function<void(int64_t, int64_t)>& progress = {});
 

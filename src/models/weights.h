@@ -86,6 +86,9 @@ at::Tensor& weight_ref(ModelWeights& w, WeightSlot slot, int layer);
 struct LoadOptions {
   at::ScalarType dtype = at::kFloat;
   at::Device device = at::kCPU;
+  // GGUF files: Q8_0/Q4_0/Q4_1 projections and embeddings stay quantized, repacked losslessly into MLX affine
+  // form (models/gguf_model.h), instead of being dequantized. Off by default: the trainer needs plain weights.
+  bool keep_gguf_quantization = false;
 };
 
 // Loads an HF folder (config.json + safetensors, sharded or not). Tensors whose dtype and device already
