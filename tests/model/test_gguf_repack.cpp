@@ -1,7 +1,8 @@
 // GGUF Q8_0/Q4_0/Q4_1 kept packed: repacked MLX affine weights dequantize to exactly gguf-py's floats (files
 // written by gguf-py's own quantizer, and SmolLM2's real tensors), the kept SmolLM2 model generates the greedy
 // tokens of the dequantized-at-load model with logits equal up to summation order, and `rlaif convert` writes
-// those packed weights unchanged into an MLX folder that loads and generates the same.
+// those packed weights unchanged into an MLX folder that loads and generates the same (and `--quantize keep` copies
+// an MLX folder's quantization unchanged).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -199,4 +200,37 @@ TEST(GgufRepack, ConvertKeepsTheGgufQuantizationAndTheFolderGeneratesTheSame) {
   EXPECT_EQ(got.tokens, want.tokens);
   ASSERT_EQ(got.logprobs.size(), want.logprobs.size());
   for (size_t i = 0; i < want.logprobs.size(); ++i) EXPECT_NEAR(got.logprobs[i], want.logprobs[i], 1e-3);
+}
+
+TEST(GgufRepack, ConvertKeepCopiesAnMlxFoldersQuantization) {
+  // --quantize keep on an MLX-quantized folder writes its packed tensors unchanged (no dequantize/re-quantize).
+  const fs::path dir = test::temp_dir("gguf_repack_keep_mlx");
+  const fs::path src = test::reference_dir() / "qwen2_untied";
+  std::string log;
+  ASSERT_EQ(test::run_command(rlaif_bin() + " convert --hf-path " + src.string() + " --out " + (dir / "q4").string() +
+                                  " --quantize q4 --group-size 32", &log), 0) << log;
+  ASSERT_EQ(test::run_command(rlaif_bin() + " convert --hf-path " + (dir / "q4").string() + " --out " +
+                                  (dir / "kept").string() + " --quantize keep", &log), 0) << log;
+  EXPECT_NE(log.find("keeping the source's quantization"), std::string::npos) << log;
+  // Every packed tensor of the source comes back with the same words and the same scale/bias values (narrowed to
+  // float16 only where that is exact).
+  auto a = DecoderModel::load(dir / "q4", {at::kFloat, at::kCPU});
+  auto b = DecoderModel::load(dir / "kept", {at::kFloat, at::kCPU});
+  int64_t packed = 0;
+  for (const auto& [name, where] : expected_tensors(a->config())) {
+    const QuantizedTensor *x = quantized_slot(a->weights(), where.first, where.second),
+                          *y = quantized_slot(b->weights(), where.first, where.second);
+    if (!x || !x->defined()) continue;
+    SCOPED_TRACE(name);
+    ASSERT_TRUE(y && y->defined());
+    EXPECT_EQ(y->bits, x->bits);
+    EXPECT_EQ(y->group_size, x->group_size);
+    EXPECT_TRUE(at::equal(y->wq, x->wq));
+    EXPECT_TRUE(at::equal(y->scales.to(at::kFloat), x->scales.to(at::kFloat)));
+    EXPECT_TRUE(at::equal(y->biases.to(at::kFloat), x->biases.to(at::kFloat)));
+    ++packed;
+  }
+  EXPECT_GT(packed, 0);
+  EXPECT_EQ(json::parse(read_file(dir / "kept" / "config.json"))["quantization"],
+            json::parse(read_file(dir / "q4" / "config.json"))["quantization"]);
 }
