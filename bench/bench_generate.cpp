@@ -1,7 +1,9 @@
 // Decode throughput of the rlaif engine on a model folder (the random-weight Qwen2.5 shapes that
 // bench/hf_generate.py saves): prompt P, N new tokens with sampling, for several batch sizes; plus an optional
-// RL rollout workload (prompts × samples, varied prompt lengths). Writes JSON for bench/results.
-// Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] --out FILE.json
+// RL rollout workload (prompts × samples, varied prompt lengths). `--quantize q4|q8` quantizes the loaded weights
+// on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine.
+// Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
+//        --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -13,6 +15,7 @@
 
 #include "engine/engine.h"
 #include "models/gguf_model.h"
+#include "models/quantized_model.h"
 
 using namespace rlaif;
 
@@ -50,7 +53,7 @@ std::pair<int64_t, double> timed_generate(Engine& engine, const std::vector<Gene
 
 int main(int argc, char** argv) {
   CLI::App app{"rlaif generation benchmark"};
-  std::string model_dir, out, batches = "1,16,64", device = "cuda", dtype = "bf16";
+  std::string model_dir, out, batches = "1,16,64", device = "cuda", dtype = "bf16", quantize;
   int64_t prompt = 128, new_tokens = 128;
   bool rollout = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
@@ -61,10 +64,17 @@ int main(int argc, char** argv) {
   app.add_option("--device", device);
   app.add_option("--dtype", dtype);
   app.add_flag("--rollout", rollout, "also run 64 prompts x 8 samples, prompts 100-1024, up to 1024 new tokens");
+  app.add_option("--quantize", quantize, "q4 or q8: quantize the weights (group 64) before generating")
+      ->check(CLI::IsMember({"q4", "q8"}));
   CLI11_PARSE(app, argc, argv);
 
   const at::Device dev = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
   auto model = load_model(model_dir, {parse_torch_dtype(dtype), dev});
+  if (!quantize.empty()) {
+    const QuantSpec spec{quantize == "q4" ? 4 : 8, 64};
+    quantize_model_weights(model->weights(), model->config(), spec, parse_torch_dtype(dtype));
+    std::printf("quantized the weights to %s (group 64)\n", quantize.c_str());
+  }
   const int64_t V = model->config().vocab_size;
   nlohmann::json results = nlohmann::json::array();
   std::mt19937 g(0);
@@ -110,6 +120,8 @@ int main(int argc, char** argv) {
     results.push_back({{"impl", "rlaif"}, {"workload", "rollout_64x8"}, {"new_tokens", n}, {"seconds", dt},
                        {"tokens_per_s", n / dt}});
   }
-  if (!out.empty()) std::ofstream(out) << nlohmann::json{{"model", model_dir}, {"results", results}}.dump(1);
+  if (!out.empty())
+    std::ofstream(out) << nlohmann::json{{"model", model_dir}, {"quantize", quantize.empty() ? "none" : quantize},
+                                         {"results", results}}.dump(1);
   return 0;
 }

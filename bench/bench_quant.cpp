@@ -1,5 +1,6 @@
 // MLX-quantized projections on the GPU at Qwen2.5-3B shapes (D=2048, F=11008, KV dim 256, 36 layers, vocab
-// 151936): per-layer quant_linear (q4, q8; group 64, bf16 scales) against bf16 at::linear for N = 1 and 64 rows,
+// 151936): per-layer quant_linear (q4, q8; group 64, bf16 scales) against bf16 at::linear for N = 1 and 64 rows
+// (and, at N = 1, against the engine's own bf16 few-row GEMV, kernels::small_linear, one launch per projection),
 // and live re-quantization of all the model's bf16 weights (quantize_affine into existing buffers). CUDA events,
 // warm-up, median of 20 samples. CPU builds print "no CUDA". Usage: bench_quant [--out results.json]
 #include <ATen/ATen.h>
@@ -16,6 +17,7 @@
 
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/registry.h"
+#include "kernels/cpu/small_linear.h"
 
 namespace {
 
@@ -77,6 +79,13 @@ int main(int argc, char** argv) {
       for (size_t p = 0; p < w.size(); ++p) at::linear(input(p), w[p]);
     });
     nlohmann::json row = {{"rows", n}, {"bf16_layer_ms", bf16}};
+    if (n <= kernels::kSmallLinearMaxRows) {
+      std::vector<at::Tensor> gemv_out;
+      for (auto [o, i] : shapes) gemv_out.push_back(at::empty({n, o}, opt));
+      row["bf16_gemv_layer_ms"] = median_ms([&] {
+        for (size_t p = 0; p < w.size(); ++p) kernels::small_linear(input(p), {w[p]}, {at::Tensor()}, {}, {gemv_out[p]});
+      });
+    }
     for (int64_t bits : {4, 8}) {
       std::vector<Packed> q;
       std::vector<at::Tensor> outs;
@@ -94,6 +103,11 @@ int main(int argc, char** argv) {
     std::printf("N=%lld: one layer's 7 projections bf16 %.3f ms, q4 %.3f ms (%.2fx), q8 %.3f ms (%.2fx)\n",
                 static_cast<long long>(n), bf16, row["q4_layer_ms"].get<double>(), row["q4_speedup"].get<double>(),
                 row["q8_layer_ms"].get<double>(), row["q8_speedup"].get<double>());
+    if (row.contains("bf16_gemv_layer_ms")) {
+      const double g = row["bf16_gemv_layer_ms"].get<double>();
+      std::printf("N=%lld: bf16 small_linear GEMV %.3f ms: q4 %.2fx, q8 %.2fx of it\n", static_cast<long long>(n), g,
+                  g / row["q4_layer_ms"].get<double>(), g / row["q8_layer_ms"].get<double>());
+    }
     results.push_back(row);
   }
   // Live re-quantization of every 3B weight: 36 layers + the (tied) embedding, bf16 → existing q4/q8 buffers.

@@ -3,7 +3,7 @@
 # runs the GPU tests and benchmarks, and writes logs and results under $OUT. The Debian dev packages the build
 # needs travel as .deb files in .device/debs (scripts/device_prepare.sh fetches them) and are unpacked into a
 # private sysroot, never into /.
-# Usage: scripts/device.sh [build|test|bench|all]...   (default: all)
+# Usage: scripts/device.sh [build|test|bench|quant|train|profile|all]...   (default: all; profile only when named)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.device/out}
@@ -71,10 +71,35 @@ if has bench; then
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
-  if [ -n "${RLAIF_BENCH_QUANT:-}" ]; then
-    "$BUILD/bench/bench_quant" --out "$OUT/bench_quant.json" > "$OUT/bench_quant.log" 2>&1 || log "bench_quant failed"
-    tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
+fi
+
+if has quant; then
+  # Issue 5: quantized projections per layer, re-quantization, and the quantized engine's decode on the 3B shape
+  # (weights quantized on the device after loading) beside the bf16 engine of the bench stage.
+  MD=/tmp/rlaif-bench-models
+  "$BUILD/bench/bench_quant" --out "$OUT/bench_quant.json" > "$OUT/bench_quant.log" 2>&1 || log "bench_quant failed"
+  tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
+  if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
+    for q in q4 q8; do
+      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --quantize $q --out "$OUT/rlaif_generate_3b_$q.json" \
+        > "$OUT/rlaif_generate_3b_$q.log" 2>&1 || log "bench_generate 3b $q failed"
+      sed "s/^/3b $q /" "$OUT/rlaif_generate_3b_$q.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+    done
   fi
+fi
+
+if [[ " $STAGES " == *" profile "* ]]; then
+  # Where a decode step's time goes: Nsight Compute's kernel times over a window of decode launches.
+  MD=/tmp/rlaif-bench-models
+  for spec in ${RLAIF_PROFILE:-0.5b:64 3b:64 3b:1}; do
+    s=${spec%%:*}; b=${spec##*:}
+    [ -f "$MD/qwen2.5-$s-random/config.json" ] || continue
+    timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum --launch-skip ${RLAIF_PROFILE_SKIP:-4000} \
+      --launch-count ${RLAIF_PROFILE_COUNT:-600} "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" \
+      --batches $b --new 64 > "$OUT/ncu_${s}_b$b.csv" 2> "$OUT/ncu_${s}_b$b.log" || log "ncu $s b$b failed"
+    log "profile $s batch $b (ncu window):"
+    $PY bench/ncu_summary.py "$OUT/ncu_${s}_b$b.csv" | head -24 | tee -a "$OUT/summary.txt"
+  done
 fi
 
 if has train; then
@@ -95,5 +120,5 @@ if has train; then
   grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" | head -8 | tee -a "$OUT/summary.txt"
 fi
 # The device tool returns at most 8 files: keep the summary loose, pack the logs and JSON results.
-tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log "$OUT"/*.json
+tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json *.csv 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.csv
 cat "$OUT/summary.txt"

@@ -175,8 +175,8 @@ void check_fused_rope(const PagedCase& c, int64_t max_context) {
   // Nothing but the slots changed in the caches (the NaN block included: compare with NaN equal).
   for (int64_t s = 0; s < S; ++s)
     if (slot[s] >= 0) {
-      kcd[slot[s]].copy_(kc[slot[s]].cuda());
-      vcd[slot[s]].copy_(vc[slot[s]].cuda());
+      kcd[slot[s]].copy_(c.k_cache[slot[s]].cuda());  // back to the original contents
+      vcd[slot[s]].copy_(c.v_cache[slot[s]].cuda());
     }
   EXPECT_TRUE(at::allclose(kcd.cpu().to(at::kFloat), c.k_cache.to(at::kFloat), 0, 0, /*equal_nan=*/true));
   EXPECT_TRUE(at::allclose(vcd.cpu().to(at::kFloat), c.v_cache.to(at::kFloat), 0, 0, /*equal_nan=*/true));

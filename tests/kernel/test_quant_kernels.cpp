@@ -49,7 +49,7 @@ TEST(QuantKernel, CudaQuantizeAndDequantizeEqualCpuBitForBit) {
   SCOPED_TRACE(test::seed_fresh());
   for (at::ScalarType wdt : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (int64_t bits : {4, 8}) {
-      for (int64_t group : {32, 64, 128}) {
+      for (int64_t group : {32, 64, 128, 512}) {  // 32-128: the vector kernel (group/8 lanes); 512: one thread
         SCOPED_TRACE(fmt::format("{} bits {} group {}", c10::toString(wdt), bits, group));
         at::Tensor w = (at::randn({37, 512}) * 0.05).to(wdt);
         w[0].zero_();
@@ -81,8 +81,10 @@ TEST(QuantKernel, CudaQuantLinearEqualsCpuReference) {
   for (at::ScalarType dt : test::activation_dtypes()) {
     for (int64_t bits : {4, 8}) {
       for (int64_t n : {1, 3, 8, 9, 64}) {  // 1-8: the GEMV kernel; 9 and 64: dequantize + cuBLAS
-        // 3B shapes (16-byte word loads) and an odd word count per row (one word per load).
-        for (auto [O, K, group] : {std::tuple<int64_t, int64_t, int64_t>{2048, 2048, 64}, {260, 11008, 64}, {33, 40, 8}}) {
+        // 3B shapes (the chunk kernel: 16-byte chunks inside one group), 16-wide groups (q4: 16-byte word loads
+        // spanning two groups; q8: the chunk kernel) and an odd word count per row (one word per load).
+        for (auto [O, K, group] : {std::tuple<int64_t, int64_t, int64_t>{2048, 2048, 64}, {260, 11008, 64},
+                                   {64, 256, 16}, {33, 40, 8}}) {
           if (K * bits / 32 % 4 == 0 && group == 8) continue;
           SCOPED_TRACE(fmt::format("{} bits {} N={} O={} K={} group {}", c10::toString(dt), bits, n, O, K, group));
           const Packed p = quantize_cpu(at::randn({O, K}) * 0.05, bits, group, at::kBFloat16);

@@ -5,7 +5,7 @@
 // arrive (an atomic count per sequence and KV head) rescales and sums the partitions. The grid is sized by
 // max_context, never by the lengths, so a captured CUDA graph replays correctly while they change.
 // Optionally the decode step's RoPE + KV write (rope_kv_write) happens in the same launch: every block rotates q
-// in registers, and the block holding the new token writes its rotated k and its v into the cache before reading.
+// (into shared memory), and the block holding the new token writes its rotated k and its v into the cache first.
 #include "kernels/cuda/paged_attention.h"
 
 #include <cmath>
@@ -20,7 +20,7 @@ using namespace cuda_detail;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // tokens per thread group whose loads are in flight together
+constexpr int kUnroll = 4;  // tokens per thread group whose K and V rows are loaded together
 
 struct AttnParams {
   const void* q;
@@ -73,7 +73,10 @@ __device__ __forceinline__ void rotate(float (&x)[E], const float (&c)[E], const
   }
 }
 
-// Each token is handled by NT = hd / E consecutive lanes, E elements (16 bytes) each; NT divides 32.
+// Thread group grp (NT = hd / E consecutive lanes, E elements = 16 bytes each; NT divides 32) takes tokens
+// grp, grp + groups, ... of each chunk of C = groups · kUnroll tokens, with its K and V rows loaded together, and
+// keeps its own online softmax (max m, exp-sum l, output acc) per query head: no block-wide barrier in the loop.
+// The groups then merge by shuffles (inside a warp) and through shared memory (across warps).
 template <typename T, int E, int MAX_G, bool ROPE>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams p) {
   const int part = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
@@ -89,13 +92,14 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   }
   const int start = part * p.part_tokens;
   if (start >= len) return;
-  const int end = min(start + p.part_tokens, len), n = end - start;
+  const int end = min(start + p.part_tokens, len);
   const int nparts = (len + p.part_tokens - 1) / p.part_tokens;
 
   extern __shared__ float smem[];
-  float* p_s = smem;                      // [G][part_tokens]: scores, then exp(score − m)
-  float* red = smem + G * p.part_tokens;  // [groups][hd]: the thread groups' partial outputs
-  __shared__ float m_s[MAX_G], l_s[MAX_G];
+  float* q_s = smem;               // [G][hd]: the (rotated) query rows
+  float* o_s = q_s + G * hd;       // [kWarps][G][hd]: the warps' outputs
+  float* ml_s = o_s + kWarps * G * hd;  // [kWarps][G][2]: the warps' max and exp-sum
+  __shared__ float M_s[MAX_G], inv_L_s[MAX_G];
   __shared__ bool last_s;
 
   float c[E], sn[E];
@@ -108,23 +112,26 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
       sn[j] = static_cast<float>(to<T>(sinf(angle)));
     }
   }
-  float qr[MAX_G][E];
+  // q rows to shared memory; the trip count is uniform so whole warps reach rotate's shuffles.
   const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + static_cast<int64_t>(kvh) * G * hd + lane * E;
+  for (int g0 = 0; g0 < G; g0 += groups) {
+    const int g = g0 + grp;
+    float x[E];
+    Vec<T, E> qv;
+    if (g < G) qv = load_vec<T, E>(qbase + g * hd);
 #pragma unroll
-  for (int g = 0; g < MAX_G; ++g) {
-    if (g < G) {
-      const Vec<T, E> qv = load_vec<T, E>(qbase + g * hd);
+    for (int j = 0; j < E; ++j) x[j] = g < G ? static_cast<float>(qv.v[j]) : 0.0f;
+    if constexpr (ROPE) rotate<T, E>(x, c, sn, lane, NT);
+    if (g < G)
 #pragma unroll
-      for (int j = 0; j < E; ++j) qr[g][j] = static_cast<float>(qv.v[j]);
-      if constexpr (ROPE) rotate<T, E>(qr[g], c, sn, lane, NT);
-    }
+      for (int j = 0; j < E; ++j) q_s[g * hd + lane * E + j] = x[j];
   }
   const int* table = p.block_tables + s * p.bt_stride;
   T* kc = static_cast<T*>(p.k_cache);
   T* vc = static_cast<T*>(p.v_cache);
   if constexpr (ROPE) {
-    // The new token (len − 1) is in the last partition: its block writes it before anyone reads it (no other
-    // block of this launch reads that row). Every group computes the rotation (whole warps shuffle); group 0 stores.
+    // The new token (len − 1) is in the last partition: its block writes it before reading (no other block of
+    // this launch reads that row). Every group computes the rotation (whole warps shuffle); group 0 stores.
     if (part == nparts - 1) {
       const int64_t slot = index_at(p.slots, p.slot64, s);
       if (slot >= 0) {
@@ -141,131 +148,161 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
           store_vec<T, E>(vc + (slot * p.KV + kvh) * hd + lane * E, vo);
         }
       }
-      __syncthreads();  // the block's own writes are visible to its reads below
     }
   }
+  __syncthreads();  // q_s written; the new token's K/V visible to the block's reads
 
-  // scores: q·k rounded to T, times scale rounded to T (the spec's two roundings)
-  for (int t0 = start; t0 < end; t0 += groups * kUnroll) {  // t0 is uniform: every lane reaches the shuffles
-    Vec<T, E> kv[kUnroll];  // kept in T (half the registers of float for bf16), converted at each use
+  float m[MAX_G], l[MAX_G], acc[MAX_G][E];
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < E; ++j) acc[g][j] = 0.0f;
+  }
+  const int chunk = groups * kUnroll;
+  for (int t0 = start; t0 < end; t0 += chunk) {  // t0 is uniform: every lane reaches the shuffles
+    Vec<T, E> kb[kUnroll], vb[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + u * groups + grp;
       if (t < end) {
-        kv[u] = load_vec<T, E>(kc + (cache_row(p, table, t) * p.KV + kvh) * hd + lane * E);
-      } else {
-#pragma unroll
-        for (int j = 0; j < E; ++j) kv[u].v[j] = to<T>(0.0f);
+        const int64_t at = (cache_row(p, table, t) * p.KV + kvh) * hd + lane * E;
+        kb[u] = load_vec<T, E>(kc + at);
+        vb[u] = load_vec<T, E>(vc + at);
       }
     }
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) {
       if (g >= G) break;
+      float qv[E];
+#pragma unroll
+      for (int j = 0; j < E; ++j) qv[j] = q_s[g * hd + lane * E + j];
+      float sc[kUnroll];
+      float mx = m[g];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         float dot = 0.0f;
-#pragma unroll
-        for (int j = 0; j < E; ++j) dot += qr[g][j] * static_cast<float>(kv[u].v[j]);
-        for (int off = NT / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
         const int t = t0 + u * groups + grp;
-        if (lane == 0 && t < end)
-          p_s[g * p.part_tokens + (t - start)] = static_cast<float>(to<T>(static_cast<float>(to<T>(dot)) * p.scale));
+        if (t < end)
+#pragma unroll
+          for (int j = 0; j < E; ++j) dot += qv[j] * static_cast<float>(kb[u].v[j]);
+        for (int off = NT / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        // q·k and the scaling each rounded to T, as the spec
+        sc[u] = t < end ? static_cast<float>(to<T>(static_cast<float>(to<T>(dot)) * p.scale)) : -INFINITY;
+        mx = fmaxf(mx, sc[u]);
       }
+      if (mx == -INFINITY) continue;  // this group has no token in the chunk (and had none before)
+      const float corr = expf(m[g] - mx);  // 0 while m is −inf
+      l[g] *= corr;
+#pragma unroll
+      for (int j = 0; j < E; ++j) acc[g][j] *= corr;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (sc[u] == -INFINITY) continue;
+        const float e = expf(sc[u] - mx);
+        l[g] += e;
+#pragma unroll
+        for (int j = 0; j < E; ++j) acc[g][j] += e * static_cast<float>(vb[u].v[j]);
+      }
+      m[g] = mx;
     }
   }
-  __syncthreads();
-  // the partition's max and exp-sum per head, exp(score − m) kept in place
-  for (int g = warp; g < G; g += kWarps) {
-    float* sc = p_s + g * p.part_tokens;
-    float m = -INFINITY;
-    for (int i = wl; i < n; i += 32) m = fmaxf(m, sc[i]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int i = wl; i < n; i += 32) {
-      const float e = expf(sc[i] - m);
-      sc[i] = e;
-      l += e;
-    }
-    l = warp_sum(l);
-    if (wl == 0) {
-      m_s[g] = m;
-      l_s[g] = l;
-    }
-  }
-  __syncthreads();
 
-  float acc[MAX_G][E];
-#pragma unroll
-  for (int g = 0; g < MAX_G; ++g)
-#pragma unroll
-    for (int j = 0; j < E; ++j) acc[g][j] = 0.0f;
-  for (int t0 = start; t0 < end; t0 += groups * kUnroll) {
-    Vec<T, E> vv[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + u * groups + grp;
-      if (t < end) vv[u] = load_vec<T, E>(vc + (cache_row(p, table, t) * p.KV + kvh) * hd + lane * E);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + u * groups + grp;
-      if (t >= end) break;
-#pragma unroll
-      for (int g = 0; g < MAX_G; ++g) {
-        if (g >= G) break;
-        const float pg = p_s[g * p.part_tokens + (t - start)];
-#pragma unroll
-        for (int j = 0; j < E; ++j) acc[g][j] += pg * static_cast<float>(vv[u].v[j]);
-      }
-    }
-  }
-  // Sum the thread groups' outputs head by head through shared memory (G is uniform: the barriers inside the
-  // loop are reached by the whole block). One partition: normalise and write; else leave it for the combine.
-  const int64_t P = p.P;
+  // Merge the groups of a warp (lanes holding the same elements are NT, 2·NT, ... apart), then the warps.
+  auto merge = [](float& m1, float& l1, float m2, float l2, float& a, float& b) {
+    const float M = fmaxf(m1, m2);
+    a = M == -INFINITY ? 0.0f : expf(m1 - M);
+    b = M == -INFINITY ? 0.0f : expf(m2 - M);
+    l1 = l1 * a + l2 * b;
+    m1 = M;
+  };
 #pragma unroll
   for (int g = 0; g < MAX_G; ++g) {
     if (g >= G) break;
+    for (int off = NT; off < 32; off <<= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[g], off), l2 = __shfl_xor_sync(0xffffffffu, l[g], off);
+      float a, b;
+      merge(m[g], l[g], m2, l2, a, b);
 #pragma unroll
-    for (int j = 0; j < E; ++j) red[grp * hd + lane * E + j] = acc[g][j];
-    __syncthreads();
-    for (int d = threadIdx.x; d < hd; d += kThreads) {
-      float sum = 0.0f;
-      for (int r = 0; r < groups; ++r) sum += red[r * hd + d];
-      if (nparts == 1) out[g * hd + d] = to<T>(sum * (1.0f / l_s[g]));
-      else p.part_o[((head_base + g) * P + part) * hd + d] = sum;
+      for (int j = 0; j < E; ++j) acc[g][j] = acc[g][j] * a + __shfl_xor_sync(0xffffffffu, acc[g][j], off) * b;
     }
-    __syncthreads();
+    if (wl < NT) {
+#pragma unroll
+      for (int j = 0; j < E; ++j) o_s[(warp * G + g) * hd + lane * E + j] = acc[g][j];
+      if (wl == 0) {
+        ml_s[(warp * G + g) * 2] = m[g];
+        ml_s[(warp * G + g) * 2 + 1] = l[g];
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t P = p.P;
+  for (int idx = threadIdx.x; idx < G * hd; idx += kThreads) {
+    const int g = idx / hd, d = idx % hd;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, ml_s[(w * G + g) * 2]);
+    float L = 0.0f, o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = ml_s[(w * G + g) * 2];
+      const float f = mw == -INFINITY ? 0.0f : expf(mw - M);
+      L += ml_s[(w * G + g) * 2 + 1] * f;
+      o += o_s[(w * G + g) * hd + d] * f;
+    }
+    if (nparts == 1) {
+      out[idx] = to<T>(o * (1.0f / L));
+    } else {
+      p.part_o[((head_base + g) * P + part) * hd + d] = o;
+      if (d == 0) {
+        p.part_ml[((head_base + g) * P + part) * 2] = M;
+        p.part_ml[((head_base + g) * P + part) * 2 + 1] = L;
+      }
+    }
   }
   if (nparts == 1) return;
-  if (threadIdx.x < G) {
-    float* ml = p.part_ml + ((head_base + threadIdx.x) * P + part) * 2;
-    ml[0] = m_s[threadIdx.x];
-    ml[1] = l_s[threadIdx.x];
-  }
   __threadfence();  // this block's partials are visible device-wide before it is counted
   __syncthreads();
   if (threadIdx.x == 0) last_s = atomicAdd(p.arrivals + s * p.KV + kvh, 1) == nparts - 1;
   __syncthreads();
   if (!last_s) return;
   __threadfence();
-  // combine: global max M, L = Σ l_i·e^(m_i − M), out = Σ o_i·e^(m_i − M) / L (partials read past L1: __ldcg)
-  if (threadIdx.x < G) {
-    const float* ml = p.part_ml + (head_base + threadIdx.x) * P * 2;
+  // combine the partitions: M = max m_i, L = Σ l_i·e^(m_i − M), out = Σ o_i·e^(m_i − M) / L; a warp per head for
+  // M and L, then every output element's sum with its loads independent (read past L1: __ldcg).
+  for (int g = warp; g < G; g += kWarps) {
+    const float* ml = p.part_ml + (head_base + g) * P * 2;
     float M = -INFINITY;
-    for (int i = 0; i < nparts; ++i) M = fmaxf(M, __ldcg(ml + 2 * i));
+    for (int i = wl; i < nparts; i += 32) M = fmaxf(M, __ldcg(ml + 2 * i));
+    M = warp_max(M);
     float L = 0.0f;
-    for (int i = 0; i < nparts; ++i) L += __ldcg(ml + 2 * i + 1) * expf(__ldcg(ml + 2 * i) - M);
-    m_s[threadIdx.x] = M;
-    l_s[threadIdx.x] = 1.0f / L;
+    for (int i = wl; i < nparts; i += 32) L += __ldcg(ml + 2 * i + 1) * expf(__ldcg(ml + 2 * i) - M);
+    L = warp_sum(L);
+    if (wl == 0) {
+      M_s[g] = M;
+      inv_L_s[g] = 1.0f / L;
+    }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < G * hd; idx += kThreads) {
+  for (int idx = threadIdx.x * 4; idx < G * hd; idx += kThreads * 4) {  // hd % 4 == 0
     const int g = idx / hd, d = idx % hd;
     const float* ml = p.part_ml + (head_base + g) * P * 2;
     const float* po = p.part_o + (head_base + g) * P * hd + d;
-    float o = 0.0f;
-    for (int i = 0; i < nparts; ++i) o += __ldcg(po + i * hd) * expf(__ldcg(ml + 2 * i) - m_s[g]);
-    out[idx] = to<T>(o * l_s[g]);
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int i = 0; i < nparts; ++i) {
+      const float f = expf(__ldcg(ml + 2 * i) - M_s[g]);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(po + i * hd));
+      o.x += v.x * f;
+      o.y += v.y * f;
+      o.z += v.z * f;
+      o.w += v.w * f;
+    }
+    const float inv = inv_L_s[g];
+    out[idx] = to<T>(o.x * inv);
+    out[idx + 1] = to<T>(o.y * inv);
+    out[idx + 2] = to<T>(o.z * inv);
+    out[idx + 3] = to<T>(o.w * inv);
   }
 }
 
@@ -293,15 +330,17 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Partition length: as long as possible (fewer partials to combine) while the grid still gives every SM two
-  // blocks; decided by max_context only, so a captured graph stays valid.
+  // Partition length: a multiple of the chunk the block's thread groups take in one round, as long as possible
+  // (fewer partials to combine, at most 512 tokens) while the grid still gives every SM two blocks; decided by
+  // max_context only, so a captured graph stays valid.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int part_tokens = 256;
-  auto parts = [&](int pt) { return std::max<int64_t>(1, (max_context + pt - 1) / pt); };
-  while (part_tokens > 32 && S * KV * parts(part_tokens) < 2 * sms) part_tokens /= 2;
+  const int chunk = static_cast<int>(kThreads / NT) * kUnroll;
+  auto parts = [&](int64_t pt) { return std::max<int64_t>(1, (max_context + pt - 1) / pt); };
+  int64_t part_tokens = chunk;
+  while (part_tokens < 512 && part_tokens < max_context && S * KV * parts(part_tokens * 2) >= 2 * sms) part_tokens *= 2;
   const int64_t P = parts(part_tokens);
-  const size_t smem = sizeof(float) * (G * part_tokens + (kThreads / NT) * hd);
-  RLAIF_CHECK(smem <= 48 * 1024, "paged_attention_decode_cuda: shared memory {} bytes", smem);
+  const size_t smem = sizeof(float) * (G * hd * (1 + kWarps) + kWarps * G * 2);
+  RLAIF_CHECK(smem <= 227 * 1024, "paged_attention_decode_cuda: shared memory {} bytes", smem);
 
   // Workspace from the caching allocator on the current stream (capture-safe under at::cuda::CUDAGraph); the
   // arrival counters are zeroed by a memset on the stream (a memset node in a captured graph).
@@ -320,12 +359,12 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   p.KV = static_cast<int>(KV);
   p.G = static_cast<int>(G);
   p.hd = static_cast<int>(hd);
-  p.part_tokens = part_tokens;
+  p.part_tokens = static_cast<int>(part_tokens);
   p.P = static_cast<int>(P);
   p.scale = static_cast<float>(scale);
-  p.part_ml = ws.data_ptr<float>();
-  p.part_o = p.part_ml + S * H * P * 2;
-  p.arrivals = reinterpret_cast<int*>(p.part_ml + floats);
+  p.part_o = ws.data_ptr<float>();  // first: its float4 reads need 16-byte alignment
+  p.part_ml = p.part_o + S * H * P * hd;
+  p.arrivals = reinterpret_cast<int*>(p.part_o + floats);
   p.out = out.data_ptr();
   if (rope) {
     p.k_new = rope->k.data_ptr();
@@ -344,9 +383,18 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV), static_cast<unsigned>(S));
   auto go = [&](auto max_g) {
     constexpr int MG = decltype(max_g)::value;
-    if (rope) attn_decode_kernel<T, E, MG, true><<<grid, kThreads, smem, stream>>>(p);
-    else attn_decode_kernel<T, E, MG, false><<<grid, kThreads, smem, stream>>>(p);
-    check_launch("attn_decode_kernel");
+    auto run = [&](auto kernel) {
+      if (smem > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(smem));
+        RLAIF_CHECK(e == cudaSuccess, "paged_attention_decode_cuda: {} bytes of shared memory: {}", smem,
+                    cudaGetErrorString(e));
+      }
+      kernel<<<grid, kThreads, smem, stream>>>(p);
+      check_launch("attn_decode_kernel");
+    };
+    if (rope) run(attn_decode_kernel<T, E, MG, true>);
+    else run(attn_decode_kernel<T, E, MG, false>);
   };
   if (G <= 1) go(std::integral_constant<int, 1>{});
   else if (G <= 2) go(std::integral_constant<int, 2>{});

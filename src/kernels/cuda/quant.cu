@@ -1,7 +1,8 @@
 // MLX affine quantization on the GPU: quantize (live re-quantization of trainer weights), dequantize, and
-// x · dequant(W)ᵀ — a GEMV kernel for ≤ 8 rows that streams the packed words once with float32 sums, and for more
-// rows a dequantized scratch matrix in x's dtype multiplied by cuBLAS (at::mm). Quantize and dequantize use
-// round-to-nearest float32 ops without contraction (__f*_rn), so they equal the CPU reference bit for bit.
+// x · dequant(W)ᵀ — a GEMV kernel for ≤ 8 rows that streams the packed words once (16-byte loads, several in
+// flight, nibbles turned into floats by byte permutes) with float32 sums, and for more rows a dequantized scratch
+// matrix in x's dtype multiplied by cuBLAS (at::mm). Quantize and dequantize use round-to-nearest float32 ops
+// without contraction (__f*_rn), so they equal the CPU reference bit for bit.
 #include "kernels/cuda/quant.h"
 
 #include "kernels/cuda/common.cuh"
@@ -56,6 +57,66 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t rows, int64_t K
       word |= static_cast<uint32_t>(q) << (j * bits);
     }
     dst[i / per_word] = word;
+  }
+}
+
+// The same rule with L = group / 8 consecutive lanes per group, each holding 8 consecutive elements (16-byte
+// loads of 2-byte weights, two for float32): min/max by shuffles inside the L lanes, then each lane packs its
+// own 8 values (one 4-bit word or two 8-bit words), so loads and stores are coalesced across the warp.
+template <typename T, typename S, int BITS>
+__global__ void quantize_vec_kernel(const T* __restrict__ w, int64_t total_groups, int group,
+                                    uint32_t* __restrict__ wq, S* __restrict__ scales, S* __restrict__ biases) {
+  const int L = group / 8;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t gid = tid / L;
+  const int sub = static_cast<int>(tid % L);
+  const bool active = gid < total_groups;  // inactive lanes still join the shuffles
+  const int64_t e0 = gid * group + sub * 8;  // first of this lane's elements (rows are whole groups)
+  float v[8];
+  if (active) {
+    const Vec<T, 8> raw = load_vec<T, 8>(w + e0);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = static_cast<float>(raw.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+  }
+  float w_min = 3.402823466e38f, w_max = 0.0f;  // MLX's GPU kernels start w_max at 0
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    w_min = fminf(w_min, v[j]);
+    w_max = fmaxf(w_max, v[j]);
+  }
+  for (int off = L / 2; off > 0; off >>= 1) {
+    w_min = fminf(w_min, __shfl_xor_sync(0xffffffffu, w_min, off));
+    w_max = fmaxf(w_max, __shfl_xor_sync(0xffffffffu, w_max, off));
+  }
+  if (!active) return;
+  const float n_bins = static_cast<float>((1 << BITS) - 1);
+  float scale = fmaxf(__fdiv_rn(__fsub_rn(w_max, w_min), n_bins), 1e-7f);
+  const bool side = fabsf(w_min) > fabsf(w_max);
+  scale = side ? scale : -scale;
+  const float edge = side ? w_min : w_max;
+  const float q0 = roundf(__fdiv_rn(edge, scale));
+  const bool at_zero = q0 == 0.0f;
+  scale = at_zero ? scale : __fdiv_rn(edge, q0);
+  const float bias = at_zero ? 0.0f : edge;
+  if (sub == 0) {
+    scales[gid] = static_cast<S>(scale);
+    biases[gid] = static_cast<S>(bias);
+  }
+  uint32_t q[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    q[j] = static_cast<uint32_t>(fminf(fmaxf(roundf(__fdiv_rn(__fsub_rn(v[j], bias), scale)), 0.0f), n_bins));
+  if constexpr (BITS == 4) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) word |= q[j] << (4 * j);
+    wq[e0 / 8] = word;
+  } else {
+    uint2 words = make_uint2(q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24, q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24);
+    *reinterpret_cast<uint2*>(wq + e0 / 4) = words;
   }
 }
 
@@ -125,6 +186,87 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t x_stride, const uin
   }
 }
 
+// The 32/BITS values of one packed word as exact floats: each 4- or 8-bit value is moved by a byte permute into
+// the low mantissa bits of 2^23 (0x4B000000), and 2^23 is subtracted.
+template <int BITS>
+__device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
+  if constexpr (BITS == 4) {
+    const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;  // bytes: values 0,2,4,6 and 1,3,5,7
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[2 * i] = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+      q[2 * i + 1] = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[i] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+  }
+}
+
+// A warp per output row o; each lane takes 16-byte chunks of the row's words (128/BITS values, inside one group;
+// 2^cpg_shift chunks per group),
+// U chunks' loads in flight (streaming: weights are read once per step), with their scales and biases. Values are
+// dequantized in registers (scale·q + bias) and dotted with the NR rows of x (vector loads, L1/L2-resident).
+template <typename T, typename S, int BITS, int NR, int U>
+__global__ void __launch_bounds__(kThreads) gemv_chunk_kernel(const T* __restrict__ x, int64_t x_stride,
+                                                              const uint4* __restrict__ wq, const S* __restrict__ scales,
+                                                              const S* __restrict__ biases, int64_t O, int64_t chunks,
+                                                              int cpg_shift, T* __restrict__ out) {
+  constexpr int kPer = 32 / BITS;     // values per word
+  constexpr int kVals = 4 * kPer;     // values per chunk
+  const int lane = threadIdx.x % 32;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (o >= O) return;  // warp-uniform
+  const uint4* wrow = wq + o * chunks;
+  const int64_t groups = chunks >> cpg_shift;  // 2^cpg_shift chunks per group
+  const S* srow = scales + o * groups;
+  const S* brow = biases + o * groups;
+  float acc[NR];
+#pragma unroll
+  for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
+  auto process = [&](const uint4& wv, float s, float b, int64_t c) {
+    const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      float wf[kPer];
+      unpack_word<BITS>(words[t], wf);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) wf[j] = fmaf(s, wf[j], b);
+      const int64_t k0 = c * kVals + t * kPer;
+#pragma unroll
+      for (int n = 0; n < NR; ++n) {
+        const Vec<T, kPer> xv = load_vec<T, kPer>(x + n * x_stride + k0);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) acc[n] = fmaf(static_cast<float>(xv.v[j]), wf[j], acc[n]);
+      }
+    }
+  };
+  int64_t c = lane;
+  for (; c + (U - 1) * 32 < chunks; c += U * 32) {
+    uint4 wv[U];
+    float s[U], b[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) wv[u] = __ldcs(wrow + c + u * 32);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t gi = (c + u * 32) >> cpg_shift;
+      s[u] = as_float(srow[gi]);
+      b[u] = as_float(brow[gi]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) process(wv[u], s[u], b[u], c + u * 32);
+  }
+  for (; c < chunks; c += 32) {
+    const int64_t gi = c >> cpg_shift;
+    process(__ldcs(wrow + c), as_float(srow[gi]), as_float(brow[gi]), c);
+  }
+#pragma unroll
+  for (int n = 0; n < NR; ++n) acc[n] = warp_sum(acc[n]);
+#pragma unroll
+  for (int n = 0; n < NR; ++n)
+    if (lane == n) out[n * O + o] = to<T>(acc[n]);
+}
+
 template <typename F>
 void dispatch_scale(at::ScalarType st, F&& f) {
   if (st == at::kFloat) f(float{});
@@ -158,7 +300,17 @@ void launch_gemv_rows(const at::Tensor& x, const at::Tensor& wq, const at::Tenso
   const auto* w = static_cast<const uint32_t*>(wq.data_ptr());
   const S* s = static_cast<const S*>(scales.data_ptr());
   const S* b = static_cast<const S*>(biases.data_ptr());
-  if (wq.size(1) % 4 == 0 && aligned16(w))
+  // The chunk kernel: whole 16-byte chunks per row, each inside one group, and x rows aligned for its loads.
+  constexpr int kPer = 32 / BITS, kVals = 4 * kPer;
+  const bool x_fits = reinterpret_cast<uintptr_t>(x.data_ptr()) % (sizeof(T) * kPer) == 0 && x.stride(0) % kPer == 0;
+  const int64_t cpg = group / kVals;  // chunks per group: a power of two for MLX's group sizes
+  if (wq.size(1) % 4 == 0 && aligned16(w) && group % kVals == 0 && (cpg & (cpg - 1)) == 0 && x_fits) {
+    int shift = 0;
+    while ((int64_t{1} << shift) < cpg) ++shift;
+    gemv_chunk_kernel<T, S, BITS, NR, 4><<<blocks_for(O, kWarps), kThreads, 0, stream>>>(
+        x.data_ptr<T>(), x.stride(0), reinterpret_cast<const uint4*>(w), s, b, O, wq.size(1) / 4, shift,
+        out.data_ptr<T>());
+  } else if (wq.size(1) % 4 == 0 && aligned16(w))
     gemv_kernel<T, S, BITS, NR, 4><<<blocks_for(O, kWarps), kThreads, 0, stream>>>(
         x.data_ptr<T>(), x.stride(0), w, s, b, O, K, static_cast<int>(group), out.data_ptr<T>());
   else
@@ -194,9 +346,22 @@ void quantize_affine_cuda(const at::Tensor& w, int64_t bits, int64_t group_size,
     using S = decltype(s_tag);
     dispatch_scale(w.scalar_type(), [&](auto w_tag) {
       using T = decltype(w_tag);
-      quantize_kernel<T, S><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-          static_cast<const T*>(w.data_ptr()), rows, K, static_cast<int>(bits), static_cast<int>(group_size),
-          static_cast<uint32_t*>(wq.data_ptr()), static_cast<S*>(scales.data_ptr()), static_cast<S*>(biases.data_ptr()));
+      const T* src = static_cast<const T*>(w.data_ptr());
+      auto* dst = static_cast<uint32_t*>(wq.data_ptr());
+      S* sc = static_cast<S*>(scales.data_ptr());
+      S* bi = static_cast<S*>(biases.data_ptr());
+      const int64_t lanes = group_size / 8;  // per group in the vector kernel
+      if (group_size % 8 == 0 && lanes <= 32 && 32 % lanes == 0 && w.is_contiguous() &&
+          reinterpret_cast<uintptr_t>(src) % (8 * sizeof(T)) == 0) {
+        const unsigned blocks = blocks_for(n * lanes, kThreads);
+        if (bits == 4)
+          quantize_vec_kernel<T, S, 4><<<blocks, kThreads, 0, stream>>>(src, n, static_cast<int>(group_size), dst, sc, bi);
+        else
+          quantize_vec_kernel<T, S, 8><<<blocks, kThreads, 0, stream>>>(src, n, static_cast<int>(group_size), dst, sc, bi);
+      } else {
+        quantize_kernel<T, S><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+            src, rows, K, static_cast<int>(bits), static_cast<int>(group_size), dst, sc, bi);
+      }
     });
   });
   check_launch("quantize_kernel");
