@@ -21,6 +21,24 @@ __device__ __forceinline__ float as_float(S v) {
   return static_cast<float>(v);
 }
 
+// docs/FORMATS.md's scale/bias rule for a group with minimum w_min and maximum w_max (w_max starts at 0, as in
+// MLX's GPU kernels), in round-to-nearest float32 ops so both quantize kernels equal the CPU reference.
+__device__ __forceinline__ void affine_params(float w_min, float w_max, float n_bins, float& scale, float& bias) {
+  scale = fmaxf(__fdiv_rn(__fsub_rn(w_max, w_min), n_bins), 1e-7f);
+  const bool side = fabsf(w_min) > fabsf(w_max);
+  scale = side ? scale : -scale;
+  const float edge = side ? w_min : w_max;
+  const float q0 = roundf(__fdiv_rn(edge, scale));
+  const bool at_zero = q0 == 0.0f;
+  scale = at_zero ? scale : __fdiv_rn(edge, q0);
+  bias = at_zero ? 0.0f : edge;
+}
+
+// One value's level: round((v − bias) / scale) clamped to [0, n_bins].
+__device__ __forceinline__ uint32_t quantize_value(float v, float scale, float bias, float n_bins) {
+  return static_cast<uint32_t>(fminf(fmaxf(roundf(__fdiv_rn(__fsub_rn(v, bias), scale)), 0.0f), n_bins));
+}
+
 // One thread per (row, group): min/max, the scale/bias rule of docs/FORMATS.md, then the packed words.
 template <typename T, typename S>
 __global__ void quantize_kernel(const T* __restrict__ w, int64_t rows, int64_t K, int bits, int group,
@@ -37,14 +55,8 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t rows, int64_t K
     w_max = fmaxf(w_max, v);
   }
   const float n_bins = static_cast<float>((1 << bits) - 1);
-  float scale = fmaxf(__fdiv_rn(__fsub_rn(w_max, w_min), n_bins), 1e-7f);
-  const bool side = fabsf(w_min) > fabsf(w_max);
-  scale = side ? scale : -scale;
-  const float edge = side ? w_min : w_max;
-  const float q0 = roundf(__fdiv_rn(edge, scale));
-  const bool at_zero = q0 == 0.0f;
-  scale = at_zero ? scale : __fdiv_rn(edge, q0);
-  const float bias = at_zero ? 0.0f : edge;
+  float scale, bias;
+  affine_params(w_min, w_max, n_bins, scale, bias);
   scales[id] = static_cast<S>(scale);
   biases[id] = static_cast<S>(bias);
   const int per_word = 32 / bits;
@@ -52,9 +64,7 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t rows, int64_t K
   for (int i = 0; i < group; i += per_word) {
     uint32_t word = 0;
     for (int j = 0; j < per_word; ++j) {
-      const float v = static_cast<float>(src[i + j]);
-      const float q = fminf(fmaxf(roundf(__fdiv_rn(__fsub_rn(v, bias), scale)), 0.0f), n_bins);
-      word |= static_cast<uint32_t>(q) << (j * bits);
+      word |= quantize_value(static_cast<float>(src[i + j]), scale, bias, n_bins) << (j * bits);
     }
     dst[i / per_word] = word;
   }
@@ -93,14 +103,8 @@ __global__ void quantize_vec_kernel(const T* __restrict__ w, int64_t total_group
   }
   if (!active) return;
   const float n_bins = static_cast<float>((1 << BITS) - 1);
-  float scale = fmaxf(__fdiv_rn(__fsub_rn(w_max, w_min), n_bins), 1e-7f);
-  const bool side = fabsf(w_min) > fabsf(w_max);
-  scale = side ? scale : -scale;
-  const float edge = side ? w_min : w_max;
-  const float q0 = roundf(__fdiv_rn(edge, scale));
-  const bool at_zero = q0 == 0.0f;
-  scale = at_zero ? scale : __fdiv_rn(edge, q0);
-  const float bias = at_zero ? 0.0f : edge;
+  float scale, bias;
+  affine_params(w_min, w_max, n_bins, scale, bias);
   if (sub == 0) {
     scales[gid] = static_cast<S>(scale);
     biases[gid] = static_cast<S>(bias);
@@ -108,7 +112,7 @@ __global__ void quantize_vec_kernel(const T* __restrict__ w, int64_t total_group
   uint32_t q[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j)
-    q[j] = static_cast<uint32_t>(fminf(fmaxf(roundf(__fdiv_rn(__fsub_rn(v[j], bias), scale)), 0.0f), n_bins));
+    q[j] = quantize_value(v[j], scale, bias, n_bins);
   if constexpr (BITS == 4) {
     uint32_t word = 0;
 #pragma unroll
