@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a decode step's GPU time goes: sums Nsight Compute's per-kernel gpu__time_duration over a window of
 launches (ncu --csv --metrics gpu__time_duration.sum) by kernel name, as a table with shares.
-Usage: ncu_summary.py NCU.csv [--steps N]   (N: decode steps inside the window, to print per-step figures)"""
+Usage: ncu_summary.py NCU.csv [--steps N]   (N: decode steps inside the window; default: the sample_kernel launches)"""
 import argparse
 import collections
 import csv
@@ -30,8 +30,12 @@ def main():
     for name, us in total.most_common():
         print(f"{name[:44]:44s} {count[name]:8d} {us:10.1f} {100 * us / all_us:5.1f}% {us / count[name]:9.2f}")
     print(f"{'all':44s} {sum(count.values()):8d} {all_us:10.1f}")
-    if a.steps:
-        print(f"per decode step: {all_us / a.steps:.1f} us of kernel time")
+    # One sampling launch per decode step: without --steps, the window's steps are counted by it.
+    steps = a.steps or count.get("sample_kernel", 0)
+    if steps:
+        print(f"per decode step ({steps:g} steps in the window): {all_us / steps:.1f} us of kernel time")
+        for name, us in total.most_common(8):
+            print(f"  {name[:42]:42s} {us / steps:9.1f} us/step")
 
 
 if __name__ == "__main__":

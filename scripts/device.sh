@@ -92,13 +92,25 @@ if [[ " $STAGES " == *" profile "* ]]; then
   # Where a decode step's time goes: Nsight Compute's kernel times over a window of decode launches.
   MD=/tmp/rlaif-bench-models
   for spec in ${RLAIF_PROFILE:-0.5b:64 3b:64 3b:1}; do
-    s=${spec%%:*}; b=${spec##*:}
-    [ -f "$MD/qwen2.5-$s-random/config.json" ] || continue
-    timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum --launch-skip ${RLAIF_PROFILE_SKIP:-4000} \
+    IFS=: read -r s b skip <<< "$spec"   # shape:batch[:launches to skip before the window]
+    [ -f "$MD/qwen2.5-$s-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
+      --shapes $s --batches 1 --new 8 > /dev/null 2>&1
+    timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum --launch-skip ${skip:-${RLAIF_PROFILE_SKIP:-4000}} \
       --launch-count ${RLAIF_PROFILE_COUNT:-600} "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" \
       --batches $b --new 64 > "$OUT/ncu_${s}_b$b.csv" 2> "$OUT/ncu_${s}_b$b.log" || log "ncu $s b$b failed"
     log "profile $s batch $b (ncu window):"
-    $PY bench/ncu_summary.py "$OUT/ncu_${s}_b$b.csv" | head -24 | tee -a "$OUT/summary.txt"
+    $PY bench/ncu_summary.py "$OUT/ncu_${s}_b$b.csv" | head -34 | tee -a "$OUT/summary.txt"
+  done
+  # Why a kernel is slow: Nsight Compute's sections for one decode launch of each named kernel (RLAIF_PROFILE_DETAIL:
+  # shape:batch:kernel-regex[:matching launches to skip] ...).
+  for spec in ${RLAIF_PROFILE_DETAIL:-}; do
+    IFS=: read -r s b k skip <<< "$spec"
+    timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis -k "regex:$k" --launch-skip ${skip:-300} --launch-count 1 \
+      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 \
+      > "$OUT/ncu_detail_${s}_b${b}_$k.txt" 2>&1 || log "ncu detail $spec failed"
+    log "detail $spec:"; grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Block Limit|Warp Cycles Per Issued|Grid Size|Stall|One or More|No Eligible|Compute \(SM\)|Waves" \
+      "$OUT/ncu_detail_${s}_b${b}_$k.txt" | head -30 | tee -a "$OUT/summary.txt"
   done
 fi
 
@@ -120,5 +132,5 @@ if has train; then
   grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" | head -8 | tee -a "$OUT/summary.txt"
 fi
 # The device tool returns at most 8 files: keep the summary loose, pack the logs and JSON results.
-tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json *.csv 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.csv
+tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json *.csv ncu_detail_*.txt 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.csv "$OUT"/ncu_detail_*.txt
 cat "$OUT/summary.txt"

@@ -1,11 +1,14 @@
 // Paged decode attention in one launch (flash-decoding): grid (P, KV, S), each block takes one partition of one
-// sequence's context for the G query heads sharing a KV head (K and V read once per KV head), computes its scores,
-// their max m and exp-sum l, and the unnormalised sum of exp(score - m) * V. A sequence whose context spans one
-// partition writes its output directly; otherwise each block leaves (m, l, o) in a workspace and the last block to
-// arrive (an atomic count per sequence and KV head) rescales and sums the partitions. The grid is sized by
-// max_context, never by the lengths, so a captured CUDA graph replays correctly while they change.
+// sequence's context for the G query heads sharing a KV head. The block copies the partition's K and V rows into
+// shared memory with cp.async (all loads in flight at once, K and V read once per KV head), computes the scores
+// with threads over tokens (q read from shared memory, no shuffle per token), one softmax max per head for the
+// whole partition, then P·V with lanes over head dimensions. A sequence whose context spans one partition writes
+// its output directly; otherwise each block leaves (m, l, o) in a workspace and the last block to arrive (an
+// atomic count per sequence and KV head) rescales and sums the partitions. The grid is sized by max_context,
+// never by the lengths, so a captured CUDA graph replays correctly while they change.
 // Optionally the decode step's RoPE + KV write (rope_kv_write) happens in the same launch: every block rotates q
-// (into shared memory), and the block holding the new token writes its rotated k and its v into the cache first.
+// (into shared memory), and the block holding the new token writes its rotated k and its v into the cache and
+// into its own shared tiles.
 #include "kernels/cuda/paged_attention.h"
 
 #include <cmath>
@@ -20,7 +23,6 @@ using namespace cuda_detail;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // tokens per thread group whose K and V rows are loaded together
 
 struct AttnParams {
   const void* q;
@@ -31,6 +33,7 @@ struct AttnParams {
   int64_t bt_stride;
   const int* context_lens;
   int max_context, block_size, KV, G, hd, part_tokens, P;
+  int tpt;  // threads per token in the score phase
   float scale;
   // Fused RoPE + KV write (rope_kv_write's inputs); k_new == nullptr when not fused.
   const void* k_new;
@@ -73,15 +76,37 @@ __device__ __forceinline__ void rotate(float (&x)[E], const float (&c)[E], const
   }
 }
 
-// Thread group grp (NT = hd / E consecutive lanes, E elements = 16 bytes each; NT divides 32) takes tokens
-// grp, grp + groups, ... of each chunk of C = groups · kUnroll tokens, with its K and V rows loaded together, and
-// keeps its own online softmax (max m, exp-sum l, output acc) per query head: no block-wide barrier in the loop.
-// The groups then merge by shuffles (inside a warp) and through shared memory (across warps).
-template <typename T, int E, int MAX_G, bool ROPE>
+// 16-byte global → shared copy that bypasses registers (and L1); completes at cp_async_wait_all.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Shared-memory layout of one block (launch() sizes it the same way): K and V tiles [PT][row_bytes] with rows
+// padded by 16 bytes (threads reading different rows hit different banks), q [G][hd] floats, probabilities
+// [PT][MAX_G] floats, cache rows [PT]; the per-warp outputs of P·V [kWarps][G][hd] reuse the K tile.
+struct SmemLayout {
+  int row_bytes, k_off, v_off, q_off, p_off, rows_off, bytes;
+  __host__ __device__ SmemLayout(int PT, int hd, int G, int max_g, int elem) {
+    row_bytes = hd * elem + 16;
+    const int tile = PT * row_bytes, o_bytes = kWarps * G * hd * 4;
+    k_off = 0;
+    v_off = ((tile > o_bytes ? tile : o_bytes) + 15) / 16 * 16;
+    q_off = v_off + (tile + 15) / 16 * 16;
+    p_off = q_off + G * hd * 4;
+    rows_off = p_off + PT * max_g * 4;
+    bytes = rows_off + PT * 8;
+  }
+};
+
+// Phase 1 (scores) takes TPT threads per token, each a contiguous slice of hd in 16-byte vectors; phase 2 (P·V)
+// groups of hd / 4 lanes per token row, tokens spread over the groups.
+template <typename T, int MAX_G, bool ROPE>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams p) {
+  constexpr int E = kVec<T>;
   const int part = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
-  const int G = p.G, hd = p.hd, NT = hd / E, groups = kThreads / NT;
-  const int grp = threadIdx.x / NT, lane = threadIdx.x % NT, warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  const int G = p.G, hd = p.hd, PT = p.part_tokens;
   const int64_t head_base = (static_cast<int64_t>(s) * p.KV + kvh) * G;  // row of the first query head in [S, H]
   T* out = static_cast<T*>(p.out) + head_base * hd;
   const int len = min(p.context_lens[s], p.max_context);
@@ -90,18 +115,30 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
       for (int i = threadIdx.x; i < G * hd; i += kThreads) out[i] = to<T>(0.0f);
     return;
   }
-  const int start = part * p.part_tokens;
+  const int start = part * PT;
   if (start >= len) return;
-  const int end = min(start + p.part_tokens, len);
-  const int nparts = (len + p.part_tokens - 1) / p.part_tokens;
+  const int n = min(PT, len - start);  // tokens of this partition
+  const int nparts = (len + PT - 1) / PT;
 
-  extern __shared__ float smem[];
-  float* q_s = smem;               // [G][hd]: the (rotated) query rows
-  float* o_s = q_s + G * hd;       // [kWarps][G][hd]: the warps' outputs
-  float* ml_s = o_s + kWarps * G * hd;  // [kWarps][G][2]: the warps' max and exp-sum
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const SmemLayout lay(PT, hd, G, MAX_G, sizeof(T));
+  unsigned char* k_s = smem_raw + lay.k_off;
+  unsigned char* v_s = smem_raw + lay.v_off;
+  float* q_s = reinterpret_cast<float*>(smem_raw + lay.q_off);
+  float* p_s = reinterpret_cast<float*>(smem_raw + lay.p_off);
+  int64_t* rows_s = reinterpret_cast<int64_t*>(smem_raw + lay.rows_off);
+  float* o_s = reinterpret_cast<float*>(k_s);  // after the scores
+  __shared__ float red_s[kWarps][MAX_G];
   __shared__ float M_s[MAX_G], inv_L_s[MAX_G];
   __shared__ bool last_s;
+  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
 
+  const int* table = p.block_tables + s * p.bt_stride;
+  for (int i = threadIdx.x; i < n; i += kThreads) rows_s[i] = cache_row(p, table, start + i) * p.KV + kvh;
+
+  // q rows (rotated) to shared memory, as float, by groups of NT = hd / E lanes; the trip count is uniform so
+  // whole warps reach rotate's shuffles.
+  const int NT = hd / E, groups = kThreads / NT, grp = threadIdx.x / NT, lane = threadIdx.x % NT;
   float c[E], sn[E];
   if constexpr (ROPE) {
     const float pos = static_cast<float>(index_at(p.positions, p.pos64, s));
@@ -112,7 +149,6 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
       sn[j] = static_cast<float>(to<T>(sinf(angle)));
     }
   }
-  // q rows to shared memory; the trip count is uniform so whole warps reach rotate's shuffles.
   const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + static_cast<int64_t>(kvh) * G * hd + lane * E;
   for (int g0 = 0; g0 < G; g0 += groups) {
     const int g = g0 + grp;
@@ -126,137 +162,157 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
 #pragma unroll
       for (int j = 0; j < E; ++j) q_s[g * hd + lane * E + j] = x[j];
   }
-  const int* table = p.block_tables + s * p.bt_stride;
+  __syncthreads();  // rows_s
+
+  // K and V rows of the partition → shared tiles, every 16-byte piece in flight at once.
   T* kc = static_cast<T*>(p.k_cache);
   T* vc = static_cast<T*>(p.v_cache);
+  const int vr = hd / E;  // 16-byte pieces per row
+  for (int i = threadIdx.x; i < n * vr; i += kThreads) {
+    const int t = i / vr, piece = i % vr;
+    const int64_t at = rows_s[t] * hd + piece * E;
+    cp_async16(k_s + t * lay.row_bytes + piece * 16, kc + at);
+    cp_async16(v_s + t * lay.row_bytes + piece * 16, vc + at);
+  }
+  cp_async_wait_all();
   if constexpr (ROPE) {
-    // The new token (len − 1) is in the last partition: its block writes it before reading (no other block of
-    // this launch reads that row). Every group computes the rotation (whole warps shuffle); group 0 stores.
+    __syncthreads();  // every copy landed before the new token's row is overwritten
+    // The new token (len − 1) is in the last partition: its block rotates k, writes k and v to the cache (later
+    // steps read them) and over the copies in its tiles (the copies may predate the write).
     if (part == nparts - 1) {
       const int64_t slot = index_at(p.slots, p.slot64, s);
-      if (slot >= 0) {
+      if (slot >= 0) {  // every group rotates (whole warps shuffle); group 0 stores
         const Vec<T, E> kv = load_vec<T, E>(static_cast<const T*>(p.k_new) + s * p.k_stride + kvh * hd + lane * E);
         float kf[E];
 #pragma unroll
         for (int j = 0; j < E; ++j) kf[j] = static_cast<float>(kv.v[j]);
         rotate<T, E>(kf, c, sn, lane, NT);
-        if (grp == 0) {
-          Vec<T, E> ko, vo = load_vec<T, E>(static_cast<const T*>(p.v_new) + s * p.v_stride + kvh * hd + lane * E);
+        Vec<T, E> ko;
+        const Vec<T, E> vo = load_vec<T, E>(static_cast<const T*>(p.v_new) + s * p.v_stride + kvh * hd + lane * E);
 #pragma unroll
-          for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
+        for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
+        if (grp == 0) {
           store_vec<T, E>(kc + (slot * p.KV + kvh) * hd + lane * E, ko);
           store_vec<T, E>(vc + (slot * p.KV + kvh) * hd + lane * E, vo);
+          const int nt = n - 1;  // the new token's row in the tiles
+          store_vec<T, E>(reinterpret_cast<T*>(k_s + nt * lay.row_bytes) + lane * E, ko);
+          store_vec<T, E>(reinterpret_cast<T*>(v_s + nt * lay.row_bytes) + lane * E, vo);
         }
       }
     }
   }
-  __syncthreads();  // q_s written; the new token's K/V visible to the block's reads
+  __syncthreads();  // tiles complete (every thread waited for its own copies)
 
-  float m[MAX_G], l[MAX_G], acc[MAX_G][E];
+  // Phase 1, scores: token i / TPT, slice i % TPT of its dimensions; the slices' sums meet by shuffles.
+  const int TPT = p.tpt, slice = hd / TPT;
+  const int tok = threadIdx.x / TPT, sl = threadIdx.x % TPT;
+  float sc[MAX_G];
+  {
+    float dot[MAX_G];
 #pragma unroll
-  for (int g = 0; g < MAX_G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.0f;
+    for (int g = 0; g < MAX_G; ++g) dot[g] = 0.0f;
+    if (tok < n) {
+      const T* krow = reinterpret_cast<const T*>(k_s + tok * lay.row_bytes) + sl * slice;
+      const float* qrow = q_s + sl * slice;
+      for (int d0 = 0; d0 < slice; d0 += E) {
+        const Vec<T, E> kv = *reinterpret_cast<const Vec<T, E>*>(krow + d0);
+        float kf[E];
 #pragma unroll
-    for (int j = 0; j < E; ++j) acc[g][j] = 0.0f;
-  }
-  const int chunk = groups * kUnroll;
-  for (int t0 = start; t0 < end; t0 += chunk) {  // t0 is uniform: every lane reaches the shuffles
-    Vec<T, E> kb[kUnroll], vb[kUnroll];
+        for (int j = 0; j < E; ++j) kf[j] = static_cast<float>(kv.v[j]);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + u * groups + grp;
-      if (t < end) {
-        const int64_t at = (cache_row(p, table, t) * p.KV + kvh) * hd + lane * E;
-        kb[u] = load_vec<T, E>(kc + at);
-        vb[u] = load_vec<T, E>(vc + at);
+        for (int g = 0; g < MAX_G; ++g) {
+          if (g < G) {
+#pragma unroll
+            for (int j = 0; j < E; j += 4) {
+              const float4 qv = *reinterpret_cast<const float4*>(qrow + g * hd + d0 + j);
+              dot[g] = fmaf(qv.x, kf[j], dot[g]);
+              dot[g] = fmaf(qv.y, kf[j + 1], dot[g]);
+              dot[g] = fmaf(qv.z, kf[j + 2], dot[g]);
+              dot[g] = fmaf(qv.w, kf[j + 3], dot[g]);
+            }
+          }
+        }
       }
     }
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) {
-      if (g >= G) break;
-      float qv[E];
-#pragma unroll
-      for (int j = 0; j < E; ++j) qv[j] = q_s[g * hd + lane * E + j];
-      float sc[kUnroll];
-      float mx = m[g];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        float dot = 0.0f;
-        const int t = t0 + u * groups + grp;
-        if (t < end)
-#pragma unroll
-          for (int j = 0; j < E; ++j) dot += qv[j] * static_cast<float>(kb[u].v[j]);
-        for (int off = NT / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        // q·k and the scaling each rounded to T, as the spec
-        sc[u] = t < end ? static_cast<float>(to<T>(static_cast<float>(to<T>(dot)) * p.scale)) : -INFINITY;
-        mx = fmaxf(mx, sc[u]);
-      }
-      if (mx == -INFINITY) continue;  // this group has no token in the chunk (and had none before)
-      const float corr = expf(m[g] - mx);  // 0 while m is −inf
-      l[g] *= corr;
-#pragma unroll
-      for (int j = 0; j < E; ++j) acc[g][j] *= corr;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (sc[u] == -INFINITY) continue;
-        const float e = expf(sc[u] - mx);
-        l[g] += e;
-#pragma unroll
-        for (int j = 0; j < E; ++j) acc[g][j] += e * static_cast<float>(vb[u].v[j]);
-      }
-      m[g] = mx;
+      for (int off = TPT / 2; off > 0; off >>= 1) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], off);
+      // q·k and the scaling each rounded to T, as the spec
+      sc[g] = tok < n && g < G ? static_cast<float>(to<T>(static_cast<float>(to<T>(dot[g])) * p.scale)) : -INFINITY;
     }
   }
+  // One max per head over the partition (the TPT copies of a score are equal: max does not mind).
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    const float m = warp_max(sc[g]);
+    if (wl == 0) red_s[warp][g] = m;
+  }
+  __syncthreads();
+  float mx[MAX_G];
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    mx[g] = red_s[0][g];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) mx[g] = fmaxf(mx[g], red_s[w][g]);
+    if (threadIdx.x == 0) M_s[g] = mx[g];
+  }
+  __syncthreads();  // red_s is reused for the sums
+  // p = exp(score − M), kept in float32; slice 0 of each token stores it and counts it once in the sum.
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    const float e = tok < n && g < G ? expf(sc[g] - mx[g]) : 0.0f;
+    if (tok < n && sl == 0) p_s[tok * MAX_G + g] = e;
+    const float l = warp_sum(sl == 0 ? e : 0.0f);
+    if (wl == 0) red_s[warp][g] = l;
+  }
+  __syncthreads();  // p_s, the sums; the K tile is free from here (o_s)
 
-  // Merge the groups of a warp (lanes holding the same elements are NT, 2·NT, ... apart), then the warps.
-  auto merge = [](float& m1, float& l1, float m2, float l2, float& a, float& b) {
-    const float M = fmaxf(m1, m2);
-    a = M == -INFINITY ? 0.0f : expf(m1 - M);
-    b = M == -INFINITY ? 0.0f : expf(m2 - M);
-    l1 = l1 * a + l2 * b;
-    m1 = M;
-  };
+  // Phase 2, P·V: groups of R = hd / 4 lanes, lane li holds elements 4·li .. 4·li + 3 of every head's output.
+  constexpr int E2 = 4;
+  const int R = hd / E2, ngroups = kThreads / R, g2 = threadIdx.x / R, li = threadIdx.x % R;
+  float acc[MAX_G][E2];
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g)
+#pragma unroll
+    for (int j = 0; j < E2; ++j) acc[g][j] = 0.0f;
+  for (int t = g2; t < n; t += ngroups) {
+    const Vec<T, E2> vv = *reinterpret_cast<const Vec<T, E2>*>(reinterpret_cast<const T*>(v_s + t * lay.row_bytes) +
+                                                                 li * E2);
+    const float* pr = p_s + t * MAX_G;
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+      if (g >= G) break;
+      const float pg = pr[g];
+#pragma unroll
+      for (int j = 0; j < E2; ++j) acc[g][j] = fmaf(pg, static_cast<float>(vv.v[j]), acc[g][j]);
+    }
+  }
+  // The groups of a warp (lanes holding the same elements are R, 2R, ... apart) by shuffles, then the warps.
 #pragma unroll
   for (int g = 0; g < MAX_G; ++g) {
     if (g >= G) break;
-    for (int off = NT; off < 32; off <<= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m[g], off), l2 = __shfl_xor_sync(0xffffffffu, l[g], off);
-      float a, b;
-      merge(m[g], l[g], m2, l2, a, b);
 #pragma unroll
-      for (int j = 0; j < E; ++j) acc[g][j] = acc[g][j] * a + __shfl_xor_sync(0xffffffffu, acc[g][j], off) * b;
-    }
-    if (wl < NT) {
-#pragma unroll
-      for (int j = 0; j < E; ++j) o_s[(warp * G + g) * hd + lane * E + j] = acc[g][j];
-      if (wl == 0) {
-        ml_s[(warp * G + g) * 2] = m[g];
-        ml_s[(warp * G + g) * 2 + 1] = l[g];
-      }
+    for (int j = 0; j < E2; ++j) {
+      for (int off = R; off < 32; off <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], off);
+      if (wl < R) o_s[(warp * G + g) * hd + li * E2 + j] = acc[g][j];
     }
   }
   __syncthreads();
   const int64_t P = p.P;
   for (int idx = threadIdx.x; idx < G * hd; idx += kThreads) {
     const int g = idx / hd, d = idx % hd;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, ml_s[(w * G + g) * 2]);
-    float L = 0.0f, o = 0.0f;
+    float o = 0.0f, L = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      const float mw = ml_s[(w * G + g) * 2];
-      const float f = mw == -INFINITY ? 0.0f : expf(mw - M);
-      L += ml_s[(w * G + g) * 2 + 1] * f;
-      o += o_s[(w * G + g) * hd + d] * f;
+      o += o_s[(w * G + g) * hd + d];
+      L += red_s[w][g];
     }
     if (nparts == 1) {
       out[idx] = to<T>(o * (1.0f / L));
     } else {
       p.part_o[((head_base + g) * P + part) * hd + d] = o;
       if (d == 0) {
-        p.part_ml[((head_base + g) * P + part) * 2] = M;
+        p.part_ml[((head_base + g) * P + part) * 2] = M_s[g];
         p.part_ml[((head_base + g) * P + part) * 2 + 1] = L;
       }
     }
@@ -314,8 +370,8 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t S = q.size(0), H = q.size(1), hd = q.size(2), KV = k_cache.size(1), G = H / KV;
   if (S == 0) return;
   const int64_t NT = hd / E;
-  RLAIF_CHECK(hd % E == 0 && NT <= 32 && (NT & (NT - 1)) == 0,
-              "paged_attention_decode_cuda: head_dim {} unsupported for {} (want {} times a power of two up to 32)",
+  RLAIF_CHECK(hd % E == 0 && hd <= 128 && NT <= 32 && (NT & (NT - 1)) == 0,
+              "paged_attention_decode_cuda: head_dim {} unsupported for {} (want {} times a power of two, at most 128)",
               hd, c10::toString(q.scalar_type()), E);
   RLAIF_CHECK(G <= 16, "paged_attention_decode_cuda: {} query heads per KV head, at most 16 supported", G);
   RLAIF_CHECK(aligned16(q.data_ptr()) && q.stride(0) % E == 0 && aligned16(k_cache.data_ptr()) &&
@@ -330,18 +386,16 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Partition length: a multiple of the chunk the block's thread groups take in one round, as long as possible
-  // (fewer partials to combine, at most 512 tokens) while the grid still gives every SM two blocks; decided by
-  // max_context only, so a captured graph stays valid.
+  // Partition length 128, 64 or 32 tokens: the longest that still gives every SM four blocks (fewer partials to
+  // combine), decided by max_context only so a captured graph stays valid. Short partitions split each token's
+  // score over 2 or 4 threads so the whole block works.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int chunk = static_cast<int>(kThreads / NT) * kUnroll;
   auto parts = [&](int64_t pt) { return std::max<int64_t>(1, (max_context + pt - 1) / pt); };
-  int64_t part_tokens = chunk;
-  while (part_tokens < 512 && part_tokens < max_context && S * KV * parts(part_tokens * 2) >= 2 * sms) part_tokens *= 2;
+  int64_t part_tokens = kThreads;
+  while (part_tokens > 32 && S * KV * parts(part_tokens) < 4 * sms) part_tokens /= 2;
   const int64_t P = parts(part_tokens);
-  const size_t smem = sizeof(float) * (G * hd * (1 + kWarps) + kWarps * G * 2);
-  RLAIF_CHECK(smem <= 227 * 1024, "paged_attention_decode_cuda: shared memory {} bytes", smem);
-
+  int64_t tpt = kThreads / part_tokens;
+  while (tpt > 1 && (hd / tpt) % E != 0) tpt /= 2;  // each thread's slice whole 16-byte vectors
   // Workspace from the caching allocator on the current stream (capture-safe under at::cuda::CUDAGraph); the
   // arrival counters are zeroed by a memset on the stream (a memset node in a captured graph).
   const int64_t floats = S * H * P * (2 + hd);
@@ -361,6 +415,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   p.hd = static_cast<int>(hd);
   p.part_tokens = static_cast<int>(part_tokens);
   p.P = static_cast<int>(P);
+  p.tpt = static_cast<int>(tpt);
   p.scale = static_cast<float>(scale);
   p.part_o = ws.data_ptr<float>();  // first: its float4 reads need 16-byte alignment
   p.part_ml = p.part_o + S * H * P * hd;
@@ -383,6 +438,9 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV), static_cast<unsigned>(S));
   auto go = [&](auto max_g) {
     constexpr int MG = decltype(max_g)::value;
+    const size_t smem = SmemLayout(static_cast<int>(part_tokens), static_cast<int>(hd), static_cast<int>(G), MG,
+                                   static_cast<int>(sizeof(T))).bytes;
+    RLAIF_CHECK(smem <= 227 * 1024, "paged_attention_decode_cuda: shared memory {} bytes", smem);
     auto run = [&](auto kernel) {
       if (smem > 48 * 1024) {
         const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -393,8 +451,8 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       kernel<<<grid, kThreads, smem, stream>>>(p);
       check_launch("attn_decode_kernel");
     };
-    if (rope) run(attn_decode_kernel<T, E, MG, true>);
-    else run(attn_decode_kernel<T, E, MG, false>);
+    if (rope) run(attn_decode_kernel<T, MG, true>);
+    else run(attn_decode_kernel<T, MG, false>);
   };
   if (G <= 1) go(std::integral_constant<int, 1>{});
   else if (G <= 2) go(std::integral_constant<int, 2>{});
