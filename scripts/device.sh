@@ -105,11 +105,13 @@ if [[ " $STAGES " == *" profile "* ]]; then
   # shape:batch:kernel-regex[:matching launches to skip] ...).
   for spec in ${RLAIF_PROFILE_DETAIL:-}; do
     IFS=: read -r s b k skip <<< "$spec"
+    [ -f "$MD/qwen2.5-$s-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
+      --shapes $s --batches 1 --new 8 > /dev/null 2>&1
     timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis -k "regex:$k" --launch-skip ${skip:-300} --launch-count 1 \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters -k "regex:$k" --launch-skip ${skip:-300} --launch-count 1 \
       "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 \
       > "$OUT/ncu_detail_${s}_b${b}_$k.txt" 2>&1 || log "ncu detail $spec failed"
-    log "detail $spec:"; grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Block Limit|Warp Cycles Per Issued|Grid Size|Stall|One or More|No Eligible|Compute \(SM\)|Waves" \
+    log "detail $spec:"; grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Block Limit|Warp Cycles Per Issued|Grid Size|Stall|One or More|No Eligible|Compute \(SM\)|Waves|Dynamic Shared" \
       "$OUT/ncu_detail_${s}_b${b}_$k.txt" | head -30 | tee -a "$OUT/summary.txt"
   done
 fi

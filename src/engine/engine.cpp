@@ -219,7 +219,7 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
                     const at::Tensor& residual = {}) {
   std::vector<at::Tensor> a, b, outs;
   std::vector<double> scales;
-  bool kernels_fit = x.is_cuda();
+  bool kernels_fit = true;
   for (size_t i = 0; i < ps.size(); ++i) {
     const LoraAdapter& ad = adapter(L, ps[i]);
     if (!ad.defined()) continue;
@@ -230,10 +230,11 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
     scales.push_back(ad.scale);
     outs.push_back(ys[i]);
   }
-  if (a.empty()) {
+  if (a.empty()) {  // x is not read (it may be undefined)
     if (residual.defined()) residual.add_(ys[0]);
     return;
   }
+  kernels_fit = kernels_fit && x.is_cuda();
   if (!kernels_fit) {
     for (size_t i = 0; i < ps.size(); ++i)
       if (adapter(L, ps[i]).defined()) ys[i] = layers::add_lora(ys[i], x, adapter(L, ps[i]), /*training=*/false);
@@ -326,8 +327,10 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   const bool small = W.embed.is_cuda() && S <= K::kSmallLinearMaxRows;
 
   at::Tensor h = layers::embed(W, in.tokens);                                          // [S, D]
-  at::Tensor x = K::rms_norm(h, W.layers[0].input_norm, c.rms_norm_eps);               // [S, D]
   const AdapterMode base{/*enabled=*/false, /*training=*/false};  // adapters go through add_lora_group
+  const double eps = c.rms_norm_eps;
+  // A norm of h fused into the few-row launch that reads it (no launch of its own) when h fits its shared memory.
+  const bool norm_fuses = small && h.numel() * h.element_size() <= K::kSmallLinearNormMaxBytes;
   // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
   auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
     std::vector<at::Tensor> ys;
@@ -346,6 +349,29 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     K::small_linear(in_x, ws, bs, at::Tensor(), ys);
     return ys;
   };
+  // The base outputs of projections reading x = rms_norm(h, norm_w): the norm fused into their launch when it can,
+  // x materialised (written by that launch) only for the adapters that need it; else x = rms_norm, then project_group.
+  auto normed_group = [&](const at::Tensor& norm_w, const LayerWeights& L, const std::vector<Proj>& ps,
+                          at::Tensor& x) {
+    bool fits = norm_fuses && ps.size() <= 3, lora = false;
+    for (Proj p : ps) {
+      fits = fits && dense(L.weight(p), h);
+      lora = lora || adapter(L, p).defined();
+    }
+    if (!fits) {
+      x = K::rms_norm(h, norm_w, eps);
+      return project_group(x, L, ps);
+    }
+    x = lora ? at::empty_like(h) : at::Tensor();
+    std::vector<at::Tensor> ws, bs, ys;
+    for (Proj p : ps) {
+      ws.push_back(L.weight(p));
+      bs.push_back(L.bias(p));
+      ys.push_back(at::empty({S, L.weight(p).size(0)}, h.options()));
+    }
+    K::small_linear(h, ws, bs, at::Tensor(), ys, {norm_w, eps, x});
+    return ys;
+  };
   // h += project(in_x) (adapter included), the add fused into the projection or the LoRA expand.
   auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
     if (!adapter(L, p).defined()) {
@@ -362,7 +388,8 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   };
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = W.layers[l];
-    std::vector<at::Tensor> qkv = project_group(x, L, {Proj::kQ, Proj::kK, Proj::kV});  // [S, (H+2KV)·hd]
+    at::Tensor x;                                                                       // [S, D] normalised h
+    std::vector<at::Tensor> qkv = normed_group(L.input_norm, L, {Proj::kQ, Proj::kK, Proj::kV}, x);  // [S, (H+2KV)·hd]
     add_lora_group(x, L, {Proj::kQ, Proj::kK, Proj::kV}, qkv);
     const at::Tensor q = qkv[0].view({S, H, hd});                                       // [S, H, hd]
     const at::Tensor k = qkv[1].view({S, KV, hd});                                      // [S, KV, hd]
@@ -372,26 +399,31 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
                                    cache_->values(l), in.block_tables, in.context_lens, options_.block_size,
                                    max_context, scale, o);  // RoPE, the new token's K/V written, attention
     h = residual_proj(o.view({S, H * hd}), L, Proj::kO);                                // [S, D]
-    x = K::rms_norm(h, L.post_norm, c.rms_norm_eps);
     at::Tensor act = at::empty({S, c.intermediate_size}, h.options());                  // [S, F]
-    if (small && dense(L.w_gate, x) && dense(L.w_up, x) && !L.b_gate.defined() && !L.b_up.defined() &&
-        !adapter(L, Proj::kGate).defined() && !adapter(L, Proj::kUp).defined()) {
-      K::small_linear_silu_mul(x, L.w_gate, L.w_up, act);
+    const bool swiglu = small && dense(L.w_gate, h) && dense(L.w_up, h) && !L.b_gate.defined() && !L.b_up.defined() &&
+                        !adapter(L, Proj::kGate).defined() && !adapter(L, Proj::kUp).defined();
+    if (swiglu && norm_fuses) {
+      K::small_linear_silu_mul(h, L.w_gate, L.w_up, act, {L.post_norm, eps, at::Tensor()});
+    } else if (swiglu) {
+      K::small_linear_silu_mul(K::rms_norm(h, L.post_norm, eps), L.w_gate, L.w_up, act);
     } else {
+      x = K::rms_norm(h, L.post_norm, eps);
       std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp});      // [S, F] each
       add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
       K::silu_mul(gu[0], gu[1], act);
     }
     h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
-    const at::Tensor& next_norm = l + 1 < c.num_layers ? W.layers[l + 1].input_norm : W.final_norm;
-    x = K::rms_norm(h, next_norm, c.rms_norm_eps);
   }
-  if (small && !W.lm_head_q.defined() && dense(W.lm_head, x)) {
-    at::Tensor logits = at::empty({S, W.lm_head.size(0)}, x.options());
-    K::small_linear(x, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits});
+  if (small && !W.lm_head_q.defined() && dense(W.lm_head, h)) {
+    at::Tensor logits = at::empty({S, W.lm_head.size(0)}, h.options());
+    if (norm_fuses) {
+      K::small_linear(h, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits}, {W.final_norm, eps, at::Tensor()});
+    } else {
+      K::small_linear(K::rms_norm(h, W.final_norm, eps), {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits});
+    }
     return logits;                                                                      // [S, V]
   }
-  return layers::logits(W, x);                                                          // [S, V]
+  return layers::logits(W, K::rms_norm(h, W.final_norm, eps));                         // [S, V]
 }
 
 SampleResult Engine::decode_step(const std::vector<Seq*>& seqs) {

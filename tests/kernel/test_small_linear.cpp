@@ -5,6 +5,7 @@
 
 #include "kernel_test.h"
 #include "kernels/cpu/small_linear.h"
+#include "models/layers.h"
 
 using namespace rlaif;
 
@@ -88,6 +89,54 @@ TEST(SmallLinearKernel, CudaEqualsCpuReference) {
         test::poison(act);
         kernels::small_linear_silu_mul(xc, wc[0], wu.cuda(), act);
         EXPECT_LE(test::rel_err(act, act_ref), test::tolerance(dt)) << "swiglu";
+      }
+    }
+  }
+}
+
+// The input's RMSNorm fused in: the CPU reference equals transformers' norm (models/layers.h) then at::linear, and
+// the CUDA kernels (every block normalising the rows into shared memory, block 0 writing them out) equal it.
+TEST(SmallLinearKernel, FusedInputNormEqualsNormThenLinear) {
+  SCOPED_TRACE(test::seed_fresh());
+  const double eps = 1e-6;
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t K : {int64_t{2048}, int64_t{896}, int64_t{100}}) {
+      for (int64_t n : {1, 3, 8}) {
+        SCOPED_TRACE(fmt::format("{} N={} K={}", c10::toString(dt), n, K));
+        const at::Tensor h = rnd({n, K}, dt, 3.0), nw = (1.0 + at::randn({K}) * 0.1).to(dt);
+        const at::Tensor wq = rnd({40, K}, dt, 0.05), wk = rnd({8, K}, dt, 0.05), bq = rnd({40}, dt);
+        const at::Tensor wg = rnd({24, K}, dt, 0.05), wu = rnd({24, K}, dt, 0.05);
+        const at::Tensor xn = layers::rms_norm(h, nw, eps);
+        at::Tensor q = at::empty({n, 40}, h.options()), k = at::empty({n, 8}, h.options()), normed = at::empty_like(h);
+        test::poison(normed);
+        kernels::small_linear_cpu(h, {wq, wk}, {bq, at::Tensor()}, at::Tensor(), {q, k}, {nw, eps, normed});
+        EXPECT_LE(test::rel_err(normed, xn), test::tolerance(dt)) << "normed rows";
+        EXPECT_LE(test::rel_err(q, at::linear(xn, wq, bq)), test::tolerance(dt)) << "q";
+        EXPECT_LE(test::rel_err(k, at::linear(xn, wk)), test::tolerance(dt)) << "k";
+        at::Tensor act = at::empty({n, 24}, h.options());
+        kernels::small_linear_silu_mul_cpu(h, wg, wu, act, {nw, eps, at::Tensor()});
+        EXPECT_LE(test::rel_err(act, at::silu(at::linear(xn, wg)) * at::linear(xn, wu)), test::tolerance(dt))
+            << "swiglu";
+        if (!kernels::cuda_kernels_available() || !at::hasCUDA()) continue;
+
+        const at::Tensor hc = h.cuda(), nwc = nw.cuda();
+        at::Tensor qc = at::empty_like(q).cuda(), kc = at::empty_like(k).cuda(), normed_c = at::empty_like(h).cuda();
+        test::poison(qc);
+        test::poison(normed_c);
+        kernels::small_linear(hc, {wq.cuda(), wk.cuda()}, {bq.cuda(), at::Tensor()}, at::Tensor(), {qc, kc},
+                              {nwc, eps, normed_c});
+        EXPECT_LE(test::rel_err(normed_c.cpu(), normed), test::tolerance(dt)) << "cuda normed rows";
+        EXPECT_LE(test::rel_err(qc.cpu(), q), test::tolerance(dt)) << "cuda q";
+        EXPECT_LE(test::rel_err(kc.cpu(), k), test::tolerance(dt)) << "cuda k";
+        const at::Tensor r = rnd({n, 40}, dt);
+        at::Tensor rc = r.cuda(), rref = r.clone();
+        kernels::small_linear_cpu(h, {wq}, {bq}, rref, {rref}, {nw, eps, at::Tensor()});
+        kernels::small_linear(hc, {wq.cuda()}, {bq.cuda()}, rc, {rc}, {nwc, eps, at::Tensor()});
+        EXPECT_LE(test::rel_err(rc.cpu(), rref), test::tolerance(dt)) << "cuda residual";
+        at::Tensor act_c = at::empty_like(act).cuda();
+        test::poison(act_c);
+        kernels::small_linear_silu_mul(hc, wg.cuda(), wu.cuda(), act_c, {nwc, eps, at::Tensor()});
+        EXPECT_LE(test::rel_err(act_c.cpu(), act), test::tolerance(dt)) << "cuda swiglu";
       }
     }
   }

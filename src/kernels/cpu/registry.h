@@ -10,6 +10,7 @@
 namespace rlaif::kernels {
 
 struct RopeKvInputs;  // kernels/cpu/paged_attention.h
+struct InputNorm;     // kernels/cpu/small_linear.h
 
 // One pointer per op, nullptr until rlaif_register_cuda_kernels() (CUDA builds only) sets it. Signatures equal
 // the public ops' (kernels/cpu/<stem>.h); arguments reach them already checked by the dispatcher.
@@ -32,9 +33,9 @@ struct KernelRegistry {
   // Few-row projections (decode at small batch), weights streamed once for all rows (kernels/cpu/small_linear.h).
   void (*small_linear_cuda)(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                             const std::vector<at::Tensor>& biases, const at::Tensor& residual,
-                            const std::vector<at::Tensor>& outs) = nullptr;
+                            const std::vector<at::Tensor>& outs, const InputNorm& norm) = nullptr;
   void (*small_linear_silu_mul_cuda)(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-                                     const at::Tensor& out) = nullptr;
+                                     const at::Tensor& out, const InputNorm& norm) = nullptr;
   // LoRA's update for a group of projections sharing an input (kernels/cpu/lora.h).
   void (*lora_shrink_cuda)(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) = nullptr;
   void (*lora_expand_cuda)(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,

@@ -34,6 +34,7 @@ struct AttnParams {
   const int* context_lens;
   int max_context, block_size, KV, G, hd, part_tokens, P;
   int tpt;  // threads per token in the score phase
+  int hs, gb;  // head splits per KV head (blockIdx.y = kvh·hs + split) and query heads per split
   float scale;
   // Fused RoPE + KV write (rope_kv_write's inputs); k_new == nullptr when not fused.
   const void* k_new;
@@ -46,7 +47,7 @@ struct AttnParams {
   bool pos64, slot64;
   float* part_ml;  // [S, H, P, 2]: each partition's max and exp-sum
   float* part_o;   // [S, H, P, hd]: each partition's unnormalised output
-  int* arrivals;   // [S, KV]: partitions done, zero before the launch
+  int* arrivals;   // [S, KV, hs]: partitions done, zero before the launch
   void* out;       // [S, H, hd]
 };
 
@@ -84,12 +85,13 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 
 // Shared-memory layout of one block (launch() sizes it the same way): K and V tiles [PT][row_bytes] with rows
-// padded by 16 bytes (threads reading different rows hit different banks), q [G][hd] floats, probabilities
-// [PT][MAX_G] floats, cache rows [PT]; the per-warp outputs of P·V [kWarps][G][hd] reuse the K tile.
+// padded by 16·TPT bytes (the eight lanes of a 16-byte access phase, TPT per token, hit eight different bank
+// groups), q [G][hd] floats, probabilities [PT][MAX_G] floats, cache rows [PT]; the per-warp outputs of P·V
+// [kWarps][G][hd] reuse the K tile.
 struct SmemLayout {
   int row_bytes, k_off, v_off, q_off, p_off, rows_off, bytes;
-  __host__ __device__ SmemLayout(int PT, int hd, int G, int max_g, int elem) {
-    row_bytes = hd * elem + 16;
+  __host__ __device__ SmemLayout(int PT, int hd, int G, int max_g, int elem, int tpt) {
+    row_bytes = hd * elem + 16 * tpt;
     const int tile = PT * row_bytes, o_bytes = kWarps * G * hd * 4;
     k_off = 0;
     v_off = ((tile > o_bytes ? tile : o_bytes) + 15) / 16 * 16;
@@ -100,14 +102,15 @@ struct SmemLayout {
   }
 };
 
-// Phase 1 (scores) takes TPT threads per token, each a contiguous slice of hd in 16-byte vectors; phase 2 (P·V)
-// groups of hd / 4 lanes per token row, tokens spread over the groups.
+// Phase 1 (scores) takes TPT threads per token, interleaved over hd in 16-byte vectors; phase 2 (P·V) groups of
+// hd / 4 lanes per token row, tokens spread over the groups. Blocks of one KV head may split its query heads.
 template <typename T, int MAX_G, bool ROPE>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams p) {
   constexpr int E = kVec<T>;
-  const int part = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
-  const int G = p.G, hd = p.hd, PT = p.part_tokens;
-  const int64_t head_base = (static_cast<int64_t>(s) * p.KV + kvh) * G;  // row of the first query head in [S, H]
+  const int part = blockIdx.x, kvh = blockIdx.y / p.hs, split = blockIdx.y % p.hs, s = blockIdx.z;
+  const int G = min(p.gb, p.G - split * p.gb), hd = p.hd, PT = p.part_tokens;  // this block's query heads
+  // row of the block's first query head in [S, H]
+  const int64_t head_base = (static_cast<int64_t>(s) * p.KV + kvh) * p.G + split * p.gb;
   T* out = static_cast<T*>(p.out) + head_base * hd;
   const int len = min(p.context_lens[s], p.max_context);
   if (len <= 0) {  // padding row: zeros
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   const int nparts = (len + PT - 1) / PT;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const SmemLayout lay(PT, hd, G, MAX_G, sizeof(T));
+  const SmemLayout lay(PT, hd, p.gb, MAX_G, sizeof(T), p.tpt);
   unsigned char* k_s = smem_raw + lay.k_off;
   unsigned char* v_s = smem_raw + lay.v_off;
   float* q_s = reinterpret_cast<float*>(smem_raw + lay.q_off);
@@ -133,23 +136,44 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   __shared__ bool last_s;
   const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
 
+  // The partition's cache rows and (RoPE) the rotation's cos/sin per head dimension, each computed once.
+  __shared__ float cos_s[128], sin_s[128];  // hd ≤ 128
   const int* table = p.block_tables + s * p.bt_stride;
   for (int i = threadIdx.x; i < n; i += kThreads) rows_s[i] = cache_row(p, table, start + i) * p.KV + kvh;
-
-  // q rows (rotated) to shared memory, as float, by groups of NT = hd / E lanes; the trip count is uniform so
-  // whole warps reach rotate's shuffles.
-  const int NT = hd / E, groups = kThreads / NT, grp = threadIdx.x / NT, lane = threadIdx.x % NT;
-  float c[E], sn[E];
   if constexpr (ROPE) {
     const float pos = static_cast<float>(index_at(p.positions, p.pos64, s));
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const float angle = pos * p.inv_freq[(lane * E + j) % (hd / 2)];
-      c[j] = static_cast<float>(to<T>(cosf(angle)));  // full-range cosf/sinf, as rope_kv_write
-      sn[j] = static_cast<float>(to<T>(sinf(angle)));
+    for (int i = threadIdx.x; i < hd; i += kThreads) {
+      const float angle = pos * p.inv_freq[i % (hd / 2)];
+      cos_s[i] = static_cast<float>(to<T>(cosf(angle)));  // full-range cosf/sinf, as rope_kv_write
+      sin_s[i] = static_cast<float>(to<T>(sinf(angle)));
     }
   }
-  const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + static_cast<int64_t>(kvh) * G * hd + lane * E;
+  __syncthreads();  // rows_s, cos_s, sin_s
+
+  // K and V rows of the partition → shared tiles, every 16-byte piece in flight at once.
+  const int NT = hd / E, groups = kThreads / NT, grp = threadIdx.x / NT, lane = threadIdx.x % NT;
+  T* kc = static_cast<T*>(p.k_cache);
+  T* vc = static_cast<T*>(p.v_cache);
+  const int vr = NT, vr_shift = __ffs(NT) - 1;  // 16-byte pieces per row (a power of two)
+  for (int i = threadIdx.x; i < n * vr; i += kThreads) {
+    const int t = i >> vr_shift, piece = i & (vr - 1);
+    const int64_t at = rows_s[t] * hd + piece * E;
+    cp_async16(k_s + t * lay.row_bytes + piece * 16, kc + at);
+    cp_async16(v_s + t * lay.row_bytes + piece * 16, vc + at);
+  }
+
+  // While they fly: q rows (rotated) to shared memory, as float, by groups of NT lanes; the trip count is uniform
+  // so whole warps reach rotate's shuffles.
+  float c[E], sn[E];
+  if constexpr (ROPE) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      c[j] = cos_s[lane * E + j];
+      sn[j] = sin_s[lane * E + j];
+    }
+  }
+  const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + (static_cast<int64_t>(kvh) * p.G + split * p.gb) * hd +
+                   lane * E;
   for (int g0 = 0; g0 < G; g0 += groups) {
     const int g = g0 + grp;
     float x[E];
@@ -161,18 +185,6 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
     if (g < G)
 #pragma unroll
       for (int j = 0; j < E; ++j) q_s[g * hd + lane * E + j] = x[j];
-  }
-  __syncthreads();  // rows_s
-
-  // K and V rows of the partition → shared tiles, every 16-byte piece in flight at once.
-  T* kc = static_cast<T*>(p.k_cache);
-  T* vc = static_cast<T*>(p.v_cache);
-  const int vr = hd / E;  // 16-byte pieces per row
-  for (int i = threadIdx.x; i < n * vr; i += kThreads) {
-    const int t = i / vr, piece = i % vr;
-    const int64_t at = rows_s[t] * hd + piece * E;
-    cp_async16(k_s + t * lay.row_bytes + piece * 16, kc + at);
-    cp_async16(v_s + t * lay.row_bytes + piece * 16, vc + at);
   }
   cp_async_wait_all();
   if constexpr (ROPE) {
@@ -192,8 +204,10 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
 #pragma unroll
         for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
         if (grp == 0) {
-          store_vec<T, E>(kc + (slot * p.KV + kvh) * hd + lane * E, ko);
-          store_vec<T, E>(vc + (slot * p.KV + kvh) * hd + lane * E, vo);
+          if (split == 0) {  // one block per KV head writes the cache
+            store_vec<T, E>(kc + (slot * p.KV + kvh) * hd + lane * E, ko);
+            store_vec<T, E>(vc + (slot * p.KV + kvh) * hd + lane * E, vo);
+          }
           const int nt = n - 1;  // the new token's row in the tiles
           store_vec<T, E>(reinterpret_cast<T*>(k_s + nt * lay.row_bytes) + lane * E, ko);
           store_vec<T, E>(reinterpret_cast<T*>(v_s + nt * lay.row_bytes) + lane * E, vo);
@@ -203,8 +217,9 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   }
   __syncthreads();  // tiles complete (every thread waited for its own copies)
 
-  // Phase 1, scores: token i / TPT, slice i % TPT of its dimensions; the slices' sums meet by shuffles.
-  const int TPT = p.tpt, slice = hd / TPT;
+  // Phase 1, scores: token i / TPT; its TPT threads take interleaved 16-byte vectors of the head dimension (adjacent
+  // lanes, adjacent banks) and their sums meet by shuffles.
+  const int TPT = p.tpt;
   const int tok = threadIdx.x / TPT, sl = threadIdx.x % TPT;
   float sc[MAX_G];
   {
@@ -212,9 +227,9 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) dot[g] = 0.0f;
     if (tok < n) {
-      const T* krow = reinterpret_cast<const T*>(k_s + tok * lay.row_bytes) + sl * slice;
-      const float* qrow = q_s + sl * slice;
-      for (int d0 = 0; d0 < slice; d0 += E) {
+      const T* krow = reinterpret_cast<const T*>(k_s + tok * lay.row_bytes);
+      const float* qrow = q_s;
+      for (int d0 = sl * E; d0 < hd; d0 += TPT * E) {
         const Vec<T, E> kv = *reinterpret_cast<const Vec<T, E>*>(krow + d0);
         float kf[E];
 #pragma unroll
@@ -278,7 +293,20 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   for (int t = g2; t < n; t += ngroups) {
     const Vec<T, E2> vv = *reinterpret_cast<const Vec<T, E2>*>(reinterpret_cast<const T*>(v_s + t * lay.row_bytes) +
                                                                  li * E2);
-    const float* pr = p_s + t * MAX_G;
+    float pr[MAX_G];  // the token's probabilities, 16-byte reads where the row allows
+    if constexpr (MAX_G % 4 == 0) {
+#pragma unroll
+      for (int g = 0; g < MAX_G; g += 4) {
+        const float4 v4 = *reinterpret_cast<const float4*>(p_s + t * MAX_G + g);
+        pr[g] = v4.x;
+        pr[g + 1] = v4.y;
+        pr[g + 2] = v4.z;
+        pr[g + 3] = v4.w;
+      }
+    } else {
+#pragma unroll
+      for (int g = 0; g < MAX_G; ++g) pr[g] = p_s[t * MAX_G + g];
+    }
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) {
       if (g >= G) break;
@@ -320,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   if (nparts == 1) return;
   __threadfence();  // this block's partials are visible device-wide before it is counted
   __syncthreads();
-  if (threadIdx.x == 0) last_s = atomicAdd(p.arrivals + s * p.KV + kvh, 1) == nparts - 1;
+  if (threadIdx.x == 0) last_s = atomicAdd(p.arrivals + (s * p.KV + kvh) * p.hs + split, 1) == nparts - 1;
   __syncthreads();
   if (!last_s) return;
   __threadfence();
@@ -394,12 +422,17 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   int64_t part_tokens = kThreads;
   while (part_tokens > 32 && S * KV * parts(part_tokens) < 4 * sms) part_tokens /= 2;
   const int64_t P = parts(part_tokens);
-  int64_t tpt = kThreads / part_tokens;
-  while (tpt > 1 && (hd / tpt) % E != 0) tpt /= 2;  // each thread's slice whole 16-byte vectors
+  // Too few blocks still (a single sequence): the KV head's query heads are split over blocks, each reading the
+  // partition's K/V (from L2 after the first) for fewer heads, so the chain per block is shorter.
+  int64_t hs = 1;
+  while (hs < G && S * KV * P * hs < 2 * sms) hs *= 2;
+  const int64_t gb = (G + std::min(hs, G) - 1) / std::min(hs, G);
+  hs = (G + gb - 1) / gb;
+  const int64_t tpt = kThreads / part_tokens;
   // Workspace from the caching allocator on the current stream (capture-safe under at::cuda::CUDAGraph); the
   // arrival counters are zeroed by a memset on the stream (a memset node in a captured graph).
   const int64_t floats = S * H * P * (2 + hd);
-  at::Tensor ws = at::empty({floats + S * KV}, q.options().dtype(at::kFloat));
+  at::Tensor ws = at::empty({floats + S * KV * hs}, q.options().dtype(at::kFloat));
   AttnParams p{};
   p.q = q.data_ptr();
   p.q_stride = q.stride(0);
@@ -416,6 +449,8 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   p.part_tokens = static_cast<int>(part_tokens);
   p.P = static_cast<int>(P);
   p.tpt = static_cast<int>(tpt);
+  p.hs = static_cast<int>(hs);
+  p.gb = static_cast<int>(gb);
   p.scale = static_cast<float>(scale);
   p.part_o = ws.data_ptr<float>();  // first: its float4 reads need 16-byte alignment
   p.part_ml = p.part_o + S * H * P * hd;
@@ -432,14 +467,14 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     p.slot64 = rope->slots.scalar_type() == at::kLong;
     p.inv_freq = rope->inv_freq.data_ptr<float>();
   }
-  const cudaError_t err = cudaMemsetAsync(p.arrivals, 0, sizeof(int) * S * KV, stream);
+  const cudaError_t err = cudaMemsetAsync(p.arrivals, 0, sizeof(int) * S * KV * hs, stream);
   RLAIF_CHECK(err == cudaSuccess, "paged_attention_decode_cuda: memset failed: {}", cudaGetErrorString(err));
 
-  const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV), static_cast<unsigned>(S));
+  const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV * hs), static_cast<unsigned>(S));
   auto go = [&](auto max_g) {
     constexpr int MG = decltype(max_g)::value;
-    const size_t smem = SmemLayout(static_cast<int>(part_tokens), static_cast<int>(hd), static_cast<int>(G), MG,
-                                   static_cast<int>(sizeof(T))).bytes;
+    const size_t smem = SmemLayout(static_cast<int>(part_tokens), static_cast<int>(hd), static_cast<int>(gb), MG,
+                                   static_cast<int>(sizeof(T)), static_cast<int>(tpt)).bytes;
     RLAIF_CHECK(smem <= 227 * 1024, "paged_attention_decode_cuda: shared memory {} bytes", smem);
     auto run = [&](auto kernel) {
       if (smem > 48 * 1024) {
@@ -454,10 +489,10 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     if (rope) run(attn_decode_kernel<T, MG, true>);
     else run(attn_decode_kernel<T, MG, false>);
   };
-  if (G <= 1) go(std::integral_constant<int, 1>{});
-  else if (G <= 2) go(std::integral_constant<int, 2>{});
-  else if (G <= 4) go(std::integral_constant<int, 4>{});
-  else if (G <= 8) go(std::integral_constant<int, 8>{});
+  if (gb <= 1) go(std::integral_constant<int, 1>{});
+  else if (gb <= 2) go(std::integral_constant<int, 2>{});
+  else if (gb <= 4) go(std::integral_constant<int, 4>{});
+  else if (gb <= 8) go(std::integral_constant<int, 8>{});
   else go(std::integral_constant<int, 16>{});
 }
 
