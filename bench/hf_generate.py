@@ -2,7 +2,7 @@
 """Baseline for bench_generate: transformers' generate() on random-weight Qwen2.5-0.5B / 3B-shaped models
 (vocab 151936, tied embeddings), bf16 on the GPU, prompt 128 tokens, 128 new tokens, sampling. Saves each
 model (save_pretrained) so rlaif's benchmark loads the identical weights, and writes tokens/s as JSON.
-Usage: hf_generate.py --models-dir DIR --out FILE.json [--batches 1,16,64] [--shapes 0.5b,3b]"""
+Usage: hf_generate.py --models-dir DIR --out FILE.json [--batches 1,16,64] [--shapes 0.5b,3b] [--save-only]"""
 import argparse
 import json
 import os
@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--save-only", action="store_true", help="only save the models (for rlaif's benchmark)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
@@ -46,6 +47,9 @@ def main():
         d = os.path.join(a.models_dir, f"qwen2.5-{shape}-random")
         if not os.path.exists(os.path.join(d, "config.json")):
             model.save_pretrained(d)
+        if a.save_only:
+            del model
+            continue
         for b in [int(x) for x in a.batches.split(",")]:
             ids = torch.randint(0, dims["vocab_size"], (b, a.prompt), device=a.device)
             kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=a.new,

@@ -17,6 +17,16 @@ RLAIF_BENCH_SHAPES=${RLAIF_BENCH_SHAPES:-0.5b,3b}
 TORCH_PREFIX=$($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')
 TORCH_LIB=$($PY -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')
 log() { echo "[device] $*" | tee -a "$OUT/summary.txt"; }
+# The device tool returns at most 8 files: keep the summary loose and pack the logs and JSON results — also when a
+# time limit ends the script early (what ran so far still comes back).
+pack() {
+  local files
+  files=$(cd "$OUT" && ls *.log *.json *.csv ncu_detail_*.txt 2>/dev/null)
+  [ -n "$files" ] && tar czf "$OUT/results.tgz" -C "$OUT" $files 2>/dev/null && (cd "$OUT" && rm -f $files)
+  cat "$OUT/summary.txt"
+}
+trap pack EXIT
+trap 'log "stopped by a signal"; exit 124' TERM INT
 has() { [[ " $STAGES " == *" $1 "* || " $STAGES " == *" all "* ]]; }
 
 if [ ! -d "$SYSROOT" ]; then
@@ -58,19 +68,22 @@ if has test; then
 fi
 
 if has bench; then
-  # Same run, same card: transformers' generate first (it also saves the random-weight models), then rlaif.
+  # Same run, same card: the random-weight models saved by transformers, rlaif on them, then transformers'
+  # generate on the same weights (the slowest part last, so a time limit cuts the baseline, not our figures).
   MD=/tmp/rlaif-bench-models
   $PY bench/copy_bandwidth.py "$OUT/copy_bandwidth.json" | tee -a "$OUT/summary.txt"
-  $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate.json" --shapes "${RLAIF_BENCH_SHAPES:-0.5b,3b}" \
-    > "$OUT/hf_generate.log" 2>&1 || log "hf_generate failed (see hf_generate.log)"
-  grep -E "tok/s" "$OUT/hf_generate.log" | tee -a "$OUT/summary.txt"
-  "$BUILD/bench/bench_kernels" --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1 || log "bench_kernels failed"
-  tail -25 "$OUT/bench_kernels.log"
+  $PY bench/hf_generate.py --models-dir $MD --out /dev/null --shapes "$RLAIF_BENCH_SHAPES" --save-only \
+    > "$OUT/hf_models.log" 2>&1 || log "saving the benchmark models failed (see hf_models.log)"
   for s in ${RLAIF_BENCH_SHAPES//,/ }; do
     "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --out "$OUT/rlaif_generate_$s.json" \
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
+  "$BUILD/bench/bench_kernels" --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1 || log "bench_kernels failed"
+  tail -25 "$OUT/bench_kernels.log"
+  $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate.json" --shapes "$RLAIF_BENCH_SHAPES" \
+    > "$OUT/hf_generate.log" 2>&1 || log "hf_generate failed (see hf_generate.log)"
+  grep -E "tok/s" "$OUT/hf_generate.log" | tee -a "$OUT/summary.txt"
 fi
 
 if has quant; then
@@ -133,6 +146,4 @@ if has train; then
   grep -E "^step" "$OUT"/rlaif_train_3b*.log "$OUT/hf_train_3b.log" | tee -a "$OUT/summary.txt"
   grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" | head -8 | tee -a "$OUT/summary.txt"
 fi
-# The device tool returns at most 8 files: keep the summary loose, pack the logs and JSON results.
-tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json *.csv ncu_detail_*.txt 2>/dev/null) 2>/dev/null && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.csv "$OUT"/ncu_detail_*.txt
-cat "$OUT/summary.txt"
+

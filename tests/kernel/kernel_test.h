@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <random>
@@ -19,7 +20,9 @@ namespace rlaif::test {
 // A new seed every run (inputs must differ between runs); tests print it with SCOPED_TRACE for replay.
 inline uint64_t seed_fresh() {
   std::random_device rd;
-  const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
+  // RLAIF_TEST_SEED replays a failure: the traces print the seed a run used.
+  const char* fixed = std::getenv("RLAIF_TEST_SEED");
+  const uint64_t seed = fixed ? std::strtoull(fixed, nullptr, 10) : (static_cast<uint64_t>(rd()) << 32) | rd();
   at::manual_seed(seed);
   return seed;
 }

@@ -74,9 +74,11 @@ std::vector<Filters> filter_cases(int64_t V) {
           {1.0f, 0, 1.0f, 1.0f}};
 }
 
-// Chi-square critical value at p = 0.001 (Wilson–Hilferty; dof ≥ 1).
+// Chi-square critical value at p = 1e-6 (Wilson–Hilferty; dof ≥ 1). At p = 0.001 the five settings × two devices
+// failed about one run in 200 with a correct sampler (seen: chi2 30.2 at 7 dof, and 6.0 on 20x the draws, same
+// logits); a token of p = 0.2 drawn at 0.22 instead adds about 50 at 20000 draws (critical value 42 at 7 dof).
 double chi2_critical(int64_t dof) {
-  const double d = static_cast<double>(dof), z = 3.0902;
+  const double d = static_cast<double>(dof), z = 4.7534;
   return d * std::pow(1.0 - 2.0 / (9.0 * d) + z * std::sqrt(2.0 / (9.0 * d)), 3.0);
 }
 
@@ -206,7 +208,7 @@ TEST(SampleKernel, FrequenciesFollowTheProcessedDistribution) {
       EXPECT_EQ(counts.masked_select(kept.logical_not()).sum().item<double>(), 0.0) << dev << ": a dropped token drawn";
       const at::Tensor e = prob.masked_select(kept) * draws, o = counts.masked_select(kept);
       const double chi2 = ((o - e).pow(2) / e).sum().item<double>();
-      EXPECT_LT(chi2, chi2_critical(n_kept - 1)) << dev << ": chi-square, " << n_kept - 1 << " dof, p = 0.001";
+      EXPECT_LT(chi2, chi2_critical(n_kept - 1)) << dev << ": chi-square, " << n_kept - 1 << " dof, p = 1e-6";
     }
   }
 }
