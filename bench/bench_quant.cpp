@@ -1,8 +1,9 @@
 // MLX-quantized projections on the GPU at Qwen2.5-3B shapes (D=2048, F=11008, KV dim 256, 36 layers, vocab
 // 151936): per-layer quant_linear (q4, q8; group 64, bf16 scales) against bf16 at::linear for N = 1 and 64 rows
 // (and, at N = 1, against the engine's own bf16 few-row GEMV, kernels::small_linear, one launch per projection),
-// and live re-quantization of all the model's bf16 weights (quantize_affine into existing buffers). CUDA events,
-// warm-up, median of 20 samples. CPU builds print "no CUDA". Usage: bench_quant [--out results.json]
+// the tensor-core path quant_linear_mma at N = 64, and live re-quantization of all the model's bf16 weights
+// (quantize_affine into existing buffers). CUDA events, warm-up, median of 20 samples. CPU builds print "no CUDA".
+// Usage: bench_quant [--out results.json]
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -99,6 +100,15 @@ int main(int argc, char** argv) {
       });
       row[fmt::format("q{}_layer_ms", bits)] = ms;
       row[fmt::format("q{}_speedup", bits)] = bf16 / ms;
+      if (n > kernels::kSmallLinearMaxRows) {  // the tensor-core path (not yet the engine's)
+        const double mma = median_ms([&] {
+          for (size_t p = 0; p < w.size(); ++p)
+            kernels::quant_linear_mma(input(p), q[p].wq, q[p].scales, q[p].biases, bits, kGroup, outs[p]);
+        });
+        row[fmt::format("q{}_mma_layer_ms", bits)] = mma;
+        std::printf("N=%lld: q%lld tensor-core path (quant_linear_mma) %.3f ms (%.2fx bf16)\n",
+                    static_cast<long long>(n), static_cast<long long>(bits), mma, bf16 / mma);
+      }
     }
     std::printf("N=%lld: one layer's 7 projections bf16 %.3f ms, q4 %.3f ms (%.2fx), q8 %.3f ms (%.2fx)\n",
                 static_cast<long long>(n), bf16, row["q4_layer_ms"].get<double>(), row["q4_speedup"].get<double>(),

@@ -1,6 +1,6 @@
 // MLX affine quantization kernels: the CPU quant_linear equals ATen's x · dequant(W)ᵀ (the format's definition),
 // and on CUDA quantize/dequantize equal the CPU reference bit for bit and quant_linear (GEMV path ≤ 8 rows,
-// dequantize + cuBLAS beyond) equals it within the kernel tolerance.
+// dequantize + cuBLAS beyond) equals it within the kernel tolerance; the tensor-core path (quant_linear_mma) too.
 #include <gtest/gtest.h>
 
 #include <tuple>
@@ -95,6 +95,39 @@ TEST(QuantKernel, CudaQuantLinearEqualsCpuReference) {
           test::poison(out);
           kernels::quant_linear(x.cuda(), p.wq.cuda(), p.scales.cuda(), p.biases.cuda(), bits, group, out);
           EXPECT_LE(test::rel_err(out, ref), test::tolerance(dt));
+        }
+      }
+    }
+  }
+}
+
+// The tensor-core path's spec (W rounded to bf16 after dequantization) stays within bf16 tolerance of quant_linear
+// (W in float32), and on CUDA the mma.sync kernel equals its CPU path: several N tiles with a partial one, W rows
+// not a multiple of the 64-row tile, groups of 16 / 32 / 64 (one or several per 64-column chunk), q4 and q8,
+// bf16 and fp16 scales.
+TEST(QuantKernel, MmaPathEqualsQuantLinearAndCudaEqualsCpu) {
+  SCOPED_TRACE(test::seed_fresh());
+  const bool cuda = kernels::cuda_kernels_available() && at::hasCUDA();
+  for (int64_t bits : {4, 8}) {
+    for (auto [O, K, group] : {std::tuple<int64_t, int64_t, int64_t>{2048, 2048, 64}, {260, 11008, 64},
+                               {64, 256, 16}, {100, 128, 32}}) {
+      for (at::ScalarType sdt : {at::kBFloat16, at::kHalf}) {
+        if (sdt == at::kHalf && O > 300) continue;
+        const Packed p = quantize_cpu(at::randn({O, K}) * 0.05, bits, group, sdt);
+        for (int64_t n : {9, 64, 100}) {
+          SCOPED_TRACE(fmt::format("bits {} N={} O={} K={} group {} scales {}", bits, n, O, K, group,
+                                   c10::toString(sdt)));
+          const at::Tensor x = at::randn({n, K}).to(at::kBFloat16);
+          at::Tensor ref = at::empty({n, O}, x.options()), mma = at::empty({n, O}, x.options());
+          kernels::quant_linear_cpu(x, p.wq, p.scales, p.biases, bits, group, ref);
+          test::poison(mma);
+          kernels::quant_linear_mma(x, p.wq, p.scales, p.biases, bits, group, mma);
+          EXPECT_LE(test::rel_err(mma, ref), test::tolerance(at::kBFloat16)) << "cpu path vs quant_linear";
+          if (!cuda) continue;
+          at::Tensor out = at::empty({n, O}, x.options()).cuda();
+          test::poison(out);
+          kernels::quant_linear_mma(x.cuda(), p.wq.cuda(), p.scales.cuda(), p.biases.cuda(), bits, group, out);
+          EXPECT_LE(test::rel_err(out, mma), test::tolerance(at::kBFloat16)) << "cuda vs cpu path";
         }
       }
     }

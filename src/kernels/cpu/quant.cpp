@@ -212,4 +212,27 @@ void quant_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s
   cuda_kernel(&KernelRegistry::quant_linear_cuda, "quant_linear")(x, wq, scales, biases, bits, group_size, out);
 }
 
+void quant_linear_mma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                      int64_t bits, int64_t group_size, const at::Tensor& out) {
+  check_same(out, x, "quant_linear_mma", "out");
+  check_packed(wq, scales, biases, bits, group_size, "quant_linear_mma");
+  const int64_t K = wq.size(1) * 32 / bits;
+  RLAIF_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.size(1) == K &&
+                  wq.device() == x.device(),
+              "quant_linear_mma: x must be a bfloat16 [N, {}] with a contiguous last dim on wq's device, got {} {}", K,
+              c10::toString(x.scalar_type()), x.sizes());
+  RLAIF_CHECK(K % 64 == 0 && group_size % 16 == 0, "quant_linear_mma: needs K % 64 == 0 and group_size % 16 == 0, "
+              "got K {} and group_size {}", K, group_size);
+  RLAIF_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == wq.size(0) && out.is_contiguous(),
+              "quant_linear_mma: out must be a contiguous [{}, {}] tensor", x.size(0), wq.size(0));
+  if (x.is_cuda()) {
+    cuda_kernel(&KernelRegistry::quant_linear_mma_cuda, "quant_linear_mma")(x, wq, scales, biases, bits, group_size,
+                                                                            out);
+    return;
+  }
+  const at::Tensor w = at::empty({wq.size(0), K}, x.options());
+  dequantize_affine_cpu(wq, scales, biases, bits, group_size, w);
+  out.copy_(at::matmul(x.to(at::kFloat), w.to(at::kFloat).t()));
+}
+
 }  // namespace rlaif::kernels

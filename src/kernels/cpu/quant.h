@@ -26,6 +26,13 @@ void dequantize_affine(const at::Tensor& wq, const at::Tensor& scales, const at:
 void quant_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
                   int64_t bits, int64_t group_size, const at::Tensor& out);
 
+// The tensor-core path for more rows (CUDA: mma.sync on W dequantized in registers; the engine does not use it
+// yet, docs/KERNELS.md): quant_linear with W rounded to bfloat16 after dequantization, as the dequantize + cuBLAS
+// path rounds it, and float32 sums. x and out bfloat16, K % 64 == 0, group_size % 16 == 0. On the CPU: W
+// dequantized to bfloat16, then x · Wᵀ in float32.
+void quant_linear_mma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                      int64_t bits, int64_t group_size, const at::Tensor& out);
+
 void quantize_affine_cpu(const at::Tensor& w, int64_t bits, int64_t group_size, const at::Tensor& wq,
                          const at::Tensor& scales, const at::Tensor& biases);
 void dequantize_affine_cpu(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,

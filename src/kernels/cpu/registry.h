@@ -53,6 +53,9 @@ struct KernelRegistry {
   void (*quant_linear_cuda)(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                             const at::Tensor& biases, int64_t bits, int64_t group_size,
                             const at::Tensor& out) = nullptr;
+  void (*quant_linear_mma_cuda)(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                                const at::Tensor& biases, int64_t bits, int64_t group_size,
+                                const at::Tensor& out) = nullptr;
   // CUDA graphs (kernels/cuda/graph.cpp): capture `body` on a side stream into an opaque graph, replay it on
   // the current stream, free it. Tensors `body` allocates live in the graph's private pool.
   void* (*graph_capture)(const std::function<void()>& body) = nullptr;

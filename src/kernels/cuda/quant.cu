@@ -5,6 +5,8 @@
 // without contraction (__f*_rn), so they equal the CPU reference bit for bit.
 #include "kernels/cuda/quant.h"
 
+#include <cuda_bf16.h>
+
 #include "kernels/cuda/common.cuh"
 
 namespace rlaif::kernels {
@@ -271,6 +273,183 @@ __global__ void __launch_bounds__(kThreads) gemv_chunk_kernel(const T* __restric
     if (lane == n) out[n * O + o] = to<T>(acc[n]);
 }
 
+
+// ---- Tensor-core path (quant_linear_mma): bf16 x with more rows than the GEMV takes ----
+// out[N, O] = x · Wᵀ with W dequantized in registers to bf16 (dequantize_kernel's values, rounded as the
+// dequantize + cuBLAS path does) and fed to mma.sync m16n8k16 with float32 accumulation. Block: 4 warps, 64 rows
+// of W (16 per warp: the MMA's M) × 64 rows of x (eight 8-wide MMA N tiles); K in chunks of 64. Within a chunk the
+// dot product's k order is permuted (it is a sum): for thread (g = lane/4, t = lane%4), the MMA's k columns
+// {2t, 2t+1, 2t+8, 2t+9} of k-step s are the chunk's columns 16t + 4s + {0,1,2,3}. So each thread reads one
+// contiguous 16-column slice of its two W rows per chunk (8 bytes q4, 16 bytes q8, one group) and one 16-byte
+// shared-memory read of x per N tile and pair of k-steps (rows padded by 16 bytes: no bank conflicts).
+constexpr int kMmaRows = 64, kMmaCols = 64, kMmaK = 64, kMmaThreads = 128;
+constexpr int kXRow = kMmaK + 8;  // bf16 per x row in shared memory
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A thread's 16 quantized values of one W row in one chunk: q4 two words, q8 four.
+template <int BITS>
+struct WSlice {
+  uint32_t w[BITS / 2];
+};
+
+template <int BITS>
+__device__ __forceinline__ WSlice<BITS> load_slice(const uint32_t* p) {
+  WSlice<BITS> s;
+  if constexpr (BITS == 4) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    s.w[0] = v.x;
+    s.w[1] = v.y;
+  } else {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    s.w[0] = v.x;
+    s.w[1] = v.y;
+    s.w[2] = v.z;
+    s.w[3] = v.w;
+  }
+  return s;
+}
+
+// Value i (0..15) of a slice.
+template <int BITS>
+__device__ __forceinline__ float slice_value(const WSlice<BITS>& s, int i) {
+  constexpr int kPer = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+  return static_cast<float>((s.w[i / kPer] >> ((i % kPer) * BITS)) & kMask);
+}
+
+// grid (ceil(O / 64), ceil(N / 64)), 128 threads. K % 64 == 0, group % 16 == 0, x rows 16-byte aligned.
+template <typename S, int BITS>
+__global__ void __launch_bounds__(kMmaThreads)
+    mma_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const uint32_t* __restrict__ wq,
+               const S* __restrict__ scales, const S* __restrict__ biases, int64_t O, int64_t N, int64_t K,
+               int group, __nv_bfloat16* __restrict__ out) {
+  __shared__ __align__(16) __nv_bfloat16 xs[2][kMmaCols][kXRow];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMmaRows, n0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t words = K * BITS / 32, groups = K / group;
+  const int64_t r0 = m0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two W rows
+  const bool ok0 = r0 < O, ok1 = r1 < O;
+  const int chunks = static_cast<int>(K / kMmaK);
+
+  auto load_x = [&](int buf, int chunk) {
+    const int64_t k0 = static_cast<int64_t>(chunk) * kMmaK;
+    for (int i = threadIdx.x; i < kMmaCols * (kMmaK / 8); i += kMmaThreads) {
+      const int r = i / (kMmaK / 8), c = i % (kMmaK / 8);
+      __nv_bfloat16* dst = &xs[buf][r][c * 8];
+      if (n0 + r < N) cp_async16(dst, x + (n0 + r) * x_stride + k0 + c * 8);
+      else *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
+    }
+    cp_async_commit();
+  };
+  // Column of this thread's slice in a chunk, and the slice's words within a row.
+  auto slice_of = [&](int64_t row, int chunk) {
+    return wq + row * words + (static_cast<int64_t>(chunk) * kMmaK + 16 * t) * BITS / 32;
+  };
+  auto group_of = [&](int chunk) { return (static_cast<int64_t>(chunk) * kMmaK + 16 * t) / group; };
+
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+  // This thread's W slices and their groups' scale and bias for a chunk (zeros past the last row).
+  struct Operand {
+    WSlice<BITS> w0{}, w1{};
+    float s0 = 0.0f, b0 = 0.0f, s1 = 0.0f, b1 = 0.0f;
+  };
+  auto load_operand = [&](int chunk) {
+    Operand o;
+    const int64_t gi = group_of(chunk);
+    if (ok0) {
+      o.w0 = load_slice<BITS>(slice_of(r0, chunk));
+      o.s0 = as_float(scales[r0 * groups + gi]);
+      o.b0 = as_float(biases[r0 * groups + gi]);
+    }
+    if (ok1) {
+      o.w1 = load_slice<BITS>(slice_of(r1, chunk));
+      o.s1 = as_float(scales[r1 * groups + gi]);
+      o.b1 = as_float(biases[r1 * groups + gi]);
+    }
+    return o;
+  };
+  Operand cur = load_operand(0);
+  load_x(0, 0);
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    const int buf = chunk & 1;
+    // The next chunk's x into the other buffer and its W operand into registers while this one computes.
+    Operand next;
+    if (chunk + 1 < chunks) {
+      load_x(buf ^ 1, chunk + 1);
+      next = load_operand(chunk + 1);
+    }
+    const WSlice<BITS>& w0 = cur.w0;
+    const WSlice<BITS>& w1 = cur.w1;
+    const float s0 = cur.s0, b0 = cur.b0, s1 = cur.s1, b1 = cur.b1;
+    // A fragments of the chunk's 4 k-steps: rows r0 / r1, values 4s .. 4s+3 of the slice (dequantize_kernel's
+    // scale·q + bias, rounded to bf16).
+    uint32_t a[4][4];
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      float v[2][4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        v[0][e] = __fadd_rn(__fmul_rn(s0, slice_value<BITS>(w0, 4 * st + e)), b0);
+        v[1][e] = __fadd_rn(__fmul_rn(s1, slice_value<BITS>(w1, 4 * st + e)), b1);
+      }
+      a[st][0] = pack_bf16(v[0][0], v[0][1]);  // row g, k 2t, 2t+1
+      a[st][1] = pack_bf16(v[1][0], v[1][1]);  // row g+8
+      a[st][2] = pack_bf16(v[0][2], v[0][3]);  // row g, k 2t+8, 2t+9
+      a[st][3] = pack_bf16(v[1][2], v[1][3]);  // row g+8
+    }
+    if (chunk + 1 < chunks) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncthreads();  // this chunk's x tile landed for every thread
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (n0 + j * 8 >= N) break;  // uniform: N tiles past the rows
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        // x row 8j + g, chunk columns 16t + 8u .. +7: the B fragments of k-steps 2u and 2u+1.
+        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[buf][j * 8 + g][16 * t + 8 * u]);
+        mma_bf16(acc[j], a[2 * u], xv.x, xv.y);
+        mma_bf16(acc[j], a[2 * u + 1], xv.z, xv.w);
+      }
+    }
+    __syncthreads();  // every warp is done with buf before the next iteration's copy into it
+    cur = next;
+  }
+  // C fragment: acc[j] = rows r0 (e 0, 1) and r1 (e 2, 3) of W for x rows 8j + 2t, 8j + 2t + 1.
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t n = n0 + j * 8 + 2 * t + (e & 1), r = e < 2 ? r0 : r1;
+      if (n < N && r < O) out[n * O + r] = __float2bfloat16_rn(acc[j][e]);
+    }
+  }
+}
+
 template <typename F>
 void dispatch_scale(at::ScalarType st, F&& f) {
   if (st == at::kFloat) f(float{});
@@ -381,6 +560,34 @@ void dequantize_affine_cuda(const at::Tensor& wq, const at::Tensor& scales, cons
       launch_dequantize<S, decltype(o_tag)>(wq, scales, biases, bits, group_size, out, stream);
     });
   });
+}
+
+void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                           const at::Tensor& biases, int64_t bits, int64_t group_size, const at::Tensor& out) {
+  const int64_t N = x.size(0), O = wq.size(0), K = x.size(1);
+  if (N == 0 || O == 0) return;
+  RLAIF_CHECK(x.scalar_type() == at::kBFloat16 && K % kMmaK == 0 && group_size % 16 == 0 &&
+                  x.stride(0) % 8 == 0 && aligned16(x.data_ptr()) && aligned16(wq.data_ptr()),
+              "quant_linear_mma: needs bfloat16 x with K % 64 == 0 (got {}), group_size % 16 == 0 (got {}) and "
+              "16-byte aligned rows", K, group_size);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(blocks_for(O, kMmaRows), blocks_for(N, kMmaCols));
+  const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
+  auto* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  const auto* w = reinterpret_cast<const uint32_t*>(wq.data_ptr());
+  dispatch_scale(scales.scalar_type(), [&](auto s_tag) {
+    using S = decltype(s_tag);
+    const S* sp = scales.data_ptr<S>();
+    const S* bp = biases.data_ptr<S>();
+    if (bits == 4)
+      mma_kernel<S, 4><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
+                                                         static_cast<int>(group_size), op);
+    else
+      mma_kernel<S, 8><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
+                                                         static_cast<int>(group_size), op);
+  });
+  check_launch("mma_kernel");
 }
 
 void quant_linear_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,

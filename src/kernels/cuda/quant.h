@@ -11,5 +11,7 @@ void dequantize_affine_cuda(const at::Tensor& wq, const at::Tensor& scales, cons
                             int64_t group_size, const at::Tensor& out);
 void quant_linear_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
                        int64_t bits, int64_t group_size, const at::Tensor& out);
+void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                           int64_t bits, int64_t group_size, const at::Tensor& out);
 
 }  // namespace rlaif::kernels

@@ -28,6 +28,7 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.quantize_affine_cuda = &quantize_affine_cuda;
   r.dequantize_affine_cuda = &dequantize_affine_cuda;
   r.quant_linear_cuda = &quant_linear_cuda;
+  r.quant_linear_mma_cuda = &quant_linear_mma_cuda;
   r.graph_capture = &graph_capture_cuda;
   r.graph_replay = &graph_replay_cuda;
   r.graph_destroy = &graph_destroy_cuda;
