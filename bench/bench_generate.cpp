@@ -1,9 +1,10 @@
 // Decode throughput of the rlaif engine on a model folder (the random-weight Qwen2.5 shapes that
 // bench/hf_generate.py saves): prompt P, N new tokens with sampling, for several batch sizes; plus an optional
 // RL rollout workload (prompts × samples, varied prompt lengths). `--quantize q4|q8` quantizes the loaded weights
-// on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine.
+// on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine;
+// `--pdl` turns on EngineOptions::programmatic_launch.
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        --out FILE.json
+//        [--pdl] --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -55,7 +56,7 @@ int main(int argc, char** argv) {
   CLI::App app{"rlaif generation benchmark"};
   std::string model_dir, out, batches = "1,16,64", device = "cuda", dtype = "bf16", quantize;
   int64_t prompt = 128, new_tokens = 128;
-  bool rollout = false;
+  bool rollout = false, pdl = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
   app.add_option("--out", out, "JSON results file");
   app.add_option("--batches", batches);
@@ -66,6 +67,7 @@ int main(int argc, char** argv) {
   app.add_flag("--rollout", rollout, "also run 64 prompts x 8 samples, prompts 100-1024, up to 1024 new tokens");
   app.add_option("--quantize", quantize, "q4 or q8: quantize the weights (group 64) before generating")
       ->check(CLI::IsMember({"q4", "q8"}));
+  app.add_flag("--pdl", pdl, "launch the decode projections as programmatic dependent launches (EngineOptions)");
   CLI11_PARSE(app, argc, argv);
 
   const at::Device dev = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
@@ -83,6 +85,7 @@ int main(int argc, char** argv) {
     const int64_t B = std::stoll(b);
     EngineOptions opt;
     opt.max_batch = std::max<int64_t>(B, 1);
+    opt.programmatic_launch = pdl;
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(B);
     for (auto& r : reqs) {
@@ -96,11 +99,11 @@ int main(int argc, char** argv) {
     engine.generate(warm);
     const auto [n, dt] = timed_generate(engine, reqs, dev);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
-    std::printf("rlaif %s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(),
-                static_cast<long>(B), n / dt, static_cast<long>(n), dt);
+    std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(),
+                pdl ? " pdl" : "", static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
-                       {"decode_seconds_total", decode_s}});
+                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}});
   }
   if (rollout) {
     EngineOptions opt;

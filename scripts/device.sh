@@ -78,6 +78,10 @@ if has bench; then
     "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --out "$OUT/rlaif_generate_$s.json" \
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+    # The same engine with programmatic dependent launches (EngineOptions::programmatic_launch), small batches.
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,8 --pdl --out "$OUT/rlaif_generate_${s}_pdl.json" \
+      > "$OUT/rlaif_generate_${s}_pdl.log" 2>&1 || log "bench_generate $s --pdl failed"
+    sed "s/^/$s /" "$OUT/rlaif_generate_${s}_pdl.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
   "$BUILD/bench/bench_kernels" --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1 || log "bench_kernels failed"
   tail -25 "$OUT/bench_kernels.log"

@@ -319,6 +319,12 @@ Engine::StepOutputs Engine::make_step_outputs(int64_t rows, const at::Device& de
 
 at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   namespace K = kernels;
+  // The setting is process-wide: on for this step's launches (and a capture of them), then as it was.
+  struct ProgrammaticLaunch {
+    bool before = K::programmatic_launch();
+    explicit ProgrammaticLaunch(bool on) { K::set_programmatic_launch(on); }
+    ~ProgrammaticLaunch() { K::set_programmatic_launch(before); }
+  } programmatic(options_.programmatic_launch && model_->weights().embed.is_cuda());
   const ModelConfig& c = model_->config();
   const ModelWeights& W = model_->weights();
   const int64_t S = in.tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;

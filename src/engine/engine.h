@@ -26,6 +26,9 @@ struct EngineOptions {
   bool share_prefix = true;    // prefill a prompt once and fork its samples (false: prefill every sample)
   bool fused_decode = true;    // decode steps through kernels/ (paged attention, fused RoPE + KV write, ...)
   bool cuda_graphs = true;     // on CUDA, replay each batch-size bucket's fused decode step from a captured graph
+  // On CUDA, launch the decode step's projections as programmatic dependent launches (kernels/cpu/registry.h):
+  // each starts its weight loads while the previous kernel finishes. Opt-in until measured (docs/KERNELS.md).
+  bool programmatic_launch = false;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

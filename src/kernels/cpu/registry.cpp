@@ -1,6 +1,8 @@
 // The kernel registry and the weak hook through which a CUDA build's kernels register themselves.
 #include "kernels/cpu/registry.h"
 
+#include <atomic>
+
 #include "core/error.h"
 
 // Weak: resolves to nullptr when kernels/cuda/register.cu is not in the link (CPU-only builds).
@@ -17,6 +19,13 @@ bool cuda_kernels_available() {
   static const bool available = rlaif_register_cuda_kernels != nullptr && rlaif_register_cuda_kernels();
   return available;
 }
+
+namespace {
+std::atomic<bool> g_programmatic_launch{false};
+}  // namespace
+
+void set_programmatic_launch(bool on) { g_programmatic_launch.store(on); }
+bool programmatic_launch() { return g_programmatic_launch.load(); }
 
 void throw_no_cuda_kernel(const char* name) {
   throw Error("kernels", fmt::format("{}: the tensors are on CUDA but this build has no CUDA kernels", name),

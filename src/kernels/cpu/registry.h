@@ -65,6 +65,13 @@ struct KernelRegistry {
 
 KernelRegistry& kernel_registry();
 
+// Programmatic dependent launch (Hopper, opt-in: EngineOptions::programmatic_launch): while it is on, the decode
+// step's CUDA kernels (small_linear, paged attention) launch so that each may start before the previous kernel
+// ends, issuing the loads that do not depend on it (weights, the KV cache) and waiting for it (griddepcontrol)
+// only before reading its output. Off by default; a process-wide setting read at launch time.
+void set_programmatic_launch(bool on);
+bool programmatic_launch();
+
 // True when this binary holds the CUDA kernels (built with RLAIF_CUDA and linked, see docs/KERNELS.md). The
 // first call registers them; thread-safe. Says nothing about whether a CUDA device is present.
 bool cuda_kernels_available();

@@ -8,8 +8,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "core/error.h"
+#include "kernels/cpu/registry.h"  // programmatic_launch()
 
 namespace rlaif::kernels::cuda_detail {
 
@@ -64,6 +66,36 @@ template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Programmatic dependent launch (kernels/cpu/registry.h): pdl_wait() returns once the kernels this one depends
+// on have finished and their writes are visible (at once without such a launch); pdl_trigger() lets the next
+// kernel start launching. Loads that do not depend on the previous kernel go before pdl_wait().
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `programmatic` (the
+// caller's reading of kernels::programmatic_launch(), also passed to the kernel). Followed by check_launch.
+template <typename... Params, typename... Args>
+void launch_kernel(bool programmatic, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+  if (!programmatic) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...);
+  if (err != cudaSuccess)
+    throw InternalError(fmt::format("[kernels] programmatic launch failed: {}", cudaGetErrorString(err)));
+}
 
 // Every launch is followed by this: a bad configuration surfaces at its own call, not at a later sync.
 inline void check_launch(const char* kernel) {

@@ -35,6 +35,7 @@ struct AttnParams {
   int max_context, block_size, KV, G, hd, part_tokens, P;
   int tpt;  // threads per token in the score phase
   int hs, gb;  // head splits per KV head (blockIdx.y = kvh·hs + split) and query heads per split
+  bool pdl;    // programmatic dependent launch on (kernels/cpu/registry.h)
   float scale;
   // Fused RoPE + KV write (rope_kv_write's inputs); k_new == nullptr when not fused.
   const void* k_new;
@@ -107,6 +108,7 @@ struct SmemLayout {
 template <typename T, int MAX_G, bool ROPE>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams p) {
   constexpr int E = kVec<T>;
+  if (p.pdl) pdl_trigger();  // the next projection may launch and start its weight loads
   const int part = blockIdx.x, kvh = blockIdx.y / p.hs, split = blockIdx.y % p.hs, s = blockIdx.z;
   const int G = min(p.gb, p.G - split * p.gb), hd = p.hd, PT = p.part_tokens;  // this block's query heads
   // row of the block's first query head in [S, H]
@@ -450,6 +452,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   p.P = static_cast<int>(P);
   p.tpt = static_cast<int>(tpt);
   p.hs = static_cast<int>(hs);
+  p.pdl = programmatic_launch();
   p.gb = static_cast<int>(gb);
   p.scale = static_cast<float>(scale);
   p.part_o = ws.data_ptr<float>();  // first: its float4 reads need 16-byte alignment

@@ -1,7 +1,9 @@
 // Few-row projections as a bandwidth-bound GEMV: one warp per output row (or 2-8 warps splitting a long row)
 // streams that weight row once (16-byte loads, eight in flight per lane, cache-streaming so weights do not evict
-// the activations) and dots it with all N ≤ 8 input rows, which stay in L1/L2. Several weights sharing x (q, k, v) are one launch; the residual add
-// and SwiGLU's silu·up happen in the epilogue with the roundings of the ATen ops they replace.
+// the activations) and dots it with all N ≤ 8 input rows, which stay in L1/L2 (or, with the input's RMSNorm
+// fused, in shared memory: every block normalises the few rows itself). Several weights sharing x (q, k, v) are
+// one launch; the residual add and SwiGLU's silu·up happen in the epilogue with the roundings of the ATen ops they
+// replace. Under a programmatic dependent launch the weights start towards L2 before the previous kernel ends.
 #include "kernels/cuda/small_linear.h"
 
 #include "kernels/cpu/small_linear.h"
@@ -74,6 +76,15 @@ __device__ __forceinline__ const T* norm_rows(const T* __restrict__ x, int64_t K
   return xs;
 }
 
+// Starts this warp's share [k_begin, k_end) of a weight row towards L2 (one prefetch per 128-byte line): issued
+// before pdl_wait, it overlaps the previous kernel's tail under a programmatic dependent launch.
+template <typename T>
+__device__ __forceinline__ void prefetch_row(const T* w, int64_t k_begin, int64_t k_end) {
+  constexpr int64_t kLine = 128 / sizeof(T);
+  for (int64_t k = k_begin + (threadIdx.x % 32) * kLine; k < k_end; k += 32 * kLine)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w + k));
+}
+
 // acc[n] += Σ_k x[n, k] · w[k] over this lane's share (lane·VEC + i·32·VEC) of k in [k_begin, k_end); x rows are
 // K apart.
 template <typename T, int N, int VEC>
@@ -116,15 +127,20 @@ template <typename T, int N, int VEC>
 __global__ void __launch_bounds__(kWarps * 32) small_linear_kernel(const T* __restrict__ x, int64_t K,
                                                                     Segments<T> segs, const T* residual, int split,
                                                                     int64_t chunk, const T* norm_w, float eps,
-                                                                    T* normed) {
-  x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
+                                                                    T* normed, bool pdl) {
   const int warp = threadIdx.x / 32, part = warp % split;
   int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarps / split) + warp / split;
   int si = 0;
   while (si < segs.count && row >= segs.s[si].rows) row -= segs.s[si++].rows;
   const bool valid = si < segs.count;
-  if (split == 1 && !valid) return;  // with split > 1 every warp reaches the barrier below
   const Segment<T> seg = valid ? segs.s[si] : Segment<T>{};
+  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
+    if (valid) prefetch_row(seg.w + row * K, part * chunk, min(K, (part + 1) * chunk));
+    pdl_trigger();
+    pdl_wait();
+  }
+  x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
+  if (split == 1 && !valid) return;  // with split > 1 every warp reaches the barrier below
   float acc[N];
 #pragma unroll
   for (int n = 0; n < N; ++n) acc[n] = 0.0f;
@@ -162,9 +178,17 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_silu_mul_kernel(cons
                                                                              const T* __restrict__ w_gate,
                                                                              const T* __restrict__ w_up, T* out,
                                                                              int64_t F, const T* norm_w, float eps,
-                                                                             T* normed) {
-  x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
+                                                                             T* normed, bool pdl) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (pdl) {  // the weights do not depend on the previous kernel
+    if (row < F) {
+      prefetch_row(w_gate + row * K, 0, K);
+      prefetch_row(w_up + row * K, 0, K);
+    }
+    pdl_trigger();
+    pdl_wait();
+  }
+  x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
   if (row >= F) return;
   float g[N], u[N];
 #pragma unroll
@@ -224,7 +248,8 @@ NormArgs<T> norm_args(const at::Tensor& x, const InputNorm& norm) {
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t smem) {
   if (smem <= 48 * 1024) return;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   RLAIF_CHECK(e == cudaSuccess, "small_linear: {} bytes of shared memory: {}", smem, cudaGetErrorString(e));
 }
 
@@ -257,14 +282,15 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
   const int64_t rows_per_block = kWarps / split;
   const unsigned grid = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
   const NormArgs<T> na = norm_args<T>(x, norm);
+  const bool pdl = programmatic_launch();
   if (vec) {
     RLAIF_WITH_ROWS(N, allow_smem(small_linear_kernel<T, R, V>, na.smem);
-                    small_linear_kernel<T, R, V><<<grid, kWarps * 32, na.smem, stream>>>(
-                        x.data_ptr<T>(), K, segs, res, split, chunk, na.w, na.eps, na.normed));
+                    launch_kernel(pdl, small_linear_kernel<T, R, V>, grid, kWarps * 32, na.smem, stream,
+                                  x.data_ptr<T>(), K, segs, res, split, chunk, na.w, na.eps, na.normed, pdl));
   } else {
     RLAIF_WITH_ROWS(N, allow_smem(small_linear_kernel<T, R, 1>, na.smem);
-                    small_linear_kernel<T, R, 1><<<grid, kWarps * 32, na.smem, stream>>>(
-                        x.data_ptr<T>(), K, segs, res, split, chunk, na.w, na.eps, na.normed));
+                    launch_kernel(pdl, small_linear_kernel<T, R, 1>, grid, kWarps * 32, na.smem, stream,
+                                  x.data_ptr<T>(), K, segs, res, split, chunk, na.w, na.eps, na.normed, pdl));
   }
   check_launch("small_linear_kernel");
 }
@@ -276,21 +302,23 @@ void launch_silu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor
   if (N == 0 || F == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool vec = vectorizable<T>(x, {&w_gate, &w_up}) && (!norm.weight.defined() || aligned16(norm.weight.data_ptr())) &&
+  const bool vec = vectorizable<T>(x, {&w_gate, &w_up}) &&
+                   (!norm.weight.defined() || aligned16(norm.weight.data_ptr())) &&
                    (!norm.normed.defined() || aligned16(norm.normed.data_ptr()));
   const unsigned grid = static_cast<unsigned>((F + kWarps - 1) / kWarps);
   constexpr int V = kVec<T>;
   const T *xp = x.data_ptr<T>(), *g = w_gate.data_ptr<T>(), *u = w_up.data_ptr<T>();
   T* o = out.data_ptr<T>();
   const NormArgs<T> na = norm_args<T>(x, norm);
+  const bool pdl = programmatic_launch();
   if (vec) {
     RLAIF_WITH_ROWS(N, allow_smem(small_linear_silu_mul_kernel<T, R, V>, na.smem);
-                    small_linear_silu_mul_kernel<T, R, V><<<grid, kWarps * 32, na.smem, stream>>>(
-                        xp, K, g, u, o, F, na.w, na.eps, na.normed));
+                    launch_kernel(pdl, small_linear_silu_mul_kernel<T, R, V>, grid, kWarps * 32, na.smem,
+                                  stream, xp, K, g, u, o, F, na.w, na.eps, na.normed, pdl));
   } else {
     RLAIF_WITH_ROWS(N, allow_smem(small_linear_silu_mul_kernel<T, R, 1>, na.smem);
-                    small_linear_silu_mul_kernel<T, R, 1><<<grid, kWarps * 32, na.smem, stream>>>(
-                        xp, K, g, u, o, F, na.w, na.eps, na.normed));
+                    launch_kernel(pdl, small_linear_silu_mul_kernel<T, R, 1>, grid, kWarps * 32, na.smem,
+                                  stream, xp, K, g, u, o, F, na.w, na.eps, na.normed, pdl));
   }
   check_launch("small_linear_silu_mul_kernel");
 }
