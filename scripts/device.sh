@@ -116,7 +116,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
       --launch-count ${RLAIF_PROFILE_COUNT:-600} "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" \
       --batches $b --new 64 > "$OUT/ncu_${s}_b$b.csv" 2> "$OUT/ncu_${s}_b$b.log" || log "ncu $s b$b failed"
     log "profile $s batch $b (ncu window):"
-    $PY bench/ncu_summary.py "$OUT/ncu_${s}_b$b.csv" | head -34 | tee -a "$OUT/summary.txt"
+    $PY bench/ncu_summary.py "$OUT/ncu_${s}_b$b.csv" --sequence 8 | head -44 | tee -a "$OUT/summary.txt"
   done
   # Why a kernel is slow: Nsight Compute's sections for one decode launch of each named kernel (RLAIF_PROFILE_DETAIL:
   # shape:batch:kernel-regex[:matching launches to skip] ...).
