@@ -10,6 +10,7 @@
 #include <deque>
 #include <numeric>
 #include <unordered_set>
+#include <utility>
 
 #include "core/error.h"
 #include "core/logging.h"
@@ -338,45 +339,47 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // A norm of h fused into the few-row launch that reads it (no launch of its own) when h fits its shared memory.
   const bool norm_fuses = small && h.numel() * h.element_size() <= K::kSmallLinearNormMaxBytes;
   // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
-  auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
-    std::vector<at::Tensor> ys;
+  // Whether projections `ps` reading in_x fit one few-row launch, and that launch (norm: rms_norm of in_x first).
+  auto few_row_fits = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
     bool fits = small && ps.size() <= 3;
     for (Proj p : ps) fits = fits && dense(L.weight(p), in_x);
-    if (!fits) {
-      for (Proj p : ps) ys.push_back(layers::project(in_x, L, p, base));
-      return ys;
-    }
-    std::vector<at::Tensor> ws, bs;
+    return fits;
+  };
+  auto few_row = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps,
+                     const K::InputNorm& norm) {
+    std::vector<at::Tensor> ws, bs, ys;
     for (Proj p : ps) {
       ws.push_back(L.weight(p));
       bs.push_back(L.bias(p));
       ys.push_back(at::empty({S, L.weight(p).size(0)}, in_x.options()));
     }
-    K::small_linear(in_x, ws, bs, at::Tensor(), ys);
+    K::small_linear(in_x, ws, bs, at::Tensor(), ys, norm);
+    return ys;
+  };
+  // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
+  auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
+    if (few_row_fits(in_x, L, ps)) return few_row(in_x, L, ps, {});
+    std::vector<at::Tensor> ys;
+    for (Proj p : ps) ys.push_back(layers::project(in_x, L, p, base));
     return ys;
   };
   // The base outputs of projections reading x = rms_norm(h, norm_w): the norm fused into their launch when it can,
   // x materialised (written by that launch) only for the adapters that need it; else x = rms_norm, then project_group.
   auto normed_group = [&](const at::Tensor& norm_w, const LayerWeights& L, const std::vector<Proj>& ps,
                           at::Tensor& x) {
-    bool fits = norm_fuses && ps.size() <= 3, lora = false;
-    for (Proj p : ps) {
-      fits = fits && dense(L.weight(p), h);
-      lora = lora || adapter(L, p).defined();
-    }
-    if (!fits) {
+    if (!norm_fuses || !few_row_fits(h, L, ps)) {
       x = K::rms_norm(h, norm_w, eps);
       return project_group(x, L, ps);
     }
+    bool lora = false;
+    for (Proj p : ps) lora = lora || adapter(L, p).defined();
     x = lora ? at::empty_like(h) : at::Tensor();
-    std::vector<at::Tensor> ws, bs, ys;
-    for (Proj p : ps) {
-      ws.push_back(L.weight(p));
-      bs.push_back(L.bias(p));
-      ys.push_back(at::empty({S, L.weight(p).size(0)}, h.options()));
-    }
-    K::small_linear(h, ws, bs, at::Tensor(), ys, {norm_w, eps, x});
-    return ys;
+    return few_row(h, L, ps, {norm_w, eps, x});
+  };
+  // A few-row launch's input for rms_norm(h, norm_w): h with the norm fused in when it fits, else the norm's rows.
+  auto norm_input = [&](const at::Tensor& norm_w) {
+    if (norm_fuses) return std::pair<at::Tensor, K::InputNorm>{h, {norm_w, eps, at::Tensor()}};
+    return std::pair<at::Tensor, K::InputNorm>{K::rms_norm(h, norm_w, eps), {}};
   };
   // h += project(in_x) (adapter included), the add fused into the projection or the LoRA expand.
   auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
@@ -408,10 +411,9 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     at::Tensor act = at::empty({S, c.intermediate_size}, h.options());                  // [S, F]
     const bool swiglu = small && dense(L.w_gate, h) && dense(L.w_up, h) && !L.b_gate.defined() && !L.b_up.defined() &&
                         !adapter(L, Proj::kGate).defined() && !adapter(L, Proj::kUp).defined();
-    if (swiglu && norm_fuses) {
-      K::small_linear_silu_mul(h, L.w_gate, L.w_up, act, {L.post_norm, eps, at::Tensor()});
-    } else if (swiglu) {
-      K::small_linear_silu_mul(K::rms_norm(h, L.post_norm, eps), L.w_gate, L.w_up, act);
+    if (swiglu) {
+      const auto [in_x, norm] = norm_input(L.post_norm);
+      K::small_linear_silu_mul(in_x, L.w_gate, L.w_up, act, norm);
     } else {
       x = K::rms_norm(h, L.post_norm, eps);
       std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp});      // [S, F] each
@@ -422,11 +424,8 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   }
   if (small && !W.lm_head_q.defined() && dense(W.lm_head, h)) {
     at::Tensor logits = at::empty({S, W.lm_head.size(0)}, h.options());
-    if (norm_fuses) {
-      K::small_linear(h, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits}, {W.final_norm, eps, at::Tensor()});
-    } else {
-      K::small_linear(K::rms_norm(h, W.final_norm, eps), {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits});
-    }
+    const auto [in_x, norm] = norm_input(W.final_norm);
+    K::small_linear(in_x, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits}, norm);
     return logits;                                                                      // [S, V]
   }
   return layers::logits(W, K::rms_norm(h, W.final_norm, eps));                         // [S, V]

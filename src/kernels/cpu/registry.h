@@ -66,9 +66,9 @@ struct KernelRegistry {
 KernelRegistry& kernel_registry();
 
 // Programmatic dependent launch (Hopper, opt-in: EngineOptions::programmatic_launch): while it is on, the decode
-// step's CUDA kernels (small_linear, paged attention) launch so that each may start before the previous kernel
-// ends, issuing the loads that do not depend on it (weights, the KV cache) and waiting for it (griddepcontrol)
-// only before reading its output. Off by default; a process-wide setting read at launch time.
+// step's few-row projections (small_linear) launch so that each may start before the previous kernel ends,
+// sending their weights towards L2 and waiting for it (griddepcontrol) only before reading its output; they and
+// the paged attention let their successor launch early. Off by default; a process-wide setting read at launch.
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 

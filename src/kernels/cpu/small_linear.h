@@ -1,6 +1,7 @@
 // Projections for a few rows (the decode step at small batch): the weights are streamed once for all rows, the
-// q/k/v projections share one launch, the input's RMSNorm, the residual add and SwiGLU's silu·up are fused in. Numerics of the
-// at::linear calls they replace (models/layers.h): float32 accumulation, rounded to the dtype where ATen rounds.
+// q/k/v projections share one launch, the input's RMSNorm, the residual add and SwiGLU's silu·up are fused in.
+// Numerics of the at::linear calls they replace (models/layers.h): float32 accumulation, rounded to the dtype where
+// ATen rounds.
 #pragma once
 
 #include <ATen/ATen.h>

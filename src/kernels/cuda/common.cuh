@@ -67,6 +67,36 @@ constexpr int kVec = 16 / sizeof(T);
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// RMSNorm's roundings (kernels/cpu/rms_norm.h): the scale from the float32 sum of squares, as the CPU reference
+// (times 1/D, IEEE sqrt and division), and one normalised element w · to(a · scale).
+__device__ __forceinline__ float rms_scale(float sum_sq, float inv_d, float eps) {
+  return 1.0f / sqrtf(sum_sq * inv_d + eps);
+}
+template <typename T>
+__device__ __forceinline__ T rms_apply(T a, T w, float scale) {
+  return to<T>(static_cast<float>(w) * static_cast<float>(to<T>(static_cast<float>(a) * scale)));
+}
+
+// 16-byte global → shared copies that bypass registers (and L1): cp_async_commit closes a group,
+// cp_async_wait<N> waits until at most N groups are in flight, cp_async_wait_all for every copy of this thread.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Lets `kernel` take `bytes` of dynamic shared memory (the opt-in above 48 KB); `op` names the caller in errors.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes, const char* op) {
+  if (bytes <= 48 * 1024) return;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  RLAIF_CHECK(e == cudaSuccess, "{}: {} bytes of shared memory: {}", op, bytes, cudaGetErrorString(e));
+}
+
 // Programmatic dependent launch (kernels/cpu/registry.h): pdl_wait() returns once the kernels this one depends
 // on have finished and their writes are visible (at once without such a launch); pdl_trigger() lets the next
 // kernel start launching. Loads that do not depend on the previous kernel go before pdl_wait().

@@ -1,11 +1,11 @@
-// Paged decode attention in one launch (flash-decoding): grid (P, KV, S), each block takes one partition of one
-// sequence's context for the G query heads sharing a KV head. The block copies the partition's K and V rows into
-// shared memory with cp.async (all loads in flight at once, K and V read once per KV head), computes the scores
-// with threads over tokens (q read from shared memory, no shuffle per token), one softmax max per head for the
-// whole partition, then P·V with lanes over head dimensions. A sequence whose context spans one partition writes
-// its output directly; otherwise each block leaves (m, l, o) in a workspace and the last block to arrive (an
-// atomic count per sequence and KV head) rescales and sums the partitions. The grid is sized by max_context,
-// never by the lengths, so a captured CUDA graph replays correctly while they change.
+// Paged decode attention in one launch (flash-decoding): grid (P, KV·hs, S), each block takes one partition of one
+// sequence's context for the G query heads sharing a KV head (or a 1/hs share of them when the grid is small).
+// The block copies the partition's K and V rows into shared memory with cp.async (all loads in flight at once),
+// computes the scores with threads over tokens (q read from shared memory, no shuffle per token), one softmax max
+// per head for the whole partition, then P·V with lanes over head dimensions. A sequence whose context spans one
+// partition writes its output directly; otherwise each block leaves (m, l, o) in a workspace and the last block to
+// arrive (an atomic count per sequence, KV head and head split) rescales and sums the partitions. The grid is
+// sized by max_context, never by the lengths, so a captured CUDA graph replays correctly while they change.
 // Optionally the decode step's RoPE + KV write (rope_kv_write) happens in the same launch: every block rotates q
 // (into shared memory), and the block holding the new token writes its rotated k and its v into the cache and
 // into its own shared tiles.
@@ -77,13 +77,6 @@ __device__ __forceinline__ void rotate(float (&x)[E], const float (&c)[E], const
     x[j] = static_cast<float>(to<T>(a + b));
   }
 }
-
-// 16-byte global → shared copy that bypasses registers (and L1); completes at cp_async_wait_all.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 
 // Shared-memory layout of one block (launch() sizes it the same way): K and V tiles [PT][row_bytes] with rows
 // padded by 16·TPT bytes (the eight lanes of a 16-byte access phase, TPT per token, hit eight different bank
@@ -480,12 +473,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
                                    static_cast<int>(sizeof(T)), static_cast<int>(tpt)).bytes;
     RLAIF_CHECK(smem <= 227 * 1024, "paged_attention_decode_cuda: shared memory {} bytes", smem);
     auto run = [&](auto kernel) {
-      if (smem > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(smem));
-        RLAIF_CHECK(e == cudaSuccess, "paged_attention_decode_cuda: {} bytes of shared memory: {}", smem,
-                    cudaGetErrorString(e));
-      }
+      allow_dynamic_smem(kernel, smem, "paged_attention_decode_cuda");
       kernel<<<grid, kThreads, smem, stream>>>(p);
       check_launch("attn_decode_kernel");
     };

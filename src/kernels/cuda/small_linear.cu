@@ -61,13 +61,12 @@ __device__ __forceinline__ const T* norm_rows(const T* __restrict__ x, int64_t K
       for (int j = 0; j < VEC; ++j) ss += static_cast<float>(a.v[j]) * static_cast<float>(a.v[j]);
     }
     ss = warp_sum(ss);
-    const float scale = 1.0f / sqrtf(ss / static_cast<float>(K) + eps);  // IEEE sqrt and division, as rms_norm
+    const float scale = rms_scale(ss, 1.0f / static_cast<float>(K), eps);
     for (int64_t k = lane * VEC; k < K; k += 32 * VEC) {
       const Vec<T, VEC> a = load_vec<T, VEC>(xr + k), wv = load_vec<T, VEC>(norm_w + k);
       Vec<T, VEC> o;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        o.v[j] = to<T>(static_cast<float>(wv.v[j]) * static_cast<float>(to<T>(static_cast<float>(a.v[j]) * scale)));
+      for (int j = 0; j < VEC; ++j) o.v[j] = rms_apply(a.v[j], wv.v[j], scale);
       store_vec<T, VEC>(xs + n * K + k, o);
       if (normed != nullptr && blockIdx.x == 0) store_vec<T, VEC>(normed + n * K + k, o);
     }
@@ -225,7 +224,7 @@ bool vectorizable(const at::Tensor& x, std::initializer_list<const at::Tensor*> 
   return ok;
 }
 
-// The norm's kernel arguments and shared memory (rows of x as T), with the opt-in above 48 KB for `kernel`.
+// The norm's kernel arguments and shared memory (rows of x as T).
 template <typename T>
 struct NormArgs {
   const T* w = nullptr;
@@ -243,14 +242,6 @@ NormArgs<T> norm_args(const at::Tensor& x, const InputNorm& norm) {
   a.normed = norm.normed.defined() ? norm.normed.data_ptr<T>() : nullptr;
   a.smem = static_cast<size_t>(x.numel()) * sizeof(T);
   return a;
-}
-
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return;
-  const cudaError_t e =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  RLAIF_CHECK(e == cudaSuccess, "small_linear: {} bytes of shared memory: {}", smem, cudaGetErrorString(e));
 }
 
 template <typename T>
@@ -284,11 +275,11 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
   const NormArgs<T> na = norm_args<T>(x, norm);
   const bool pdl = programmatic_launch();
   if (vec) {
-    RLAIF_WITH_ROWS(N, allow_smem(small_linear_kernel<T, R, V>, na.smem);
+    RLAIF_WITH_ROWS(N, allow_dynamic_smem(small_linear_kernel<T, R, V>, na.smem, "small_linear");
                     launch_kernel(pdl, small_linear_kernel<T, R, V>, grid, kWarps * 32, na.smem, stream,
                                   x.data_ptr<T>(), K, segs, res, split, chunk, na.w, na.eps, na.normed, pdl));
   } else {
-    RLAIF_WITH_ROWS(N, allow_smem(small_linear_kernel<T, R, 1>, na.smem);
+    RLAIF_WITH_ROWS(N, allow_dynamic_smem(small_linear_kernel<T, R, 1>, na.smem, "small_linear");
                     launch_kernel(pdl, small_linear_kernel<T, R, 1>, grid, kWarps * 32, na.smem, stream,
                                   x.data_ptr<T>(), K, segs, res, split, chunk, na.w, na.eps, na.normed, pdl));
   }
@@ -312,11 +303,11 @@ void launch_silu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor
   const NormArgs<T> na = norm_args<T>(x, norm);
   const bool pdl = programmatic_launch();
   if (vec) {
-    RLAIF_WITH_ROWS(N, allow_smem(small_linear_silu_mul_kernel<T, R, V>, na.smem);
+    RLAIF_WITH_ROWS(N, allow_dynamic_smem(small_linear_silu_mul_kernel<T, R, V>, na.smem, "small_linear_silu_mul");
                     launch_kernel(pdl, small_linear_silu_mul_kernel<T, R, V>, grid, kWarps * 32, na.smem,
                                   stream, xp, K, g, u, o, F, na.w, na.eps, na.normed, pdl));
   } else {
-    RLAIF_WITH_ROWS(N, allow_smem(small_linear_silu_mul_kernel<T, R, 1>, na.smem);
+    RLAIF_WITH_ROWS(N, allow_dynamic_smem(small_linear_silu_mul_kernel<T, R, 1>, na.smem, "small_linear_silu_mul");
                     launch_kernel(pdl, small_linear_silu_mul_kernel<T, R, 1>, grid, kWarps * 32, na.smem,
                                   stream, xp, K, g, u, o, F, na.w, na.eps, na.normed, pdl));
   }
