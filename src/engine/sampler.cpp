@@ -67,8 +67,10 @@ at::Tensor process(const at::Tensor& logits, const std::vector<SamplerRow>& rows
     auto [sorted, order] = at::sort(x, /*dim=*/1, /*descending=*/true);
     at::Tensor rank = at::arange(V, x.options().dtype(at::kLong)).unsqueeze(0);
     at::Tensor drop = rank >= column(k, x).to(at::kLong);                              // top-k
-    at::Tensor probs = at::softmax(sorted.masked_fill(drop, kNegInf), 1);
     // top-p: keep the smallest prefix whose mass reaches p; drop a token when the mass before it already does.
+    // The mass in float64, as the kernels' reference sums it: a float32 cumsum over a 151936-token vocabulary
+    // drifts by ~1e-4 and moved the cut by a token (a processed log-prob off by 2.5e-3).
+    at::Tensor probs = at::softmax(sorted.masked_fill(drop, kNegInf).to(at::kDouble), 1);
     drop = drop.logical_or((probs.cumsum(1) - probs) >= column(p, x));
     drop.select(1, 0).fill_(false);                                                    // always keep the best
     x = x.masked_fill(at::zeros_like(drop).scatter_(1, order, drop), kNegInf);
