@@ -250,6 +250,27 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
   else kernels::lora_expand(t, b, scales, outs, {}, outs);
 }
 
+// A group's packed weight and bias (models/weights.h packed_rows; bias undefined when none has one) when the
+// group can run as one GEMM on x: plain weights in x's dtype and device, no adapter. Else an undefined weight.
+std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std::vector<Proj>& ps, const at::Tensor& x) {
+  std::vector<const at::Tensor*> ws, bs;
+  bool any_bias = false;
+  for (Proj p : ps) {
+    if (adapter(L, p).defined() || L.quant[static_cast<int>(p)].defined()) return {};
+    ws.push_back(&L.weight(p));
+    bs.push_back(&L.bias(p));
+    any_bias = any_bias || L.bias(p).defined();
+  }
+  at::Tensor w = packed_rows(ws);
+  if (!w.defined() || w.scalar_type() != x.scalar_type() || w.device() != x.device()) return {};
+  at::Tensor b;
+  if (any_bias) {
+    b = packed_rows(bs);
+    if (!b.defined()) return {};
+  }
+  return {w, b};
+}
+
 // Sampling the device sampler covers: temperature or greedy, no filter, no penalty.
 bool plain_sampling(const SamplingParams& p, int64_t vocab) {
   return p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && (p.top_k <= 0 || p.top_k >= vocab) &&
@@ -356,10 +377,21 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     K::small_linear(in_x, ws, bs, at::Tensor(), ys, norm);
     return ys;
   };
-  // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
+  // The base outputs of projections sharing in_x: one few-row launch when it can; else one GEMM over the group's
+  // packed weights (models/weights.h; outputs are column slices of its result) when no adapter needs them
+  // separately; else layers::project each.
   auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
     if (few_row_fits(in_x, L, ps)) return few_row(in_x, L, ps, {});
     std::vector<at::Tensor> ys;
+    if (const auto [w, b] = packed_group(L, ps, in_x); w.defined()) {
+      const at::Tensor y = at::linear(in_x, w, b);                                     // [S, Σ O]
+      int64_t col = 0;
+      for (Proj p : ps) {
+        ys.push_back(y.narrow(1, col, L.weight(p).size(0)));
+        col += L.weight(p).size(0);
+      }
+      return ys;
+    }
     for (Proj p : ps) ys.push_back(layers::project(in_x, L, p, base));
     return ys;
   };
@@ -388,6 +420,8 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
         K::small_linear(in_x, {L.weight(p)}, {L.bias(p)}, h, {h});
         return h;
       }
+      // h += x·Wᵀ in the GEMM's epilogue (beta = 1): no separate add over [S, D].
+      if (dense(L.weight(p), in_x) && !L.bias(p).defined()) return h.addmm_(in_x, L.weight(p).t());
       return h + layers::project(in_x, L, p, base);
     }
     std::vector<at::Tensor> y = project_group(in_x, L, {p});

@@ -197,6 +197,7 @@ std::shared_ptr<DecoderModel> load_gguf_model(const fs::path& path, const LoadOp
   }
   log_debug("loaded {} ({} layers, dim {}, vocab {}) from GGUF", path.filename().string(), c.num_layers,
             c.hidden_size, c.vocab_size);
+  pack_projection_groups(w);
   return std::make_shared<DecoderModel>(std::move(c), std::move(w));
 }
 

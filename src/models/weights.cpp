@@ -266,7 +266,69 @@ ModelWeights load_hf_weights(const fs::path& dir, const ModelConfig& c, const Lo
     expect_shape(S::kUp, l, {F, D}, p + "up_proj");
     expect_shape(S::kDown, l, {D, F}, p + "down_proj");
   }
+  // On the CPU with matching dtype the tensors are zero-copy views of the file; elsewhere they were copied anyway.
+  if (opt.device != at::kCPU) pack_projection_groups(w);
   return w;
+}
+
+namespace {
+
+// Replaces `parts` by views of one buffer holding their rows in order (see pack_projection_groups).
+void pack_rows(const std::vector<at::Tensor*>& parts) {
+  std::vector<at::Tensor> ts;
+  for (at::Tensor* t : parts) {
+    if (!t->defined() || t->dim() < 1 || t->scalar_type() != parts[0]->scalar_type() ||
+        t->device() != parts[0]->device() || t->sizes().slice(1) != parts[0]->sizes().slice(1))
+      return;
+    ts.push_back(t->detach());
+  }
+  if (packed_rows({parts.begin(), parts.end()}).defined()) return;  // already one buffer
+  const at::Tensor buf = at::cat(ts, 0);
+  int64_t row = 0;
+  for (at::Tensor* t : parts) {
+    const int64_t rows = t->size(0);
+    *t = buf.narrow(0, row, rows);
+    row += rows;
+  }
+}
+
+}  // namespace
+
+void pack_projection_groups(ModelWeights& w) {
+  at::NoGradGuard no_grad;
+  for (LayerWeights& L : w.layers) {
+    const auto quantized = [&](std::initializer_list<Proj> ps) {
+      for (Proj p : ps)
+        if (L.quant[static_cast<int>(p)].defined()) return true;
+      return false;
+    };
+    if (!quantized({Proj::kQ, Proj::kK, Proj::kV})) {
+      pack_rows({&L.wq, &L.wk, &L.wv});
+      pack_rows({&L.bq, &L.bk, &L.bv});
+    }
+    if (!quantized({Proj::kGate, Proj::kUp})) {
+      pack_rows({&L.w_gate, &L.w_up});
+      pack_rows({&L.b_gate, &L.b_up});
+    }
+  }
+}
+
+at::Tensor packed_rows(const std::vector<const at::Tensor*>& parts) {
+  if (parts.empty() || !parts[0]->defined()) return {};
+  const at::Tensor& first = *parts[0];
+  int64_t rows = 0;
+  int64_t next = first.storage_offset();
+  for (const at::Tensor* t : parts) {
+    if (!t->defined() || !t->is_contiguous() || t->dim() != first.dim() || t->sizes().slice(1) != first.sizes().slice(1) ||
+        t->scalar_type() != first.scalar_type() || !t->storage().is_alias_of(first.storage()) ||
+        t->storage_offset() != next)
+      return {};
+    next += t->numel();
+    rows += t->size(0);
+  }
+  std::vector<int64_t> shape = first.sizes().vec();
+  shape[0] = rows;
+  return first.as_strided(shape, first.strides());
 }
 
 bool ModelWeights::quantized() const {

@@ -96,6 +96,15 @@ struct LoadOptions {
 // Missing or unexpected tensors are an Error listing them.
 ModelWeights load_hf_weights(const std::filesystem::path& dir, const ModelConfig& c, const LoadOptions& opt);
 
+// Lays each layer's q/k/v weights (and their biases) and gate/up weights out as consecutive rows of one buffer,
+// the tensors becoming views of it, so a batched decode step can run each group as one GEMM (packed_rows).
+// Nothing is copied twice and the tensors stay separate parameters; groups that are quantized, mixed in dtype or
+// device, or partly missing are left as they are.
+void pack_projection_groups(ModelWeights& w);
+// The rows of `parts` as one [Σ rows, cols] tensor when they are consecutive rows of one buffer (as
+// pack_projection_groups lays them out), else undefined; every part undefined gives undefined too.
+at::Tensor packed_rows(const std::vector<const at::Tensor*>& parts);
+
 // Every weight with its HF name, in checkpoint order (a tied lm_head is listed once, as the embedding). A
 // quantized weight is listed as its three MLX tensors: <name> (packed words, uint32), <prefix>.scales, .biases.
 std::vector<std::pair<std::string, at::Tensor>> named_weights(const ModelWeights& w, const ModelConfig& c);

@@ -51,8 +51,11 @@ TEST(SmallLinearKernel, CudaEqualsCpuReference) {
   struct Shape {
     int64_t K, O1, O2, O3;
   };
-  // Qwen2.5-3B and -0.5B q/k/v, a down projection's K, and K = 100 (not a multiple of 8: the scalar path).
-  for (Shape sh : {Shape{2048, 2048, 256, 256}, Shape{896, 896, 128, 128}, Shape{11008, 64, 0, 0}, Shape{100, 40, 8, 8}}) {
+  // Qwen2.5-3B and -0.5B q/k/v, the 3B and 0.5B down projections' K (rows split over 8 and 4 warps, the last
+  // vector round partial), K = 20000 (more than one round per warp) and K = 100 (not a multiple of 8: the scalar
+  // path).
+  for (Shape sh : {Shape{2048, 2048, 256, 256}, Shape{896, 896, 128, 128}, Shape{11008, 64, 0, 0},
+                   Shape{4864, 96, 0, 0}, Shape{20000, 16, 0, 0}, Shape{100, 40, 8, 8}}) {
     for (at::ScalarType dt : test::activation_dtypes()) {
       for (int64_t n = 1; n <= kernels::kSmallLinearMaxRows; n += n < 4 ? 1 : 4) {
         SCOPED_TRACE(fmt::format("{} N={} K={}", c10::toString(dt), n, sh.K));

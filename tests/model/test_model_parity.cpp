@@ -5,10 +5,12 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
 
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "models/decoder.h"
+#include "models/weights.h"
 #include "model_test.h"
 #include "test_util.h"
 
@@ -150,6 +152,52 @@ TEST(ModelLoading, WeightsAreZeroCopyViewsOfTheFile) {
   ASSERT_TRUE(v);
   EXPECT_EQ(std::memcmp(model->weights().layers[0].wq.data_ptr(), v->data, v->nbytes), 0);
   EXPECT_FALSE(model->weights().layers[0].wq.storage().resizable());
+}
+
+
+// pack_projection_groups (done at load time on the GPU) makes each layer's q/k/v and gate/up views of one buffer:
+// the forward is unchanged, full fine-tuning still sees separate parameters with the gradients of unpacked ones,
+// and an in-place update of a parameter is what the group's one GEMM (packed_rows) reads.
+TEST(ModelLoading, PackedProjectionGroupsTrainAsSeparateParameters) {
+  const fs::path dir = test::reference_dir() / "qwen2_untied";
+  auto ref = load_safetensors(dir / "expected_fp32.safetensors");
+  auto plain = DecoderModel::load(dir, {at::kFloat, at::kCPU});
+  auto packed = DecoderModel::load(dir, {at::kFloat, at::kCPU});
+  pack_projection_groups(packed->weights());
+  const LayerWeights& L = packed->weights().layers[0];
+  const LayerWeights& P = plain->weights().layers[0];
+  const at::Tensor qkv = packed_rows({&L.wq, &L.wk, &L.wv}), gate_up = packed_rows({&L.w_gate, &L.w_up});
+  ASSERT_TRUE(qkv.defined());
+  ASSERT_TRUE(gate_up.defined());
+  ASSERT_TRUE(packed_rows({&L.bq, &L.bk, &L.bv}).defined());  // Qwen2 has q/k/v biases
+  EXPECT_TRUE(at::equal(qkv, at::cat({P.wq, P.wk, P.wv})));
+  EXPECT_TRUE(at::equal(gate_up, at::cat({P.w_gate, P.w_up})));
+  EXPECT_FALSE(packed_rows({&L.wq, &L.wv}).defined()) << "not consecutive rows";
+  EXPECT_FALSE(packed_rows({&L.wq, &P.wk}).defined()) << "two buffers";
+
+  const at::Tensor &ids = ref["input_ids"], &mask = ref["attention_mask"], &targets = ref["targets"];
+  auto grads = [&](DecoderModel& m) {
+    auto params = m.named_weights();
+    for (auto& [n, t] : params) t.set_requires_grad(true);
+    (m.token_logprobs(ids, mask, targets) * mask).sum().backward();
+    std::map<std::string, at::Tensor> g;
+    for (auto& [n, t] : params) {
+      g[n] = t.grad().clone();
+      t.set_requires_grad(false);
+    }
+    return g;
+  };
+  const auto g_packed = grads(*packed), g_plain = grads(*plain);
+  ASSERT_EQ(g_packed.size(), g_plain.size());
+  for (const auto& [n, g] : g_plain)
+    EXPECT_LE((g_packed.at(n) - g).norm().item<double>(), 1e-5 * g.norm().item<double>() + 1e-12) << n;
+
+  {  // an optimizer-style in-place step on one parameter
+    at::NoGradGuard no_grad;
+    packed->weights().layers[0].wk.add_(1.0);
+  }
+  EXPECT_TRUE(at::equal(qkv.narrow(0, L.wq.size(0), L.wk.size(0)), P.wk + 1.0));
+  EXPECT_TRUE(at::equal(qkv.narrow(0, 0, L.wq.size(0)), P.wq)) << "neighbours untouched";
 }
 
 }  // namespace

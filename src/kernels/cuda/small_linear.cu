@@ -1,9 +1,9 @@
 // Few-row projections as a bandwidth-bound GEMV: one warp per output row (or 2-8 warps splitting a long row)
-// streams that weight row once (16-byte loads, eight in flight per lane, cache-streaming so weights do not evict
-// the activations) and dots it with all N ≤ 8 input rows, which stay in L1/L2 (or, with the input's RMSNorm
-// fused, in shared memory: every block normalises the few rows itself). Several weights sharing x (q, k, v) are
-// one launch; the residual add and SwiGLU's silu·up happen in the epilogue with the roundings of the ATen ops they
-// replace. Under a programmatic dependent launch the weights start towards L2 before the previous kernel ends.
+// requests its whole share of that weight row at once (16-byte cache-streaming loads, up to eight in flight per
+// lane) before anything else — the wait for the previous kernel, the fused RMSNorm — so those latencies overlap
+// it; then dots it with all N ≤ 8 input rows (L1/L2, or shared memory when the norm is fused and every block
+// normalises the few rows itself). Several weights sharing x (q, k, v) are one launch; the residual add and
+// SwiGLU's silu·up happen in the epilogue with the roundings of the ATen ops they replace.
 #include "kernels/cuda/small_linear.h"
 
 #include "kernels/cpu/small_linear.h"
@@ -15,8 +15,8 @@ namespace {
 
 using namespace cuda_detail;
 
-constexpr int kWarps = 8;  // rows per block
-constexpr int kUnroll = 8;  // weight vectors in flight per lane (a 2048-wide bf16 row in one round)
+constexpr int kWarps = 8;   // warps per block
+constexpr int kUnroll = 8;  // 16-byte weight loads in flight per lane: a 2048-wide bf16 row in one round
 
 template <typename T>
 struct Segment {
@@ -43,26 +43,102 @@ __device__ __forceinline__ Vec<T, VEC> load_stream(const T* p) {
   }
 }
 
-// The input's RMSNorm (kernels/cpu/rms_norm.h's roundings) into shared memory, a warp per row; block 0 also
-// writes it to `normed`. Returns the rows the projections read: x itself without a norm.
+// One round of a warp's weight loads, all in flight together: this lane's first `nv` (≤ U) vectors of a part,
+// 32·VEC elements apart from p. fma_round consumes them with the same count, so vectors not loaded are not read.
+template <typename T, int VEC, int U>
+struct Round {
+  Vec<T, VEC> w[U];
+};
+
+// This lane's vectors in [k0, k_end), vectors 32·VEC apart.
+template <int VEC>
+__device__ __forceinline__ int lane_vectors(int64_t k0, int64_t k_end) {
+  return k0 < k_end ? static_cast<int>((k_end - k0 + 32 * VEC - 1) / (32 * VEC)) : 0;
+}
+
+template <typename T, int VEC, int U>
+__device__ __forceinline__ void load_round(const T* __restrict__ p, int nv, Round<T, VEC, U>& r) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (u < nv) r.w[u] = load_stream<T, VEC>(p + u * 32 * VEC);
+}
+
+// acc[n] += Σ x[n, ·] · w over the round's vectors; xp points at row 0's element of the first vector, rows K apart.
+template <typename T, int N, int VEC, int U>
+__device__ __forceinline__ void fma_round(const T* __restrict__ xp, int64_t K, int nv, const Round<T, VEC, U>& r,
+                                          float (&acc)[N]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (u >= nv) break;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      const Vec<T, VEC> xv = load_vec<T, VEC>(xp + n * K + u * 32 * VEC);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[n] += static_cast<float>(r.w[u].v[j]) * static_cast<float>(xv.v[j]);
+    }
+  }
+}
+
+// The warp's dot of x's rows with w over [k_begin, k_end), whose first round `first` was loaded earlier (before
+// the norm and the wait for the previous kernel); later rounds (parts longer than U vectors a lane) load as they
+// go. Warp-summed.
+template <typename T, int N, int VEC, int U>
+__device__ __forceinline__ void dot_rows(const T* __restrict__ x, const T* __restrict__ w, int64_t K, int64_t k_begin,
+                                         int64_t k_end, const Round<T, VEC, U>& first, float (&acc)[N]) {
+  constexpr int64_t kRound = int64_t{U} * 32 * VEC;
+  const int64_t k0 = k_begin + (threadIdx.x % 32) * VEC;
+  fma_round<T, N, VEC, U>(x + k0, K, min(lane_vectors<VEC>(k0, k_end), U), first, acc);
+  for (int64_t r0 = k0 + kRound; r0 < k_end; r0 += kRound) {
+    Round<T, VEC, U> next;
+    const int nv = min(lane_vectors<VEC>(r0, k_end), U);
+    load_round<T, VEC, U>(w + r0, nv, next);
+    fma_round<T, N, VEC, U>(x + r0, K, nv, next, acc);
+  }
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n] = warp_sum(acc[n]);
+}
+
+// The input's RMSNorm (kernels/cpu/rms_norm.h's roundings) into shared memory: each row's kWarps/N warps (at
+// least one) sum its squares and normalise their share of it, two vectors a lane in flight; block 0 also writes
+// the rows to `normed`. Returns the rows the projections read: x itself without a norm. Every thread calls it.
 template <typename T, int N, int VEC>
 __device__ __forceinline__ const T* norm_rows(const T* __restrict__ x, int64_t K, const T* __restrict__ norm_w,
                                               float eps, T* normed) {
   if (norm_w == nullptr) return x;
   extern __shared__ __align__(16) unsigned char xs_raw[];
   T* xs = reinterpret_cast<T*>(xs_raw);  // [N, K]
+  __shared__ float ss_part[kWarps];
+  constexpr int kWpr = kWarps / N > 0 ? kWarps / N : 1;  // warps per row
+  constexpr int kStride = kWpr * 32 * VEC;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int n = warp; n < N; n += kWarps) {
-    const T* xr = x + n * K;
-    float ss = 0.0f;
-    for (int64_t k = lane * VEC; k < K; k += 32 * VEC) {
+  const int n = warp / kWpr;
+  const bool active = n < N;
+  const int kK = static_cast<int>(K);
+  const int start = ((warp % kWpr) * 32 + lane) * VEC;
+  const T* xr = x + n * K;
+  float ss = 0.0f;
+  if (active) {
+    for (int k = start; k < kK; k += 2 * kStride) {
+      const bool second = k + kStride < kK;
       const Vec<T, VEC> a = load_vec<T, VEC>(xr + k);
+      Vec<T, VEC> b;
+      if (second) b = load_vec<T, VEC>(xr + k + kStride);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) ss += static_cast<float>(a.v[j]) * static_cast<float>(a.v[j]);
+      if (second)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) ss += static_cast<float>(b.v[j]) * static_cast<float>(b.v[j]);
     }
-    ss = warp_sum(ss);
-    const float scale = rms_scale(ss, 1.0f / static_cast<float>(K), eps);
-    for (int64_t k = lane * VEC; k < K; k += 32 * VEC) {
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) ss_part[warp] = ss;
+  __syncthreads();
+  if (active) {
+    float total = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kWpr; ++j) total += ss_part[n * kWpr + j];
+    const float scale = rms_scale(total, 1.0f / static_cast<float>(K), eps);
+    for (int k = start; k < kK; k += kStride) {
       const Vec<T, VEC> a = load_vec<T, VEC>(xr + k), wv = load_vec<T, VEC>(norm_w + k);
       Vec<T, VEC> o;
 #pragma unroll
@@ -75,66 +151,39 @@ __device__ __forceinline__ const T* norm_rows(const T* __restrict__ x, int64_t K
   return xs;
 }
 
-// Starts this warp's share [k_begin, k_end) of a weight row towards L2 (one prefetch per 128-byte line): issued
-// before pdl_wait, it overlaps the previous kernel's tail under a programmatic dependent launch.
-template <typename T>
-__device__ __forceinline__ void prefetch_row(const T* w, int64_t k_begin, int64_t k_end) {
-  constexpr int64_t kLine = 128 / sizeof(T);
-  for (int64_t k = k_begin + (threadIdx.x % 32) * kLine; k < k_end; k += 32 * kLine)
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w + k));
-}
-
-// acc[n] += Σ_k x[n, k] · w[k] over this lane's share (lane·VEC + i·32·VEC) of k in [k_begin, k_end); x rows are
-// K apart.
-template <typename T, int N, int VEC>
-__device__ __forceinline__ void dot_rows(const T* __restrict__ x, const T* __restrict__ w, int64_t K, float (&acc)[N],
-                                         int64_t k_begin = 0, int64_t k_end = -1) {
-  constexpr int64_t kStep = 32 * VEC;
-  const int lane = threadIdx.x % 32;
-  if (k_end < 0) k_end = K;
-  int64_t k = k_begin + lane * VEC;
-  for (; k + (kUnroll - 1) * kStep < k_end; k += kUnroll * kStep) {
-    Vec<T, VEC> wv[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) wv[u] = load_stream<T, VEC>(w + k + u * kStep);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int n = 0; n < N; ++n) {
-        const Vec<T, VEC> xv = load_vec<T, VEC>(x + n * K + k + u * kStep);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[n] += static_cast<float>(wv[u].v[j]) * static_cast<float>(xv.v[j]);
-      }
-    }
-  }
-  for (; k < k_end; k += kStep) {
-    const Vec<T, VEC> wv = load_stream<T, VEC>(w + k);
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      const Vec<T, VEC> xv = load_vec<T, VEC>(x + n * K + k);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[n] += static_cast<float>(wv.v[j]) * static_cast<float>(xv.v[j]);
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < N; ++n) acc[n] = warp_sum(acc[n]);
+// How `split` warps share a row of length K so that each warp's part is one round of U vectors per lane (at most
+// kWarps warps; beyond that a part takes several rounds), parts `chunk` long in whole 32-lane vector steps.
+struct RowSplit {
+  int split = 1;
+  int64_t chunk = 0;
+};
+inline RowSplit row_split(int64_t K, int64_t vec, int64_t U) {
+  RowSplit s;
+  const int64_t step = 32 * vec;
+  while (s.split < kWarps && (K + s.split - 1) / s.split > U * step) s.split *= 2;
+  s.chunk = ((K + s.split - 1) / s.split + step - 1) / step * step;
+  return s;
 }
 
 // grid ceil(rows of all segments / (kWarps / split)), kWarps·32 threads: `split` warps share a row, each taking
-// `chunk` of its K (long rows get more loads in flight), their sums met in shared memory.
+// `chunk` of its K, their sums met in shared memory. A warp's weights are requested first, so their latency
+// overlaps the wait for the previous kernel and the norm.
 template <typename T, int N, int VEC>
-__global__ void __launch_bounds__(kWarps * 32) small_linear_kernel(const T* __restrict__ x, int64_t K,
+__global__ void __launch_bounds__(kWarps * 32, 2) small_linear_kernel(const T* __restrict__ x, int64_t K,
                                                                     Segments<T> segs, const T* residual, int split,
                                                                     int64_t chunk, const T* norm_w, float eps,
                                                                     T* normed, bool pdl) {
-  const int warp = threadIdx.x / 32, part = warp % split;
+  const int warp = threadIdx.x / 32, part = warp % split, lane = threadIdx.x % 32;
   int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarps / split) + warp / split;
   int si = 0;
   while (si < segs.count && row >= segs.s[si].rows) row -= segs.s[si++].rows;
   const bool valid = si < segs.count;
   const Segment<T> seg = valid ? segs.s[si] : Segment<T>{};
+  const int64_t k_begin = part * chunk, k_end = min(K, (part + 1) * chunk);
+  const T* w = valid ? seg.w + row * K : nullptr;
+  Round<T, VEC, kUnroll> first;
+  if (valid) load_round<T, VEC, kUnroll>(w + k_begin + lane * VEC, lane_vectors<VEC>(k_begin + lane * VEC, k_end), first);
   if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
-    if (valid) prefetch_row(seg.w + row * K, part * chunk, min(K, (part + 1) * chunk));
     pdl_trigger();
     pdl_wait();
   }
@@ -143,8 +192,7 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_kernel(const T* __re
   float acc[N];
 #pragma unroll
   for (int n = 0; n < N; ++n) acc[n] = 0.0f;
-  if (valid) dot_rows<T, N, VEC>(x, seg.w + row * K, K, acc, part * chunk, min(K, (part + 1) * chunk));
-  const int lane = threadIdx.x % 32;
+  if (valid) dot_rows<T, N, VEC, kUnroll>(x, w, K, k_begin, k_end, first, acc);
   if (split > 1) {
     __shared__ float partial[kWarps][8];
     if (lane < N) {
@@ -172,29 +220,65 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_kernel(const T* __re
   }
 }
 
+// SwiGLU: a warp takes one part of a gate row and the same part of its up row, half a round of loads each.
+constexpr int kSiluUnroll = kUnroll / 2;
+
 template <typename T, int N, int VEC>
-__global__ void __launch_bounds__(kWarps * 32) small_linear_silu_mul_kernel(const T* __restrict__ x, int64_t K,
+__global__ void __launch_bounds__(kWarps * 32, 2) small_linear_silu_mul_kernel(const T* __restrict__ x, int64_t K,
                                                                              const T* __restrict__ w_gate,
                                                                              const T* __restrict__ w_up, T* out,
-                                                                             int64_t F, const T* norm_w, float eps,
+                                                                             int64_t F, int split, int64_t chunk,
+                                                                             const T* norm_w, float eps,
                                                                              T* normed, bool pdl) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int warp = threadIdx.x / 32, part = warp % split, lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarps / split) + warp / split;
+  const bool valid = row < F;
+  const int64_t k_begin = part * chunk, k_end = min(K, (part + 1) * chunk);
+  const T* wg = valid ? w_gate + row * K : nullptr;
+  const T* wu = valid ? w_up + row * K : nullptr;
+  Round<T, VEC, kSiluUnroll> first_g, first_u;
+  if (valid) {
+    const int64_t k0 = k_begin + lane * VEC;
+    const int nv = lane_vectors<VEC>(k0, k_end);
+    load_round<T, VEC, kSiluUnroll>(wg + k0, nv, first_g);
+    load_round<T, VEC, kSiluUnroll>(wu + k0, nv, first_u);
+  }
   if (pdl) {  // the weights do not depend on the previous kernel
-    if (row < F) {
-      prefetch_row(w_gate + row * K, 0, K);
-      prefetch_row(w_up + row * K, 0, K);
-    }
     pdl_trigger();
     pdl_wait();
   }
   x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
-  if (row >= F) return;
+  if (split == 1 && !valid) return;
   float g[N], u[N];
 #pragma unroll
   for (int n = 0; n < N; ++n) g[n] = u[n] = 0.0f;
-  dot_rows<T, N, VEC>(x, w_gate + row * K, K, g);
-  dot_rows<T, N, VEC>(x, w_up + row * K, K, u);
-  const int lane = threadIdx.x % 32;
+  if (valid) {
+    dot_rows<T, N, VEC, kSiluUnroll>(x, wg, K, k_begin, k_end, first_g, g);
+    dot_rows<T, N, VEC, kSiluUnroll>(x, wu, K, k_begin, k_end, first_u, u);
+  }
+  if (split > 1) {
+    __shared__ float partial[kWarps][2][8];
+    if (lane < N) {
+#pragma unroll
+      for (int n = 0; n < N; ++n)
+        if (lane == n) {
+          partial[warp][0][n] = g[n];
+          partial[warp][1][n] = u[n];
+        }
+    }
+    __syncthreads();
+    if (!valid || part != 0) return;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      float sg = 0.0f, su = 0.0f;
+      for (int j = 0; j < split; ++j) {
+        sg += partial[warp + j][0][n];
+        su += partial[warp + j][1][n];
+      }
+      g[n] = sg;
+      u[n] = su;
+    }
+  }
 #pragma unroll
   for (int n = 0; n < N; ++n) {
     if (lane != n) continue;
@@ -263,13 +347,11 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const T* res = residual.defined() ? residual.data_ptr<T>() : nullptr;
-  // Rows longer than 2048 are shared by 2, 4 or 8 warps (a down projection's 11008: 4), in chunks of whole
-  // 32-lane vector rounds.
-  int split = 1;
-  while (split < kWarps && K >= 2048 * split * 2) split *= 2;
+  // Rows longer than one round of loads are shared by 2, 4 or 8 warps (a 3B down projection's 11008: 8).
   constexpr int V = kVec<T>;
-  const int64_t step = 32 * (vec ? V : 1);
-  const int64_t chunk = ((K + split - 1) / split + step - 1) / step * step;
+  const RowSplit rs = row_split(K, vec ? V : 1, kUnroll);
+  const int split = rs.split;
+  const int64_t chunk = rs.chunk;
   const int64_t rows_per_block = kWarps / split;
   const unsigned grid = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
   const NormArgs<T> na = norm_args<T>(x, norm);
@@ -296,8 +378,10 @@ void launch_silu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor
   const bool vec = vectorizable<T>(x, {&w_gate, &w_up}) &&
                    (!norm.weight.defined() || aligned16(norm.weight.data_ptr())) &&
                    (!norm.normed.defined() || aligned16(norm.normed.data_ptr()));
-  const unsigned grid = static_cast<unsigned>((F + kWarps - 1) / kWarps);
   constexpr int V = kVec<T>;
+  const RowSplit rs = row_split(K, vec ? V : 1, kSiluUnroll);
+  const int64_t rows_per_block = kWarps / rs.split;
+  const unsigned grid = static_cast<unsigned>((F + rows_per_block - 1) / rows_per_block);
   const T *xp = x.data_ptr<T>(), *g = w_gate.data_ptr<T>(), *u = w_up.data_ptr<T>();
   T* o = out.data_ptr<T>();
   const NormArgs<T> na = norm_args<T>(x, norm);
@@ -305,11 +389,11 @@ void launch_silu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor
   if (vec) {
     RLAIF_WITH_ROWS(N, allow_dynamic_smem(small_linear_silu_mul_kernel<T, R, V>, na.smem, "small_linear_silu_mul");
                     launch_kernel(pdl, small_linear_silu_mul_kernel<T, R, V>, grid, kWarps * 32, na.smem,
-                                  stream, xp, K, g, u, o, F, na.w, na.eps, na.normed, pdl));
+                                  stream, xp, K, g, u, o, F, rs.split, rs.chunk, na.w, na.eps, na.normed, pdl));
   } else {
     RLAIF_WITH_ROWS(N, allow_dynamic_smem(small_linear_silu_mul_kernel<T, R, 1>, na.smem, "small_linear_silu_mul");
                     launch_kernel(pdl, small_linear_silu_mul_kernel<T, R, 1>, grid, kWarps * 32, na.smem,
-                                  stream, xp, K, g, u, o, F, na.w, na.eps, na.normed, pdl));
+                                  stream, xp, K, g, u, o, F, rs.split, rs.chunk, na.w, na.eps, na.normed, pdl));
   }
   check_launch("small_linear_silu_mul_kernel");
 }
