@@ -2,9 +2,9 @@
 // bench/hf_generate.py saves): prompt P, N new tokens with sampling, for several batch sizes; plus an optional
 // RL rollout workload (prompts × samples, varied prompt lengths). `--quantize q4|q8` quantizes the loaded weights
 // on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine;
-// `--pdl` turns on EngineOptions::programmatic_launch.
+// `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel streaming` picks the session-4 GEMV.
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] --out FILE.json
+//        [--pdl] [--few-row-kernel staged|streaming] --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -68,6 +68,9 @@ int main(int argc, char** argv) {
   app.add_option("--quantize", quantize, "q4 or q8: quantize the weights (group 64) before generating")
       ->check(CLI::IsMember({"q4", "q8"}));
   app.add_flag("--pdl", pdl, "launch the decode projections as programmatic dependent launches (EngineOptions)");
+  std::string few_row = "staged";
+  app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
+      ->check(CLI::IsMember({"staged", "streaming"}));
   CLI11_PARSE(app, argc, argv);
 
   const at::Device dev = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
@@ -86,6 +89,7 @@ int main(int argc, char** argv) {
     EngineOptions opt;
     opt.max_batch = std::max<int64_t>(B, 1);
     opt.programmatic_launch = pdl;
+    opt.few_row_kernel = few_row == "staged" ? kernels::FewRowKernel::kStaged : kernels::FewRowKernel::kStreaming;
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(B);
     for (auto& r : reqs) {
@@ -103,7 +107,7 @@ int main(int argc, char** argv) {
                 pdl ? " pdl" : "", static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
-                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}});
+                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row}});
   }
   if (rollout) {
     EngineOptions opt;

@@ -347,6 +347,11 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     explicit ProgrammaticLaunch(bool on) { K::set_programmatic_launch(on); }
     ~ProgrammaticLaunch() { K::set_programmatic_launch(before); }
   } programmatic(options_.programmatic_launch && model_->weights().embed.is_cuda());
+  struct FewRowKernelChoice {  // likewise process-wide
+    K::FewRowKernel before = K::few_row_kernel();
+    explicit FewRowKernelChoice(K::FewRowKernel k) { K::set_few_row_kernel(k); }
+    ~FewRowKernelChoice() { K::set_few_row_kernel(before); }
+  } few_row_choice(options_.few_row_kernel);
   const ModelConfig& c = model_->config();
   const ModelWeights& W = model_->weights();
   const int64_t S = in.tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;

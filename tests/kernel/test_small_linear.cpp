@@ -45,56 +45,62 @@ TEST(SmallLinearKernel, CpuReferenceEqualsAtenLinear) {
   }
 }
 
+// Both CUDA GEMVs (kernels/cpu/registry.h FewRowKernel) against the CPU reference.
 TEST(SmallLinearKernel, CudaEqualsCpuReference) {
   RLAIF_REQUIRE_CUDA_KERNELS();
   SCOPED_TRACE(test::seed_fresh());
-  struct Shape {
-    int64_t K, O1, O2, O3;
-  };
-  // Qwen2.5-3B and -0.5B q/k/v, the 3B and 0.5B down projections' K (rows split over 8 and 4 warps, the last
-  // vector round partial), K = 20000 (more than one round per warp) and K = 100 (not a multiple of 8: the scalar
-  // path).
-  for (Shape sh : {Shape{2048, 2048, 256, 256}, Shape{896, 896, 128, 128}, Shape{11008, 64, 0, 0},
-                   Shape{4864, 96, 0, 0}, Shape{20000, 16, 0, 0}, Shape{100, 40, 8, 8}}) {
-    for (at::ScalarType dt : test::activation_dtypes()) {
-      for (int64_t n = 1; n <= kernels::kSmallLinearMaxRows; n += n < 4 ? 1 : 4) {
-        SCOPED_TRACE(fmt::format("{} N={} K={}", c10::toString(dt), n, sh.K));
-        std::vector<at::Tensor> w, b, ref, out;
-        for (int64_t o : {sh.O1, sh.O2, sh.O3}) {
-          if (o == 0) continue;
-          w.push_back(rnd({o, sh.K}, dt, 0.05));
-          b.push_back(w.size() == 2 ? at::Tensor() : rnd({o}, dt));
-          ref.push_back(at::empty({n, o}, w.back().options()));
-        }
-        const at::Tensor x = rnd({n, sh.K}, dt);
-        kernels::small_linear_cpu(x, w, b, at::Tensor(), ref);
-        std::vector<at::Tensor> wc, bc;
-        for (size_t i = 0; i < w.size(); ++i) {
-          wc.push_back(w[i].cuda());
-          bc.push_back(b[i].defined() ? b[i].cuda() : at::Tensor());
-          out.push_back(at::empty_like(ref[i]).cuda());
-          test::poison(out.back());
-        }
-        const at::Tensor xc = x.cuda();
-        kernels::small_linear(xc, wc, bc, at::Tensor(), out);
-        for (size_t i = 0; i < w.size(); ++i) EXPECT_LE(test::rel_err(out[i], ref[i]), test::tolerance(dt)) << "weight " << i;
+  for (kernels::FewRowKernel kernel : {kernels::FewRowKernel::kStaged, kernels::FewRowKernel::kStreaming}) {
+    kernels::set_few_row_kernel(kernel);
+    SCOPED_TRACE(kernel == kernels::FewRowKernel::kStaged ? "staged" : "streaming");
+    struct Shape {
+      int64_t K, O1, O2, O3;
+    };
+    // Qwen2.5-3B and -0.5B q/k/v, the 3B and 0.5B down projections' K (rows split over 8 and 4 warps, the last
+    // vector round partial), K = 20000 (more than one round per warp) and K = 100 (not a multiple of 8: the scalar
+    // path).
+    for (Shape sh : {Shape{2048, 2048, 256, 256}, Shape{896, 896, 128, 128}, Shape{11008, 64, 0, 0},
+                     Shape{4864, 96, 0, 0}, Shape{20000, 16, 0, 0}, Shape{100, 40, 8, 8}}) {
+      for (at::ScalarType dt : test::activation_dtypes()) {
+        for (int64_t n = 1; n <= kernels::kSmallLinearMaxRows; n += n < 4 ? 1 : 4) {
+          SCOPED_TRACE(fmt::format("{} N={} K={}", c10::toString(dt), n, sh.K));
+          std::vector<at::Tensor> w, b, ref, out;
+          for (int64_t o : {sh.O1, sh.O2, sh.O3}) {
+            if (o == 0) continue;
+            w.push_back(rnd({o, sh.K}, dt, 0.05));
+            b.push_back(w.size() == 2 ? at::Tensor() : rnd({o}, dt));
+            ref.push_back(at::empty({n, o}, w.back().options()));
+          }
+          const at::Tensor x = rnd({n, sh.K}, dt);
+          kernels::small_linear_cpu(x, w, b, at::Tensor(), ref);
+          std::vector<at::Tensor> wc, bc;
+          for (size_t i = 0; i < w.size(); ++i) {
+            wc.push_back(w[i].cuda());
+            bc.push_back(b[i].defined() ? b[i].cuda() : at::Tensor());
+            out.push_back(at::empty_like(ref[i]).cuda());
+            test::poison(out.back());
+          }
+          const at::Tensor xc = x.cuda();
+          kernels::small_linear(xc, wc, bc, at::Tensor(), out);
+          for (size_t i = 0; i < w.size(); ++i) EXPECT_LE(test::rel_err(out[i], ref[i]), test::tolerance(dt)) << "weight " << i;
 
-        const at::Tensor h = rnd({n, sh.O1}, dt);
-        at::Tensor href = h.clone();
-        kernels::small_linear_cpu(x, {w[0]}, {b[0]}, href, {href});
-        at::Tensor hc = h.cuda();
-        kernels::small_linear(xc, {wc[0]}, {bc[0]}, hc, {hc});
-        EXPECT_LE(test::rel_err(hc, href), test::tolerance(dt)) << "residual in place";
+          const at::Tensor h = rnd({n, sh.O1}, dt);
+          at::Tensor href = h.clone();
+          kernels::small_linear_cpu(x, {w[0]}, {b[0]}, href, {href});
+          at::Tensor hc = h.cuda();
+          kernels::small_linear(xc, {wc[0]}, {bc[0]}, hc, {hc});
+          EXPECT_LE(test::rel_err(hc, href), test::tolerance(dt)) << "residual in place";
 
-        const at::Tensor wu = rnd({sh.O1, sh.K}, dt, 0.05);
-        at::Tensor act_ref = at::empty({n, sh.O1}, x.options()), act = at::empty({n, sh.O1}, xc.options());
-        kernels::small_linear_silu_mul_cpu(x, w[0], wu, act_ref);
-        test::poison(act);
-        kernels::small_linear_silu_mul(xc, wc[0], wu.cuda(), act);
-        EXPECT_LE(test::rel_err(act, act_ref), test::tolerance(dt)) << "swiglu";
+          const at::Tensor wu = rnd({sh.O1, sh.K}, dt, 0.05);
+          at::Tensor act_ref = at::empty({n, sh.O1}, x.options()), act = at::empty({n, sh.O1}, xc.options());
+          kernels::small_linear_silu_mul_cpu(x, w[0], wu, act_ref);
+          test::poison(act);
+          kernels::small_linear_silu_mul(xc, wc[0], wu.cuda(), act);
+          EXPECT_LE(test::rel_err(act, act_ref), test::tolerance(dt)) << "swiglu";
+        }
       }
     }
   }
+  kernels::set_few_row_kernel(kernels::FewRowKernel::kStaged);
 }
 
 // The input's RMSNorm fused in: the CPU reference equals transformers' norm (models/layers.h) then at::linear, and
@@ -122,24 +128,29 @@ TEST(SmallLinearKernel, FusedInputNormEqualsNormThenLinear) {
             << "swiglu";
         if (!kernels::cuda_kernels_available() || !at::hasCUDA()) continue;
 
-        const at::Tensor hc = h.cuda(), nwc = nw.cuda();
-        at::Tensor qc = at::empty_like(q).cuda(), kc = at::empty_like(k).cuda(), normed_c = at::empty_like(h).cuda();
-        test::poison(qc);
-        test::poison(normed_c);
-        kernels::small_linear(hc, {wq.cuda(), wk.cuda()}, {bq.cuda(), at::Tensor()}, at::Tensor(), {qc, kc},
-                              {nwc, eps, normed_c});
-        EXPECT_LE(test::rel_err(normed_c.cpu(), normed), test::tolerance(dt)) << "cuda normed rows";
-        EXPECT_LE(test::rel_err(qc.cpu(), q), test::tolerance(dt)) << "cuda q";
-        EXPECT_LE(test::rel_err(kc.cpu(), k), test::tolerance(dt)) << "cuda k";
-        const at::Tensor r = rnd({n, 40}, dt);
-        at::Tensor rc = r.cuda(), rref = r.clone();
-        kernels::small_linear_cpu(h, {wq}, {bq}, rref, {rref}, {nw, eps, at::Tensor()});
-        kernels::small_linear(hc, {wq.cuda()}, {bq.cuda()}, rc, {rc}, {nwc, eps, at::Tensor()});
-        EXPECT_LE(test::rel_err(rc.cpu(), rref), test::tolerance(dt)) << "cuda residual";
-        at::Tensor act_c = at::empty_like(act).cuda();
-        test::poison(act_c);
-        kernels::small_linear_silu_mul(hc, wg.cuda(), wu.cuda(), act_c, {nwc, eps, at::Tensor()});
-        EXPECT_LE(test::rel_err(act_c.cpu(), act), test::tolerance(dt)) << "cuda swiglu";
+        for (kernels::FewRowKernel kernel : {kernels::FewRowKernel::kStaged, kernels::FewRowKernel::kStreaming}) {
+          kernels::set_few_row_kernel(kernel);
+          SCOPED_TRACE(kernel == kernels::FewRowKernel::kStaged ? "staged" : "streaming");
+          const at::Tensor hc = h.cuda(), nwc = nw.cuda();
+          at::Tensor qc = at::empty_like(q).cuda(), kc = at::empty_like(k).cuda(), normed_c = at::empty_like(h).cuda();
+          test::poison(qc);
+          test::poison(normed_c);
+          kernels::small_linear(hc, {wq.cuda(), wk.cuda()}, {bq.cuda(), at::Tensor()}, at::Tensor(), {qc, kc},
+                                {nwc, eps, normed_c});
+          EXPECT_LE(test::rel_err(normed_c.cpu(), normed), test::tolerance(dt)) << "cuda normed rows";
+          EXPECT_LE(test::rel_err(qc.cpu(), q), test::tolerance(dt)) << "cuda q";
+          EXPECT_LE(test::rel_err(kc.cpu(), k), test::tolerance(dt)) << "cuda k";
+          const at::Tensor r = rnd({n, 40}, dt);
+          at::Tensor rc = r.cuda(), rref = r.clone();
+          kernels::small_linear_cpu(h, {wq}, {bq}, rref, {rref}, {nw, eps, at::Tensor()});
+          kernels::small_linear(hc, {wq.cuda()}, {bq.cuda()}, rc, {rc}, {nwc, eps, at::Tensor()});
+          EXPECT_LE(test::rel_err(rc.cpu(), rref), test::tolerance(dt)) << "cuda residual";
+          at::Tensor act_c = at::empty_like(act).cuda();
+          test::poison(act_c);
+          kernels::small_linear_silu_mul(hc, wg.cuda(), wu.cuda(), act_c, {nwc, eps, at::Tensor()});
+          EXPECT_LE(test::rel_err(act_c.cpu(), act), test::tolerance(dt)) << "cuda swiglu";
+        }
+        kernels::set_few_row_kernel(kernels::FewRowKernel::kStaged);
       }
     }
   }

@@ -22,7 +22,11 @@ bool cuda_kernels_available() {
 
 namespace {
 std::atomic<bool> g_programmatic_launch{false};
+std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStaged};
 }  // namespace
+
+void set_few_row_kernel(FewRowKernel k) { g_few_row_kernel.store(k); }
+FewRowKernel few_row_kernel() { return g_few_row_kernel.load(); }
 
 void set_programmatic_launch(bool on) { g_programmatic_launch.store(on); }
 bool programmatic_launch() { return g_programmatic_launch.load(); }

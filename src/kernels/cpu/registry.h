@@ -72,6 +72,14 @@ KernelRegistry& kernel_registry();
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
+// Which CUDA few-row GEMV small_linear / small_linear_silu_mul launch (EngineOptions::few_row_kernel): kStaged
+// (default) requests each warp's whole share of its weight rows into shared memory before the fused norm and the
+// wait for the previous kernel; kStreaming is the session-4 kernel (norm first, then rounds of register loads),
+// kept to measure one against the other in the same run. Same results either way (CPU reference, parity tests).
+enum class FewRowKernel { kStaged, kStreaming };
+void set_few_row_kernel(FewRowKernel k);
+FewRowKernel few_row_kernel();
+
 // True when this binary holds the CUDA kernels (built with RLAIF_CUDA and linked, see docs/KERNELS.md). The
 // first call registers them; thread-safe. Says nothing about whether a CUDA device is present.
 bool cuda_kernels_available();
