@@ -2,9 +2,9 @@
 // bench/hf_generate.py saves): prompt P, N new tokens with sampling, for several batch sizes; plus an optional
 // RL rollout workload (prompts × samples, varied prompt lengths). `--quantize q4|q8` quantizes the loaded weights
 // on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine;
-// `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel streaming` picks the session-4 GEMV.
+// `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel staged` the staged GEMV.
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] [--few-row-kernel staged|streaming] --out FILE.json
+//        [--pdl] [--few-row-kernel streaming|staged] --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -68,8 +68,8 @@ int main(int argc, char** argv) {
   app.add_option("--quantize", quantize, "q4 or q8: quantize the weights (group 64) before generating")
       ->check(CLI::IsMember({"q4", "q8"}));
   app.add_flag("--pdl", pdl, "launch the decode projections as programmatic dependent launches (EngineOptions)");
-  std::string few_row = "staged";
-  app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
+  std::string few_row = "streaming";
+  app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: streaming (default, session 4) or staged")
       ->check(CLI::IsMember({"staged", "streaming"}));
   CLI11_PARSE(app, argc, argv);
 
@@ -103,8 +103,9 @@ int main(int argc, char** argv) {
     engine.generate(warm);
     const auto [n, dt] = timed_generate(engine, reqs, dev);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
-    std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(),
-                pdl ? " pdl" : "", static_cast<long>(B), n / dt, static_cast<long>(n), dt);
+    const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "staged" ? " staged GEMV" : "");
+    std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
+                static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
                        {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row}});

@@ -30,9 +30,9 @@ struct EngineOptions {
   // On CUDA, launch the decode step's projections as programmatic dependent launches (kernels/cpu/registry.h):
   // each starts its weight loads while the previous kernel finishes. Opt-in until measured (docs/KERNELS.md).
   bool programmatic_launch = false;
-  // Which CUDA few-row GEMV the projections at batch ≤ 8 use (kernels/cpu/registry.h); the other one is kept for
-  // measuring one against the other.
-  kernels::FewRowKernel few_row_kernel = kernels::FewRowKernel::kStaged;
+  // Which CUDA few-row GEMV the projections at batch ≤ 8 use (kernels/cpu/registry.h: staged helps the 0.5B shape,
+  // streaming the 3B one).
+  kernels::FewRowKernel few_row_kernel = kernels::FewRowKernel::kStreaming;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

@@ -22,7 +22,7 @@ bool cuda_kernels_available() {
 
 namespace {
 std::atomic<bool> g_programmatic_launch{false};
-std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStaged};
+std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStreaming};
 }  // namespace
 
 void set_few_row_kernel(FewRowKernel k) { g_few_row_kernel.store(k); }

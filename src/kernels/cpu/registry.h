@@ -72,10 +72,12 @@ KernelRegistry& kernel_registry();
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
-// Which CUDA few-row GEMV small_linear / small_linear_silu_mul launch (EngineOptions::few_row_kernel): kStaged
-// (default) requests each warp's whole share of its weight rows into shared memory before the fused norm and the
-// wait for the previous kernel; kStreaming is the session-4 kernel (norm first, then rounds of register loads),
-// kept to measure one against the other in the same run. Same results either way (CPU reference, parity tests).
+// Which CUDA few-row GEMV small_linear / small_linear_silu_mul launch (EngineOptions::few_row_kernel):
+// kStreaming (default; the session-4 kernel: norm first, then rounds of register loads) or kStaged (each warp's
+// whole share of its weight rows requested into shared memory before the fused norm and the wait for the previous
+// kernel). Measured in one H200 run (docs/PERFORMANCE.md, session 5): staged is faster for the 0.5B shape at
+// batch 1 (751 vs 690 tok/s) and slower for the 3B shape (276 vs 294), so it is opt-in. Same results either way
+// (CPU reference, parity tests).
 enum class FewRowKernel { kStaged, kStreaming };
 void set_few_row_kernel(FewRowKernel k);
 FewRowKernel few_row_kernel();

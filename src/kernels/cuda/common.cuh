@@ -88,13 +88,18 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-// Lets `kernel` take `bytes` of dynamic shared memory (the opt-in above 48 KB); `op` names the caller in errors.
+// Lets `kernel` take `bytes` of dynamic shared memory: the opt-in needed once its static and dynamic shared memory
+// together pass 48 KB (a kernel with 33 KB of static slots needs it from 15 KB of dynamic); `op` names the caller.
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, size_t bytes, const char* op) {
-  if (bytes <= 48 * 1024) return;
-  const cudaError_t e =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  RLAIF_CHECK(e == cudaSuccess, "{}: {} bytes of shared memory: {}", op, bytes, cudaGetErrorString(e));
+  if (bytes == 0) return;
+  cudaFuncAttributes attr{};
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  RLAIF_CHECK(e == cudaSuccess, "{}: reading the kernel's attributes: {}", op, cudaGetErrorString(e));
+  if (attr.sharedSizeBytes + bytes <= 48 * 1024) return;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  RLAIF_CHECK(e == cudaSuccess, "{}: {} bytes of dynamic shared memory beside {} static: {}", op, bytes,
+              attr.sharedSizeBytes, cudaGetErrorString(e));
 }
 
 // Programmatic dependent launch (kernels/cpu/registry.h): pdl_wait() returns once the kernels this one depends

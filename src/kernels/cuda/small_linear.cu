@@ -4,7 +4,8 @@
 // kernel, the fused RMSNorm — so those latencies overlap it; then dots it with all N ≤ 8 input rows (L1/L2, or
 // shared memory when the norm is fused and every block normalises the few rows itself). Several weights sharing x
 // (q, k, v) are one launch; the residual add and SwiGLU's silu·up happen in the epilogue with the roundings of the
-// ATen ops they replace. The session-4 kernels (namespace streaming) stay selectable for A/B runs.
+// ATen ops they replace. These staged kernels are opt-in (kernels/cpu/registry.h FewRowKernel): the session-4
+// kernels (namespace streaming) are the default, faster on the 3B shape in the session-5 measurement.
 #include "kernels/cuda/small_linear.h"
 
 #include "kernels/cpu/small_linear.h"
