@@ -250,6 +250,20 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
   else kernels::lora_expand(t, b, scales, outs, {}, outs);
 }
 
+// A process-wide setting (kernels/cpu/registry.h) set to `value` for this object's lifetime, then restored.
+template <typename V>
+class ScopedSetting {
+ public:
+  ScopedSetting(V (*get)(), void (*set)(V), V value) : set_(set), before_(get()) { set_(value); }
+  ~ScopedSetting() { set_(before_); }
+  ScopedSetting(const ScopedSetting&) = delete;
+  ScopedSetting& operator=(const ScopedSetting&) = delete;
+
+ private:
+  void (*set_)(V);
+  V before_;
+};
+
 // A group's packed weight and bias (models/weights.h packed_rows; bias undefined when none has one) when the
 // group can run as one GEMM on x: plain weights in x's dtype and device, no adapter. Else an undefined weight.
 std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std::vector<Proj>& ps, const at::Tensor& x) {
@@ -341,17 +355,12 @@ Engine::StepOutputs Engine::make_step_outputs(int64_t rows, const at::Device& de
 
 at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   namespace K = kernels;
-  // The setting is process-wide: on for this step's launches (and a capture of them), then as it was.
-  struct ProgrammaticLaunch {
-    bool before = K::programmatic_launch();
-    explicit ProgrammaticLaunch(bool on) { K::set_programmatic_launch(on); }
-    ~ProgrammaticLaunch() { K::set_programmatic_launch(before); }
-  } programmatic(options_.programmatic_launch && model_->weights().embed.is_cuda());
-  struct FewRowKernelChoice {  // likewise process-wide
-    K::FewRowKernel before = K::few_row_kernel();
-    explicit FewRowKernelChoice(K::FewRowKernel k) { K::set_few_row_kernel(k); }
-    ~FewRowKernelChoice() { K::set_few_row_kernel(before); }
-  } few_row_choice(options_.few_row_kernel);
+  // The kernel settings are process-wide: this engine's for the step's launches (and a capture of them), then as
+  // they were.
+  const ScopedSetting<bool> programmatic(K::programmatic_launch, K::set_programmatic_launch,
+                                         options_.programmatic_launch && model_->weights().embed.is_cuda());
+  const ScopedSetting<K::FewRowKernel> few_row_choice(K::few_row_kernel, K::set_few_row_kernel,
+                                                      options_.few_row_kernel);
   const ModelConfig& c = model_->config();
   const ModelWeights& W = model_->weights();
   const int64_t S = in.tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;

@@ -98,8 +98,9 @@ ModelWeights load_hf_weights(const std::filesystem::path& dir, const ModelConfig
 
 // Lays each layer's q/k/v weights (and their biases) and gate/up weights out as consecutive rows of one buffer,
 // the tensors becoming views of it, so a batched decode step can run each group as one GEMM (packed_rows).
-// Nothing is copied twice and the tensors stay separate parameters; groups that are quantized, mixed in dtype or
-// device, or partly missing are left as they are.
+// The group is copied once into the new buffer and the old tensors are freed, so memory does not grow; the
+// tensors stay separate parameters. Groups that are quantized, mixed in dtype or device, or partly missing are
+// left as they are.
 void pack_projection_groups(ModelWeights& w);
 // The rows of `parts` as one [Σ rows, cols] tensor when they are consecutive rows of one buffer (as
 // pack_projection_groups lays them out), else undefined; every part undefined gives undefined too.

@@ -178,12 +178,15 @@ struct RowSplit {
   int split = 1;
   int64_t chunk = 0;
 };
-inline RowSplit row_split(int64_t K, int64_t vec, int64_t U) {
-  RowSplit s;
+// Parts of a row of length K split `split` ways, in whole 32-lane steps of `vec`-element vectors.
+inline RowSplit with_chunks(int split, int64_t K, int64_t vec) {
   const int64_t step = 32 * vec;
-  while (s.split < kWarps && (K + s.split - 1) / s.split > U * step) s.split *= 2;
-  s.chunk = ((K + s.split - 1) / s.split + step - 1) / step * step;
-  return s;
+  return {split, ((K + split - 1) / split + step - 1) / step * step};
+}
+inline RowSplit row_split(int64_t K, int64_t vec, int64_t U) {
+  int split = 1;
+  while (split < kWarps && (K + split - 1) / split > U * 32 * vec) split *= 2;
+  return with_chunks(split, K, vec);
 }
 
 // grid ceil(rows of all segments / (kWarps / split)), kWarps·32 threads: `split` warps share a row, each taking
@@ -559,12 +562,8 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
   // Staged: rows longer than one round of loads are shared by 2, 4 or 8 warps (a 3B down projection's 11008: 8).
   constexpr int V = kVec<T>;
   const bool staged = few_row_kernel() == FewRowKernel::kStaged;
-  const int64_t step = 32 * (vec ? V : 1);
-  RowSplit rs = row_split(K, vec ? V : 1, kUnroll);
-  if (!staged) {
-    rs.split = streaming::split_rule(K);
-    rs.chunk = ((K + rs.split - 1) / rs.split + step - 1) / step * step;
-  }
+  const RowSplit rs =
+      staged ? row_split(K, vec ? V : 1, kUnroll) : with_chunks(streaming::split_rule(K), K, vec ? V : 1);
   const int64_t rows_per_block = kWarps / rs.split;
   const unsigned grid = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
   const NormArgs<T> na = norm_args<T>(x, norm);
