@@ -2,8 +2,10 @@
 // F=11008; S = 1, 16, 64; contexts 512 and 2048) against the engine's ATen ops for the same step, and reports the
 // achieved GB/s over the fewest bytes each must move. GPU time from CUDA events around the replay of a CUDA graph
 // of launches over rotating input sets (so the 50 MB L2 cannot hold them all), median of 50 replays. The fused
-// RoPE + attention op is compared with our two unfused kernels. CPU builds print "no CUDA".
-// Usage: bench_kernels [--out results.json] [--batch S (one batch size only, e.g. under ncu)]
+// RoPE + attention op is compared with our two unfused kernels. The few-row GEMVs (small_linear) are timed at the
+// 0.5B and 3B decode projections for each kernel, warp split and programmatic launch, against cuBLAS (at::linear
+// with ATen's norm/add/SwiGLU) in the same run. CPU builds print "no CUDA".
+// Usage: bench_kernels [--out results.json] [--batch S (one batch size only, e.g. under ncu)] [--few-row-only]
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -20,6 +22,7 @@
 #include "kernels/cpu/rms_norm.h"
 #include "kernels/cpu/rope_kv_write.h"
 #include "kernels/cpu/silu_mul.h"
+#include "kernels/cpu/small_linear.h"
 #include "models/layers.h"
 
 namespace {
@@ -188,17 +191,103 @@ void bench_attention(int64_t S, int64_t ctx, std::vector<Row>& rows) {
   rows.push_back({"paged_attention_decode_rope", S, ctx, bytes, fused, pair, "rope_kv_write + paged_attention_decode"});
 }
 
+// A decode projection at batch N: q/k/v (three weights, biases, the input norm fused), o and down (the residual
+// add fused), gate/up (SwiGLU and the norm fused), the LM head (the final norm fused).
+struct FewRowShape {
+  std::string model, proj;
+  int64_t K;
+  std::vector<int64_t> rows;  // one per weight; gate/up: {F, F}
+  bool norm, residual, bias, silu;
+};
+
+std::vector<FewRowShape> few_row_shapes() {
+  return {{"3b", "qkv", 2048, {2048, 256, 256}, true, false, true, false},
+          {"3b", "o", 2048, {2048}, false, true, false, false},
+          {"3b", "gate_up", 2048, {11008, 11008}, true, false, false, true},
+          {"3b", "down", 11008, {2048}, false, true, false, false},
+          {"3b", "lm_head", 2048, {151936}, true, false, false, false},
+          {"0.5b", "qkv", 896, {896, 128, 128}, true, false, true, false},
+          {"0.5b", "o", 896, {896}, false, true, false, false},
+          {"0.5b", "gate_up", 896, {4864, 4864}, true, false, false, true},
+          {"0.5b", "down", 4864, {896}, false, true, false, false},
+          {"0.5b", "lm_head", 896, {151936}, true, false, false, false}};
+}
+
+// One shape's weights over rotating sets, timed for every few-row variant and for cuBLAS.
+void bench_few_row(const FewRowShape& sh, int64_t N, std::vector<Row>& rows) {
+  int64_t wrows = 0;
+  for (int64_t r : sh.rows) wrows += r;
+  const double bytes = 2.0 * (wrows * sh.K + N * sh.K + N * (sh.silu ? wrows / 2 : wrows) * (sh.residual ? 2 : 1));
+  const int sets = sets_for(static_cast<int64_t>(bytes), 64);
+  struct Set {
+    at::Tensor x, h;
+    std::vector<at::Tensor> w, b, out;
+  };
+  std::vector<Set> data(sets);
+  const at::Tensor norm_w = randn({sh.K});
+  for (Set& d : data) {
+    d.x = randn({N, sh.K});
+    for (int64_t r : sh.rows) {
+      d.w.push_back(randn({r, sh.K}) * 0.02);
+      d.b.push_back(sh.bias ? randn({r}) : at::Tensor());
+      d.out.push_back(randn({N, r}));
+    }
+    if (sh.residual) d.h = randn({N, sh.rows[0]});
+  }
+  const double eps = 1e-6;
+  auto ours = [&](int i) {
+    Set& d = data[i];
+    const kernels::InputNorm norm = sh.norm ? kernels::InputNorm{norm_w, eps, {}} : kernels::InputNorm{};
+    if (sh.silu) kernels::small_linear_silu_mul(d.x, d.w[0], d.w[1], d.out[0], norm);
+    else if (sh.residual) kernels::small_linear(d.x, d.w, d.b, d.h, {d.h}, norm);
+    else kernels::small_linear(d.x, d.w, d.b, at::Tensor(), d.out, norm);
+  };
+  auto cublas = [&](int i) {  // the ops the engine's batch > 8 path runs (one packed GEMM stands for q/k/v, gate/up)
+    Set& d = data[i];
+    const at::Tensor x = sh.norm ? kernels::rms_norm(d.x, norm_w, eps) : d.x;
+    if (sh.silu) {
+      kernels::silu_mul(at::linear(x, d.w[0]), at::linear(x, d.w[1]), d.out[0]);
+    } else if (sh.residual) {
+      d.h.addmm_(x, d.w[0].t());
+    } else {
+      for (size_t j = 0; j < d.w.size(); ++j) d.out[j].copy_(at::linear(x, d.w[j], d.b[j]));
+    }
+  };
+  const double base = median_us(cublas, sets);
+  const std::string name = "few_row " + sh.model + " " + sh.proj;
+  auto run = [&](kernels::FewRowKernel k, int split, bool pdl, const std::string& variant) {
+    kernels::set_few_row_kernel(k);
+    kernels::set_few_row_split(split);
+    kernels::set_programmatic_launch(pdl);
+    const double us = median_us(ours, sets);
+    rows.push_back({name + " " + variant, N, 0, bytes, us, base, "cublas"});
+  };
+  using FK = kernels::FewRowKernel;
+  for (bool pdl : {false, true}) {
+    const std::string p = pdl ? " pdl" : "";
+    run(FK::kStreaming, 0, pdl, "streaming" + p);
+    run(FK::kStaged, 0, pdl, "staged" + p);
+    if (!sh.silu && !pdl)  // gate/up ignores the split override
+      for (int split : {1, 2, 4, 8}) run(FK::kStreaming, split, pdl, fmt::format("streaming split{}", split));
+  }
+  kernels::set_few_row_kernel(FK::kStreaming);
+  kernels::set_few_row_split(0);
+  kernels::set_programmatic_launch(false);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string out_path;
   std::vector<int64_t> batches = {1, 16, 64};
+  bool few_row_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--batch" && i + 1 < argc) batches = {std::stoll(argv[++i])};
+    else if (a == "--few-row-only") few_row_only = true;
     else {
-      fmt::print(stderr, "usage: bench_kernels [--out results.json] [--batch S]\n");
+      fmt::print(stderr, "usage: bench_kernels [--out results.json] [--batch S] [--few-row-only]\n");
       return 2;
     }
   }
@@ -209,16 +298,20 @@ int main(int argc, char** argv) {
   at::manual_seed(0);
   std::vector<Row> rows;
   for (int64_t S : batches) {
+    if (few_row_only) break;
     for (Row& r : bench_pointwise(S)) rows.push_back(r);
     for (int64_t ctx : {512, 2048}) bench_attention(S, ctx, rows);
   }
+  for (const FewRowShape& sh : few_row_shapes())
+    for (int64_t N : {1, 8}) bench_few_row(sh, N, rows);
   nlohmann::json j = nlohmann::json::array();
-  fmt::print("{:<24} {:>4} {:>6} {:>10} {:>9} {:>8} {:>10} {:>8}\n", "kernel (bf16)", "S", "ctx", "MB moved", "us", "GB/s",
+  fmt::print("{:<40} {:>4} {:>6} {:>10} {:>9} {:>8} {:>10} {:>8}\n", "kernel (bf16)", "S", "ctx", "MB moved", "us", "GB/s",
              "base us", "speedup");
-  fmt::print("(base: the engine's ATen ops for the same step, or for the fused row our two unfused kernels)\n");
+  fmt::print("(base: the engine's ATen ops for the same step, for the fused row our two unfused kernels, for few_row\n"
+             " cuBLAS at::linear with the ATen norm/add/SwiGLU)\n");
   for (const Row& r : rows) {
     const double gbps = r.bytes / (r.us * 1e3);
-    fmt::print("{:<24} {:>4} {:>6} {:>10.3f} {:>9.2f} {:>8.1f} {:>10.2f} {:>7.1f}x\n", r.kernel, r.S, r.context,
+    fmt::print("{:<40} {:>4} {:>6} {:>10.3f} {:>9.2f} {:>8.1f} {:>10.2f} {:>7.1f}x\n", r.kernel, r.S, r.context,
                r.bytes / 1e6, r.us, gbps, r.aten_us, r.aten_us / r.us);
     j.push_back({{"kernel", r.kernel}, {"S", r.S}, {"context", r.context}, {"bytes", r.bytes}, {"us", r.us},
                  {"gbps", gbps}, {"baseline_us", r.aten_us}, {"baseline", r.baseline}, {"dtype", "bfloat16"}});

@@ -23,7 +23,15 @@ bool cuda_kernels_available() {
 namespace {
 std::atomic<bool> g_programmatic_launch{false};
 std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStreaming};
+std::atomic<int> g_few_row_split{0};
 }  // namespace
+
+void set_few_row_split(int warps) {
+  RLAIF_CHECK(warps == 0 || warps == 1 || warps == 2 || warps == 4 || warps == 8, "few-row split {} (0, 1, 2, 4 or 8)",
+              warps);
+  g_few_row_split.store(warps);
+}
+int few_row_split() { return g_few_row_split.load(); }
 
 void set_few_row_kernel(FewRowKernel k) { g_few_row_kernel.store(k); }
 FewRowKernel few_row_kernel() { return g_few_row_kernel.load(); }

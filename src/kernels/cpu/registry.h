@@ -82,6 +82,11 @@ enum class FewRowKernel { kStaged, kStreaming };
 void set_few_row_kernel(FewRowKernel k);
 FewRowKernel few_row_kernel();
 
+// How many warps share one weight row in small_linear's CUDA GEMV (1, 2, 4 or 8): 0 (default) leaves it to the
+// kernel's rule for K. A tuning knob for bench_kernels, which measures every split at the decode shapes.
+void set_few_row_split(int warps);
+int few_row_split();
+
 // True when this binary holds the CUDA kernels (built with RLAIF_CUDA and linked, see docs/KERNELS.md). The
 // first call registers them; thread-safe. Says nothing about whether a CUDA device is present.
 bool cuda_kernels_available();

@@ -324,10 +324,10 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_silu_mul_kernel(cons
   }
 }
 
-// The session-4 kernels (FewRowKernel::kStreaming), kept beside the staged ones for A/B measurement: the norm
-// first (a warp per row), then each warp's weights in rounds of eight 16-byte loads into registers, a remainder
-// loaded one vector at a time; gate and up one after the other. Under a programmatic launch the weights are
-// prefetched to L2 before the wait.
+// The session-4 kernels (FewRowKernel::kStreaming, the default), kept beside the staged ones for A/B
+// measurement: the norm first (norm_rows above, all warps of the block), then each warp's weights in rounds of
+// eight 16-byte loads into registers, the remainder as one predicated round; gate and up one after the other.
+// Under a programmatic launch the weights are prefetched to L2 before the wait.
 namespace streaming {
 
 // Warps sharing a row: rows longer than 2048 are split over 2, 4 or 8 warps.
@@ -335,38 +335,6 @@ inline int split_rule(int64_t K) {
   int split = 1;
   while (split < kWarps && K >= 2048 * split * 2) split *= 2;
   return split;
-}
-
-// The input's RMSNorm (kernels/cpu/rms_norm.h's roundings) into shared memory, a warp per row; block 0 also
-// writes it to `normed`. Returns the rows the projections read: x itself without a norm.
-template <typename T, int N, int VEC>
-__device__ __forceinline__ const T* norm_rows(const T* __restrict__ x, int64_t K, const T* __restrict__ norm_w,
-                                              float eps, T* normed) {
-  if (norm_w == nullptr) return x;
-  extern __shared__ __align__(16) unsigned char xs_raw[];
-  T* xs = reinterpret_cast<T*>(xs_raw);  // [N, K]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int n = warp; n < N; n += kWarps) {
-    const T* xr = x + n * K;
-    float ss = 0.0f;
-    for (int64_t k = lane * VEC; k < K; k += 32 * VEC) {
-      const Vec<T, VEC> a = load_vec<T, VEC>(xr + k);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) ss += static_cast<float>(a.v[j]) * static_cast<float>(a.v[j]);
-    }
-    ss = warp_sum(ss);
-    const float scale = rms_scale(ss, 1.0f / static_cast<float>(K), eps);
-    for (int64_t k = lane * VEC; k < K; k += 32 * VEC) {
-      const Vec<T, VEC> a = load_vec<T, VEC>(xr + k), wv = load_vec<T, VEC>(norm_w + k);
-      Vec<T, VEC> o;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) o.v[j] = rms_apply(a.v[j], wv.v[j], scale);
-      store_vec<T, VEC>(xs + n * K + k, o);
-      if (normed != nullptr && blockIdx.x == 0) store_vec<T, VEC>(normed + n * K + k, o);
-    }
-  }
-  __syncthreads();
-  return xs;
 }
 
 // Starts this warp's share [k_begin, k_end) of a weight row towards L2 (one prefetch per 128-byte line): issued
@@ -386,28 +354,22 @@ __device__ __forceinline__ void dot_rows(const T* __restrict__ x, const T* __res
   constexpr int64_t kStep = 32 * VEC;
   const int lane = threadIdx.x % 32;
   if (k_end < 0) k_end = K;
-  int64_t k = k_begin + lane * VEC;
-  for (; k + (kUnroll - 1) * kStep < k_end; k += kUnroll * kStep) {
+  // Rounds of up to kUnroll vectors a lane, each round's loads in flight together; the last round is predicated
+  // (all of a short row: 0.5B's 896 is 3.5 vectors a lane), not one latency per remaining vector.
+  for (int64_t k = k_begin + lane * VEC; k < k_end; k += kUnroll * kStep) {
+    const int nv = lane_vectors<VEC>(k, k_end);
     Vec<T, VEC> wv[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) wv[u] = load_stream<T, VEC>(w + k + u * kStep);
+    for (int u = 0; u < kUnroll; ++u) wv[u] = load_stream<T, VEC>(w + k + (u < nv ? u : 0) * kStep);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      if (u >= nv) break;
 #pragma unroll
       for (int n = 0; n < N; ++n) {
         const Vec<T, VEC> xv = load_vec<T, VEC>(x + n * K + k + u * kStep);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) acc[n] += static_cast<float>(wv[u].v[j]) * static_cast<float>(xv.v[j]);
       }
-    }
-  }
-  for (; k < k_end; k += kStep) {
-    const Vec<T, VEC> wv = load_stream<T, VEC>(w + k);
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      const Vec<T, VEC> xv = load_vec<T, VEC>(x + n * K + k);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[n] += static_cast<float>(wv.v[j]) * static_cast<float>(xv.v[j]);
     }
   }
 #pragma unroll
@@ -562,8 +524,10 @@ void launch(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
   // Staged: rows longer than one round of loads are shared by 2, 4 or 8 warps (a 3B down projection's 11008: 8).
   constexpr int V = kVec<T>;
   const bool staged = few_row_kernel() == FewRowKernel::kStaged;
-  const RowSplit rs =
-      staged ? row_split(K, vec ? V : 1, kUnroll) : with_chunks(streaming::split_rule(K), K, vec ? V : 1);
+  const int forced = few_row_split();  // bench_kernels' tuning override
+  const RowSplit rs = forced > 0 ? with_chunks(forced, K, vec ? V : 1)
+                      : staged   ? row_split(K, vec ? V : 1, kUnroll)
+                                 : with_chunks(streaming::split_rule(K), K, vec ? V : 1);
   const int64_t rows_per_block = kWarps / rs.split;
   const unsigned grid = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
   const NormArgs<T> na = norm_args<T>(x, norm);
