@@ -2,7 +2,8 @@
 // bench/hf_generate.py saves): prompt P, N new tokens with sampling, for several batch sizes; plus an optional
 // RL rollout workload (prompts × samples, varied prompt lengths). `--quantize q4|q8` quantizes the loaded weights
 // on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine;
-// `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel staged` the staged GEMV.
+// `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel streaming` the session-4 GEMV,
+// `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows).
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
 //        [--pdl] [--few-row-kernel streaming|staged] --out FILE.json
 #include <chrono>
@@ -12,6 +13,7 @@
 #include <sstream>
 
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "engine/engine.h"
@@ -68,10 +70,28 @@ int main(int argc, char** argv) {
   app.add_option("--quantize", quantize, "q4 or q8: quantize the weights (group 64) before generating")
       ->check(CLI::IsMember({"q4", "q8"}));
   app.add_flag("--pdl", pdl, "launch the decode projections as programmatic dependent launches (EngineOptions)");
-  std::string few_row = "streaming";
-  app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: streaming (default, session 4) or staged")
+  std::string few_row = "staged";
+  app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
       ->check(CLI::IsMember({"staged", "streaming"}));
+  std::string few_row_rows;
+  app.add_option("--few-row-rows", few_row_rows,
+                 "QKV,GATE_UP,RESIDUAL,LM_HEAD: most rows each projection kind sends to the few-row GEMV "
+                 "(EngineOptions::few_row_rows; default the engine's, 8,8,8,8 = every kind up to 8 rows)");
   CLI11_PARSE(app, argc, argv);
+  EngineOptions::FewRowRows rows_policy;
+  if (!few_row_rows.empty()) {
+    std::vector<int64_t> v;
+    std::stringstream rs(few_row_rows);
+    for (std::string x; std::getline(rs, x, ',');) v.push_back(std::stoll(x));
+    if (v.size() != 4) {
+      std::fprintf(stderr, "--few-row-rows takes four numbers (qkv,gate_up,residual,lm_head), got '%s'\n",
+                   few_row_rows.c_str());
+      return 2;
+    }
+    rows_policy = {v[0], v[1], v[2], v[3]};
+  }
+  const std::string rows_text = fmt::format("{},{},{},{}", rows_policy.qkv, rows_policy.gate_up, rows_policy.residual,
+                                            rows_policy.lm_head);
 
   const at::Device dev = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
   auto model = load_model(model_dir, {parse_torch_dtype(dtype), dev});
@@ -90,6 +110,7 @@ int main(int argc, char** argv) {
     opt.max_batch = std::max<int64_t>(B, 1);
     opt.programmatic_launch = pdl;
     opt.few_row_kernel = few_row == "staged" ? kernels::FewRowKernel::kStaged : kernels::FewRowKernel::kStreaming;
+    opt.few_row_rows = rows_policy;
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(B);
     for (auto& r : reqs) {
@@ -103,12 +124,14 @@ int main(int argc, char** argv) {
     engine.generate(warm);
     const auto [n, dt] = timed_generate(engine, reqs, dev);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
-    const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "staged" ? " staged GEMV" : "");
+    const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
+                                (few_row_rows.empty() ? "" : " few-row rows " + rows_text);
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
-                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row}});
+                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row},
+                       {"few_row_rows", rows_text}});
   }
   if (rollout) {
     EngineOptions opt;

@@ -76,21 +76,21 @@ if has bench; then
   $PY bench/hf_generate.py --models-dir $MD --out /dev/null --shapes "$RLAIF_BENCH_SHAPES" --save-only \
     > "$OUT/hf_models.log" 2>&1 || log "saving the benchmark models failed (see hf_models.log)"
   for s in ${RLAIF_BENCH_SHAPES//,/ }; do
-    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --out "$OUT/rlaif_generate_$s.json" \
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,2,4,8,16,64 --out "$OUT/rlaif_generate_$s.json" \
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
-    # The same engine with programmatic dependent launches (EngineOptions::programmatic_launch), small batches.
-    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,8 --pdl --out "$OUT/rlaif_generate_${s}_pdl.json" \
+    # Beside the default, same run: programmatic dependent launches (EngineOptions::programmatic_launch), and the
+    # session-5 path (every projection on the streaming few-row GEMV up to 8 rows).
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,2,4,8 --pdl --out "$OUT/rlaif_generate_${s}_pdl.json" \
       > "$OUT/rlaif_generate_${s}_pdl.log" 2>&1 || log "bench_generate $s --pdl failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_${s}_pdl.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
-    # The staged few-row GEMV (EngineOptions::few_row_kernel) beside the default streaming one, same run.
-    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,8 --few-row-kernel staged \
-      --out "$OUT/rlaif_generate_${s}_staged.json" > "$OUT/rlaif_generate_${s}_staged.log" 2>&1 \
-      || log "bench_generate $s --few-row-kernel staged failed"
-    sed "s/^/$s /" "$OUT/rlaif_generate_${s}_staged.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,8 --few-row-kernel streaming --few-row-rows 8,8,8,8 \
+      --out "$OUT/rlaif_generate_${s}_session5.json" > "$OUT/rlaif_generate_${s}_session5.log" 2>&1 \
+      || log "bench_generate $s session-5 path failed"
+    sed "s/^/$s /" "$OUT/rlaif_generate_${s}_session5.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
   "$BUILD/bench/bench_kernels" --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1 || log "bench_kernels failed"
-  tail -25 "$OUT/bench_kernels.log"
+  grep -v "^few_row" "$OUT/bench_kernels.log" | tail -22
   $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate.json" --shapes "$RLAIF_BENCH_SHAPES" \
     > "$OUT/hf_generate.log" 2>&1 || log "hf_generate failed (see hf_generate.log)"
   grep -E "tok/s" "$OUT/hf_generate.log" | tee -a "$OUT/summary.txt"

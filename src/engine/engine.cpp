@@ -365,17 +365,22 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   const ModelWeights& W = model_->weights();
   const int64_t S = in.tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  // Few rows on the GPU: bandwidth-bound GEMVs with q/k/v in one launch and the residual and SwiGLU fused.
-  const bool small = W.embed.is_cuda() && S <= K::kSmallLinearMaxRows;
+  // Few rows on the GPU: bandwidth-bound GEMVs with q/k/v in one launch and the residual and SwiGLU fused, for the
+  // kinds of projection and row counts where they beat cuBLAS (EngineOptions::few_row_rows).
+  const bool gpu = W.embed.is_cuda();
+  auto small_for = [&](int64_t max_rows) { return gpu && S <= std::min(max_rows, K::kSmallLinearMaxRows); };
+  const EngineOptions::FewRowRows& rows = options_.few_row_rows;
+  const bool small_qkv = small_for(rows.qkv), small_gate_up = small_for(rows.gate_up),
+             small_residual = small_for(rows.residual), small_lm_head = small_for(rows.lm_head);
 
   at::Tensor h = layers::embed(W, in.tokens);                                          // [S, D]
   const AdapterMode base{/*enabled=*/false, /*training=*/false};  // adapters go through add_lora_group
   const double eps = c.rms_norm_eps;
   // A norm of h fused into the few-row launch that reads it (no launch of its own) when h fits its shared memory.
-  const bool norm_fuses = small && h.numel() * h.element_size() <= K::kSmallLinearNormMaxBytes;
+  const bool norm_fuses = gpu && h.numel() * h.element_size() <= K::kSmallLinearNormMaxBytes;
   // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
   // Whether projections `ps` reading in_x fit one few-row launch, and that launch (norm: rms_norm of in_x first).
-  auto few_row_fits = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
+  auto few_row_fits = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small) {
     bool fits = small && ps.size() <= 3;
     for (Proj p : ps) fits = fits && dense(L.weight(p), in_x);
     return fits;
@@ -394,8 +399,8 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // The base outputs of projections sharing in_x: one few-row launch when it can; else one GEMM over the group's
   // packed weights (models/weights.h; outputs are column slices of its result) when no adapter needs them
   // separately; else layers::project each.
-  auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps) {
-    if (few_row_fits(in_x, L, ps)) return few_row(in_x, L, ps, {});
+  auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small) {
+    if (few_row_fits(in_x, L, ps, small)) return few_row(in_x, L, ps, {});
     std::vector<at::Tensor> ys;
     if (const auto [w, b] = packed_group(L, ps, in_x); w.defined()) {
       const at::Tensor y = at::linear(in_x, w, b);                                     // [S, Σ O]
@@ -411,11 +416,11 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   };
   // The base outputs of projections reading x = rms_norm(h, norm_w): the norm fused into their launch when it can,
   // x materialised (written by that launch) only for the adapters that need it; else x = rms_norm, then project_group.
-  auto normed_group = [&](const at::Tensor& norm_w, const LayerWeights& L, const std::vector<Proj>& ps,
+  auto normed_group = [&](const at::Tensor& norm_w, const LayerWeights& L, const std::vector<Proj>& ps, bool small,
                           at::Tensor& x) {
-    if (!norm_fuses || !few_row_fits(h, L, ps)) {
+    if (!norm_fuses || !few_row_fits(h, L, ps, small)) {
       x = K::rms_norm(h, norm_w, eps);
-      return project_group(x, L, ps);
+      return project_group(x, L, ps, small);
     }
     bool lora = false;
     for (Proj p : ps) lora = lora || adapter(L, p).defined();
@@ -430,7 +435,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // h += project(in_x) (adapter included), the add fused into the projection or the LoRA expand.
   auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
     if (!adapter(L, p).defined()) {
-      if (small && dense(L.weight(p), in_x)) {
+      if (small_residual && dense(L.weight(p), in_x)) {
         K::small_linear(in_x, {L.weight(p)}, {L.bias(p)}, h, {h});
         return h;
       }
@@ -438,7 +443,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
       if (dense(L.weight(p), in_x) && !L.bias(p).defined()) return h.addmm_(in_x, L.weight(p).t());
       return h + layers::project(in_x, L, p, base);
     }
-    std::vector<at::Tensor> y = project_group(in_x, L, {p});
+    std::vector<at::Tensor> y = project_group(in_x, L, {p}, small_residual);
     if (!in_x.is_cuda()) return h + layers::add_lora(y[0], in_x, adapter(L, p), /*training=*/false);
     add_lora_group(in_x, L, {p}, y, h);
     return h;
@@ -446,7 +451,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = W.layers[l];
     at::Tensor x;                                                                       // [S, D] normalised h
-    std::vector<at::Tensor> qkv = normed_group(L.input_norm, L, {Proj::kQ, Proj::kK, Proj::kV}, x);  // [S, (H+2KV)·hd]
+    std::vector<at::Tensor> qkv = normed_group(L.input_norm, L, {Proj::kQ, Proj::kK, Proj::kV}, small_qkv, x);  // [S, (H+2KV)·hd]
     add_lora_group(x, L, {Proj::kQ, Proj::kK, Proj::kV}, qkv);
     const at::Tensor q = qkv[0].view({S, H, hd});                                       // [S, H, hd]
     const at::Tensor k = qkv[1].view({S, KV, hd});                                      // [S, KV, hd]
@@ -457,20 +462,20 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
                                    max_context, scale, o);  // RoPE, the new token's K/V written, attention
     h = residual_proj(o.view({S, H * hd}), L, Proj::kO);                                // [S, D]
     at::Tensor act = at::empty({S, c.intermediate_size}, h.options());                  // [S, F]
-    const bool swiglu = small && dense(L.w_gate, h) && dense(L.w_up, h) && !L.b_gate.defined() && !L.b_up.defined() &&
+    const bool swiglu = small_gate_up && dense(L.w_gate, h) && dense(L.w_up, h) && !L.b_gate.defined() && !L.b_up.defined() &&
                         !adapter(L, Proj::kGate).defined() && !adapter(L, Proj::kUp).defined();
     if (swiglu) {
       const auto [in_x, norm] = norm_input(L.post_norm);
       K::small_linear_silu_mul(in_x, L.w_gate, L.w_up, act, norm);
     } else {
       x = K::rms_norm(h, L.post_norm, eps);
-      std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp});      // [S, F] each
+      std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp}, small_gate_up);  // [S, F] each
       add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
       K::silu_mul(gu[0], gu[1], act);
     }
     h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
   }
-  if (small && !W.lm_head_q.defined() && dense(W.lm_head, h)) {
+  if (small_lm_head && !W.lm_head_q.defined() && dense(W.lm_head, h)) {
     at::Tensor logits = at::empty({S, W.lm_head.size(0)}, h.options());
     const auto [in_x, norm] = norm_input(W.final_norm);
     K::small_linear(in_x, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits}, norm);

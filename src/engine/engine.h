@@ -30,9 +30,18 @@ struct EngineOptions {
   // On CUDA, launch the decode step's projections as programmatic dependent launches (kernels/cpu/registry.h):
   // each starts its weight loads while the previous kernel finishes. Opt-in until measured (docs/KERNELS.md).
   bool programmatic_launch = false;
-  // Which CUDA few-row GEMV the projections at batch ≤ 8 use (kernels/cpu/registry.h: staged helps the 0.5B shape,
-  // streaming the 3B one).
-  kernels::FewRowKernel few_row_kernel = kernels::FewRowKernel::kStreaming;
+  // Which CUDA few-row GEMV the projections at batch ≤ 8 use (kernels/cpu/registry.h).
+  kernels::FewRowKernel few_row_kernel = kernels::FewRowKernel::kStaged;
+  // Up to how many rows (sequences in the step) each kind of projection takes the few-row GEMV on CUDA rather than
+  // cuBLAS; 0: always cuBLAS. Measured per projection at the 0.5B and 3B decode shapes on the H200 (bench_kernels,
+  // docs/PERFORMANCE.md session 6): cuBLAS reads a many-row or long-row weight faster (the LM head at 4.0 TB/s,
+  // twice the GEMV), the GEMV wins where it fuses a norm and q/k/v or SwiGLU's two weights into one launch.
+  struct FewRowRows {
+    int64_t qkv = 4;       // q/k/v, input norm fused
+    int64_t gate_up = 1;   // gate/up, post-attention norm and SwiGLU fused
+    int64_t residual = 0;  // o and down, residual add fused (cuBLAS: addmm_ into h)
+    int64_t lm_head = 0;   // final norm fused
+  } few_row_rows;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

@@ -28,6 +28,14 @@ std::vector<Case> greedy_cases(const fs::path& dir) {
   return out;
 }
 
+// Every projection kind on the few-row GEMVs up to their 8 rows (the defaults send some kinds to cuBLAS), so
+// that the tests below cover each fused kernel of the decode step.
+EngineOptions every_few_row() {
+  EngineOptions o;
+  o.few_row_rows = {8, 8, 8, 8};
+  return o;
+}
+
 class EngineParity : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
 
 // |engine log-prob − training forward log-prob| over every generated token: the trainer's view is one row
@@ -128,8 +136,9 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
     for (auto& [name, t] : lora_parameters(*model))
       if (name.find("lora_B") != std::string::npos) t.copy_(at::randn(t.sizes()) * 0.05);
   }
-  for (int64_t requests : {2, 4}) {
-    Engine engine(model, {});
+  for (const auto& [requests, opt] : {std::pair{int64_t{2}, EngineOptions{}}, std::pair{int64_t{2}, every_few_row()},
+                                      std::pair{int64_t{4}, EngineOptions{}}}) {
+    Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(requests);
     for (int64_t i = 0; i < requests; ++i) {
       reqs[i].prompt = {static_cast<int32_t>(5 + i), 17, 33, 2, static_cast<int32_t>(60 + i)};
@@ -150,9 +159,11 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
   if (test::test_device().is_cpu()) GTEST_SKIP() << "the bf16 figure is measured on the GPU (RLAIF_TEST_DEVICE=cuda)";
   const fs::path dir = test::reference_dir() / "qwen2_untied";
   auto model = DecoderModel::load(dir, {at::kBFloat16, test::test_device()});
-  // 16 rows decode through cuBLAS; 8 rows through the few-row GEMVs with the RMSNorm fused in.
-  for (int requests : {4, 2}) {
-    Engine engine(model, {});
+  // 16 rows decode through cuBLAS; 8 rows through the few-row GEMVs with the RMSNorm fused in (every_few_row) and
+  // through the default mix of GEMVs and cuBLAS.
+  for (const auto& [requests, opt] : {std::pair{4, EngineOptions{}}, std::pair{2, every_few_row()},
+                                      std::pair{2, EngineOptions{}}}) {
+    Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(requests);
     for (int i = 0; i < requests; ++i) {
       reqs[i].prompt = {static_cast<int32_t>(3 + i), 9, 27, 81};
@@ -250,7 +261,7 @@ TEST(Engine, ProgrammaticLaunchGivesTheSameSamples) {
       r.params.temperature = 1.0;
       r.params.max_new_tokens = 24;
       r.params.seed = 7;
-      EngineOptions plain, pdl;
+      EngineOptions plain = every_few_row(), pdl = every_few_row();
       pdl.programmatic_launch = true;
       const auto a = Engine(model, plain).generate({r});
       const auto b = Engine(model, pdl).generate({r});
