@@ -3,9 +3,10 @@
 // RL rollout workload (prompts × samples, varied prompt lengths). `--quantize q4|q8` quantizes the loaded weights
 // on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine;
 // `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel streaming` the session-4 GEMV,
-// `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows).
+// `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows);
+// `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it).
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] [--few-row-kernel streaming|staged] --out FILE.json
+//        [--pdl] [--few-row-kernel streaming|staged] [--lora R] --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -18,6 +19,7 @@
 
 #include "engine/engine.h"
 #include "models/gguf_model.h"
+#include "models/lora.h"
 #include "models/quantized_model.h"
 
 using namespace rlaif;
@@ -57,7 +59,7 @@ std::pair<int64_t, double> timed_generate(Engine& engine, const std::vector<Gene
 int main(int argc, char** argv) {
   CLI::App app{"rlaif generation benchmark"};
   std::string model_dir, out, batches = "1,16,64", device = "cuda", dtype = "bf16", quantize;
-  int64_t prompt = 128, new_tokens = 128;
+  int64_t prompt = 128, new_tokens = 128, lora_r = 0;
   bool rollout = false, pdl = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
   app.add_option("--out", out, "JSON results file");
@@ -73,6 +75,7 @@ int main(int argc, char** argv) {
   std::string few_row = "staged";
   app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
       ->check(CLI::IsMember({"staged", "streaming"}));
+  app.add_option("--lora", lora_r, "attach LoRA adapters of this rank to every projection (0: none)");
   std::string few_row_rows;
   app.add_option("--few-row-rows", few_row_rows,
                  "QKV,GATE_UP,RESIDUAL,LM_HEAD: most rows each projection kind sends to the few-row GEMV "
@@ -100,6 +103,16 @@ int main(int argc, char** argv) {
     quantize_model_weights(model->weights(), model->config(), spec, parse_torch_dtype(dtype));
     std::printf("quantized the weights to %s (group 64)\n", quantize.c_str());
   }
+  if (lora_r > 0) {
+    // PEFT's initialisation leaves B zero; a random B makes the update real work on real numbers.
+    LoraConfig lc;
+    lc.r = lora_r;
+    lc.alpha = 2.0 * lora_r;
+    attach_lora(*model, lc, 0);
+    for (auto& [name, t] : lora_parameters(*model))
+      if (name.find("lora_B") != std::string::npos) t.detach().normal_(0.0, 0.01);
+    std::printf("attached LoRA adapters of rank %ld to every projection\n", static_cast<long>(lora_r));
+  }
   const int64_t V = model->config().vocab_size;
   nlohmann::json results = nlohmann::json::array();
   std::mt19937 g(0);
@@ -125,13 +138,14 @@ int main(int argc, char** argv) {
     const auto [n, dt] = timed_generate(engine, reqs, dev);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
     const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
-                                (few_row_rows.empty() ? "" : " few-row rows " + rows_text);
+                                (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +
+                                (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "");
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
                        {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row},
-                       {"few_row_rows", rows_text}});
+                       {"few_row_rows", rows_text}, {"lora_rank", lora_r}});
   }
   if (rollout) {
     EngineOptions opt;

@@ -3,7 +3,7 @@
 # runs the GPU tests and benchmarks, and writes logs and results under $OUT. The Debian dev packages the build
 # needs travel as .deb files in .device/debs (scripts/device_prepare.sh fetches them) and are unpacked into a
 # private sysroot, never into /.
-# Usage: scripts/device.sh [build|test|bench|quant|train|profile|all]...   (default: all; profile only when named)
+# Usage: scripts/device.sh [build|test|bench|quant|lora|train|profile|all]...   (default: all; profile only when named)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.device/out}
@@ -79,15 +79,16 @@ if has bench; then
     "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,2,4,8,16,64 --out "$OUT/rlaif_generate_$s.json" \
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
-    # Beside the default, same run: programmatic dependent launches (EngineOptions::programmatic_launch), and the
-    # session-5 path (every projection on the streaming few-row GEMV up to 8 rows).
-    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,2,4,8 --pdl --out "$OUT/rlaif_generate_${s}_pdl.json" \
-      > "$OUT/rlaif_generate_${s}_pdl.log" 2>&1 || log "bench_generate $s --pdl failed"
-    sed "s/^/$s /" "$OUT/rlaif_generate_${s}_pdl.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
-    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,8 --few-row-kernel streaming --few-row-rows 8,8,8,8 \
-      --out "$OUT/rlaif_generate_${s}_session5.json" > "$OUT/rlaif_generate_${s}_session5.log" 2>&1 \
-      || log "bench_generate $s session-5 path failed"
-    sed "s/^/$s /" "$OUT/rlaif_generate_${s}_session5.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+    # Beside the default, same run: each variant of RLAIF_BENCH_VARIANTS ("name=bench_generate arguments;..."):
+    # programmatic dependent launches, the other GEMV, other few-row row counts, at the few-row batch sizes.
+    IFS=';' read -ra variants <<< "${RLAIF_BENCH_VARIANTS:-pdl=--pdl;streaming=--few-row-kernel streaming;session5=--few-row-rows 8,8,8,8}"
+    for v in "${variants[@]}"; do
+      name=${v%%=*}; args=${v#*=}
+      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches ${RLAIF_VARIANT_BATCHES:-1,8} $args \
+        --out "$OUT/rlaif_generate_${s}_$name.json" > "$OUT/rlaif_generate_${s}_$name.log" 2>&1 \
+        || log "bench_generate $s $name failed"
+      sed "s/^/$s /" "$OUT/rlaif_generate_${s}_$name.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+    done
   done
   "$BUILD/bench/bench_kernels" --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1 || log "bench_kernels failed"
   grep -v "^few_row" "$OUT/bench_kernels.log" | tail -22
@@ -111,6 +112,19 @@ if has quant; then
   fi
 fi
 
+if has lora; then
+  # Issue 7's rollout decode: rank-16 LoRA on every projection, 512 new tokens (bench_train's generation), beside
+  # the same batches without adapters.
+  MD=/tmp/rlaif-bench-models
+  [ -f "$MD/qwen2.5-3b-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
+    --shapes 3b --save-only > /dev/null 2>&1
+  for l in 0 16; do
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --batches ${RLAIF_LORA_BATCHES:-8,64} --new 512 --lora $l \
+      --out "$OUT/rlaif_generate_3b_lora$l.json" > "$OUT/rlaif_generate_3b_lora$l.log" 2>&1 || log "bench_generate 3b lora $l failed"
+    sed "s/^/3b new 512 /" "$OUT/rlaif_generate_3b_lora$l.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+  done
+fi
+
 if [[ " $STAGES " == *" profile "* ]]; then
   # Where a decode step's time goes: Nsight Compute's kernel times over a window of decode launches.
   MD=/tmp/rlaif-bench-models
@@ -120,7 +134,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
       --shapes $s --batches 1 --new 8 > /dev/null 2>&1
     timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum --launch-skip ${skip:-${RLAIF_PROFILE_SKIP:-4000}} \
       --launch-count ${RLAIF_PROFILE_COUNT:-600} "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" \
-      --batches $b --new 64 > "$OUT/ncu_${s}_b$b.csv" 2> "$OUT/ncu_${s}_b$b.log" || log "ncu $s b$b failed"
+      --batches $b --new 64 ${RLAIF_PROFILE_ARGS:-} > "$OUT/ncu_${s}_b$b.csv" 2> "$OUT/ncu_${s}_b$b.log" || log "ncu $s b$b failed"
     log "profile $s batch $b (ncu window):"
     $PY bench/ncu_summary.py "$OUT/ncu_${s}_b$b.csv" --sequence 8 | head -44 | tee -a "$OUT/summary.txt"
   done
@@ -132,7 +146,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
       --shapes $s --batches 1 --new 8 > /dev/null 2>&1
     timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters -k "regex:$k" --launch-skip ${skip:-300} --launch-count 1 \
-      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 \
+      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 ${RLAIF_PROFILE_ARGS:-} \
       > "$OUT/ncu_detail_${s}_b${b}_$k.txt" 2>&1 || log "ncu detail $spec failed"
     log "detail $spec:"; grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Block Limit|Warp Cycles Per Issued|Grid Size|Stall|One or More|No Eligible|Compute \(SM\)|Waves|Dynamic Shared" \
       "$OUT/ncu_detail_${s}_b${b}_$k.txt" | head -30 | tee -a "$OUT/summary.txt"

@@ -35,9 +35,10 @@ struct EngineOptions {
   // Up to how many rows (sequences in the step) each kind of projection takes the few-row GEMV on CUDA rather than
   // cuBLAS; 0: always cuBLAS. Measured per projection at the 0.5B and 3B decode shapes on the H200 (bench_kernels,
   // docs/PERFORMANCE.md session 6): cuBLAS reads a many-row or long-row weight faster (the LM head at 4.0 TB/s,
-  // twice the GEMV), the GEMV wins where it fuses a norm and q/k/v or SwiGLU's two weights into one launch.
+  // twice the GEMV; o and down), the GEMV wins where it fuses the norm with q/k/v (0.5B up to 4 rows, 3B at 1) or
+  // with SwiGLU's two weights (1 row).
   struct FewRowRows {
-    int64_t qkv = 4;       // q/k/v, input norm fused
+    int64_t qkv = 2;       // q/k/v, input norm fused
     int64_t gate_up = 1;   // gate/up, post-attention norm and SwiGLU fused
     int64_t residual = 0;  // o and down, residual add fused (cuBLAS: addmm_ into h)
     int64_t lm_head = 0;   // final norm fused

@@ -132,6 +132,20 @@ TEST(PagedAttentionKernel, CudaBatchOfOneLongContext) {
   EXPECT_LE(test::rel_err(c.cuda(2049), c.cpu_reference(2049)), test::tolerance(at::kBFloat16));
 }
 
+// The partitions' arrival counters persist across launches (each launch's last blocks reset them): repeated
+// launches, with other grids between them, give the same output bit for bit.
+TEST(PagedAttentionKernel, CudaRepeatedLaunchesGiveTheSameOutput) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  const PagedCase big({2049, 700, 33}, 16, 2, 128, at::kBFloat16), small({300}, 14, 2, 64, at::kBFloat16);
+  const at::Tensor first = big.cuda(2049), ref = big.cpu_reference(2049);
+  EXPECT_LE(test::rel_err(first, ref), test::tolerance(at::kBFloat16));
+  for (int i = 0; i < 4; ++i) {
+    small.cuda(4096);
+    EXPECT_TRUE(big.cuda(2049).equal(first)) << "launch " << i + 2;
+  }
+}
+
 namespace {
 
 // The fused RoPE + KV write + attention op against the CPU composition (rope_kv_write, then attention): the new

@@ -4,7 +4,7 @@
 // computes the scores with threads over tokens (q read from shared memory, no shuffle per token), one softmax max
 // per head for the whole partition, then P·V with lanes over head dimensions. A sequence whose context spans one
 // partition writes its output directly; otherwise each block leaves (m, l, o) in a workspace and the last block to
-// arrive (an atomic count per sequence, KV head and head split) rescales and sums the partitions. The grid is
+// arrive (an atomic count per sequence, KV head and head split, which it resets) rescales and sums the partitions. The grid is
 // sized by max_context, never by the lengths, so a captured CUDA graph replays correctly while they change.
 // Optionally the decode step's RoPE + KV write (rope_kv_write) happens in the same launch: every block rotates q
 // (into shared memory), and the block holding the new token writes its rotated k and its v into the cache and
@@ -12,6 +12,7 @@
 #include "kernels/cuda/paged_attention.h"
 
 #include <cmath>
+#include <mutex>
 
 #include "kernels/cuda/common.cuh"
 
@@ -343,7 +344,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   if (nparts == 1) return;
   __threadfence();  // this block's partials are visible device-wide before it is counted
   __syncthreads();
-  if (threadIdx.x == 0) last_s = atomicAdd(p.arrivals + (s * p.KV + kvh) * p.hs + split, 1) == nparts - 1;
+  if (threadIdx.x == 0) {
+    int* count = p.arrivals + (s * p.KV + kvh) * p.hs + split;
+    last_s = atomicAdd(count, 1) == nparts - 1;
+    if (last_s) atomicExch(count, 0);  // every partition has counted: the next launch finds the counter at zero
+  }
   __syncthreads();
   if (!last_s) return;
   __threadfence();
@@ -383,6 +388,34 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
     out[idx + 2] = to<T>(o.z * inv);
     out[idx + 3] = to<T>(o.w * inv);
   }
+}
+
+// Arrival counters that every launch leaves at zero (the last block of a sequence, KV head and split resets its
+// own), so the decode step needs no memset node per layer: one zeroed buffer per device, made on first use outside
+// a stream capture. nullptr when a launch needs more counters than it holds, or when it could not be made (first
+// use inside a capture): that launch zeroes counters in its workspace by a memset, as before.
+constexpr int64_t kPersistentArrivals = int64_t{1} << 16;
+
+int* persistent_arrivals(int64_t count, cudaStream_t stream) {
+  if (count > kPersistentArrivals) return nullptr;
+  static std::mutex mu;
+  static int* buffers[64] = {};
+  int dev = 0;
+  RLAIF_CHECK(cudaGetDevice(&dev) == cudaSuccess && dev < 64, "paged_attention_decode_cuda: device {}", dev);
+  const std::lock_guard<std::mutex> lock(mu);
+  if (buffers[dev] != nullptr) return buffers[dev];
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  RLAIF_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess, "paged_attention_decode_cuda: capture status");
+  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  int* b = nullptr;
+  if (cudaMalloc(&b, sizeof(int) * kPersistentArrivals) != cudaSuccess) {
+    (void)cudaGetLastError();  // e.g. another thread's capture forbids it now: fall back, try again later
+    return nullptr;
+  }
+  const cudaError_t e = cudaMemset(b, 0, sizeof(int) * kPersistentArrivals);
+  RLAIF_CHECK(e == cudaSuccess, "paged_attention_decode_cuda: zeroing the arrival counters: {}", cudaGetErrorString(e));
+  buffers[dev] = b;  // kept for the process's life, like the CUDA context
+  return b;
 }
 
 template <typename T>
@@ -425,9 +458,10 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   hs = (G + gb - 1) / gb;
   const int64_t tpt = kThreads / part_tokens;
   // Workspace from the caching allocator on the current stream (capture-safe under at::cuda::CUDAGraph); the
-  // arrival counters are zeroed by a memset on the stream (a memset node in a captured graph).
+  // arrival counters are the persistent ones, or else the workspace's, zeroed by a memset on the stream.
   const int64_t floats = S * H * P * (2 + hd);
-  at::Tensor ws = at::empty({floats + S * KV * hs}, q.options().dtype(at::kFloat));
+  int* arrivals = persistent_arrivals(S * KV * hs, stream);
+  at::Tensor ws = at::empty({floats + (arrivals ? 0 : S * KV * hs)}, q.options().dtype(at::kFloat));
   AttnParams p{};
   p.q = q.data_ptr();
   p.q_stride = q.stride(0);
@@ -450,7 +484,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   p.scale = static_cast<float>(scale);
   p.part_o = ws.data_ptr<float>();  // first: its float4 reads need 16-byte alignment
   p.part_ml = p.part_o + S * H * P * hd;
-  p.arrivals = reinterpret_cast<int*>(p.part_o + floats);
+  p.arrivals = arrivals ? arrivals : reinterpret_cast<int*>(p.part_o + floats);
   p.out = out.data_ptr();
   if (rope) {
     p.k_new = rope->k.data_ptr();
@@ -463,8 +497,10 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     p.slot64 = rope->slots.scalar_type() == at::kLong;
     p.inv_freq = rope->inv_freq.data_ptr<float>();
   }
-  const cudaError_t err = cudaMemsetAsync(p.arrivals, 0, sizeof(int) * S * KV * hs, stream);
-  RLAIF_CHECK(err == cudaSuccess, "paged_attention_decode_cuda: memset failed: {}", cudaGetErrorString(err));
+  if (arrivals == nullptr) {
+    const cudaError_t err = cudaMemsetAsync(p.arrivals, 0, sizeof(int) * S * KV * hs, stream);
+    RLAIF_CHECK(err == cudaSuccess, "paged_attention_decode_cuda: memset failed: {}", cudaGetErrorString(err));
+  }
 
   const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV * hs), static_cast<unsigned>(S));
   auto go = [&](auto max_g) {
