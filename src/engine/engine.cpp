@@ -213,8 +213,9 @@ bool dense(const at::Tensor& w, const at::Tensor& x) {
 
 const LoraAdapter& adapter(const LayerWeights& L, Proj p) { return L.lora[static_cast<int>(p)]; }
 
-// Adds the LoRA updates of projections `ps` (sharing input x) to their base outputs `ys` in place: on the GPU one
-// shrink and one expand launch for the group (kernels/cpu/lora.h), on the CPU ATen ops. With `residual` (one
+// Adds the LoRA updates of projections `ps` (sharing input x) to their base outputs `ys` in place (they may be
+// column slices of one packed output): on the GPU one shrink and one expand launch for the group
+// (kernels/cpu/lora.h), on the CPU ATen ops. With `residual` (one
 // projection): residual = residual + (y + update), in place.
 void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vector<Proj>& ps, std::vector<at::Tensor>& ys,
                     const at::Tensor& residual = {}) {
@@ -238,7 +239,7 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
   kernels_fit = kernels_fit && x.is_cuda();
   if (!kernels_fit) {
     for (size_t i = 0; i < ps.size(); ++i)
-      if (adapter(L, ps[i]).defined()) ys[i] = layers::add_lora(ys[i], x, adapter(L, ps[i]), /*training=*/false);
+      if (adapter(L, ps[i]).defined()) ys[i].copy_(layers::add_lora(ys[i], x, adapter(L, ps[i]), /*training=*/false));
     if (residual.defined()) residual.copy_(residual + ys[0]);
     return;
   }
@@ -265,12 +266,13 @@ class ScopedSetting {
 };
 
 // A group's packed weight and bias (models/weights.h packed_rows; bias undefined when none has one) when the
-// group can run as one GEMM on x: plain weights in x's dtype and device, no adapter. Else an undefined weight.
+// group's base projections can run as one GEMM on x: plain weights in x's dtype and device (adapters are added to
+// the output's column slices afterwards). Else an undefined weight.
 std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std::vector<Proj>& ps, const at::Tensor& x) {
   std::vector<const at::Tensor*> ws, bs;
   bool any_bias = false;
   for (Proj p : ps) {
-    if (adapter(L, p).defined() || L.quant[static_cast<int>(p)].defined()) return {};
+    if (L.quant[static_cast<int>(p)].defined()) return {};
     ws.push_back(&L.weight(p));
     bs.push_back(&L.bias(p));
     any_bias = any_bias || L.bias(p).defined();
@@ -397,8 +399,8 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     return ys;
   };
   // The base outputs of projections sharing in_x: one few-row launch when it can; else one GEMM over the group's
-  // packed weights (models/weights.h; outputs are column slices of its result) when no adapter needs them
-  // separately; else layers::project each.
+  // packed weights (models/weights.h; outputs are column slices of its result, which add_lora_group updates in
+  // place); else layers::project each.
   auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small) {
     if (few_row_fits(in_x, L, ps, small)) return few_row(in_x, L, ps, {});
     std::vector<at::Tensor> ys;
@@ -443,8 +445,17 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
       if (dense(L.weight(p), in_x) && !L.bias(p).defined()) return h.addmm_(in_x, L.weight(p).t());
       return h + layers::project(in_x, L, p, base);
     }
+    if (!in_x.is_cuda()) {
+      const at::Tensor y = project_group(in_x, L, {p}, small_residual)[0];
+      return h + layers::add_lora(y, in_x, adapter(L, p), /*training=*/false);
+    }
+    if (!small_residual && dense(L.weight(p), in_x) && !L.bias(p).defined()) {
+      // h += x·Wᵀ in the GEMM's epilogue, then h += the update (the expand kernel, in place).
+      std::vector<at::Tensor> hs{h.addmm_(in_x, L.weight(p).t())};
+      add_lora_group(in_x, L, {p}, hs);
+      return h;
+    }
     std::vector<at::Tensor> y = project_group(in_x, L, {p}, small_residual);
-    if (!in_x.is_cuda()) return h + layers::add_lora(y[0], in_x, adapter(L, p), /*training=*/false);
     add_lora_group(in_x, L, {p}, y, h);
     return h;
   };

@@ -38,9 +38,9 @@ void check_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const s
     RLAIF_CHECK(b[i].scalar_type() == at::kFloat && b[i].dim() == 2 && b[i].is_contiguous() &&
                     b[i].device() == t.device() && ys[i].device() == t.device(),
                 "lora_expand: B must be a contiguous float32 [O, r] on {}", t.device().str());
-    RLAIF_CHECK(ys[i].dim() == 2 && ys[i].is_contiguous() && ys[i].size(0) == t.size(0) &&
-                    ys[i].size(1) == b[i].size(0) && outs[i].sizes() == ys[i].sizes() && outs[i].is_contiguous(),
-                "lora_expand: y/out {} must be contiguous [{}, {}]", i, t.size(0), b[i].size(0));
+    RLAIF_CHECK(ys[i].dim() == 2 && ys[i].stride(1) == 1 && ys[i].size(0) == t.size(0) &&
+                    ys[i].size(1) == b[i].size(0) && outs[i].sizes() == ys[i].sizes() && outs[i].stride(1) == 1,
+                "lora_expand: y/out {} must be [{}, {}] with contiguous rows", i, t.size(0), b[i].size(0));
     r += b[i].size(1);
   }
   RLAIF_CHECK(r == t.size(1), "lora_expand: the adapters' ranks sum to {}, t has {} columns", r, t.size(1));
@@ -78,9 +78,10 @@ void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::ve
         float d = 0.0f;
         for (int64_t j = 0; j < r; ++j) d += t.data_ptr<float>()[s * R + col + j] * b[i].data_ptr<float>()[o * r + j];
         const T delta = static_cast<T>(d * static_cast<float>(scales[i]));
-        T y = static_cast<T>(static_cast<float>(ys[i].data_ptr<T>()[s * O + o]) + static_cast<float>(delta));
+        T y = static_cast<T>(static_cast<float>(ys[i].data_ptr<T>()[s * ys[i].stride(0) + o]) +
+                             static_cast<float>(delta));
         if (residual.defined()) y = static_cast<T>(static_cast<float>(residual.data_ptr<T>()[s * O + o]) + static_cast<float>(y));
-        outs[i].data_ptr<T>()[s * O + o] = y;
+        outs[i].data_ptr<T>()[s * outs[i].stride(0) + o] = y;
       }
     col += r;
   }

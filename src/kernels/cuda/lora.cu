@@ -1,6 +1,8 @@
-// LoRA shrink (a warp per (row, rank column): x·Aᵀ in float32) and expand (a thread per output element: t·Bᵀ over
-// the rank, scaled, rounded, added to the base output and optionally the residual), up to three adapters that
-// share an input per launch.
+// LoRA shrink and expand, up to three adapters that share an input per launch. Shrink: a warp per (rank column,
+// tile of up to 8 rows), so each A row is read once per tile, not once per row. Expand: a thread per (output
+// column, tile of up to 8 rows): its B row stays in L1 while it serves the tile's rows (B is read once per tile,
+// not once per element), t·Bᵀ over the rank, scaled, rounded, added to the base output (rows of any stride: column
+// slices of a packed GEMM's output) and optionally to the residual.
 #include "kernels/cuda/lora.h"
 
 #include "kernels/cuda/common.cuh"
@@ -13,6 +15,7 @@ using namespace cuda_detail;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 256;
+constexpr int kRowTile = 8;  // rows a shrink warp or an expand thread serves
 
 struct ShrinkArgs {
   const float* a[3];
@@ -25,44 +28,62 @@ struct ExpandArgs {
   const float* b[3];
   const T* y[3];
   T* out[3];
-  int64_t rows[3], rank[3], col[3];
+  int64_t rows[3], rank[3], col[3], y_stride[3], out_stride[3];
   float scale[3];
   int count;
 };
 
+// Warp (col, tile): t[s, col] = Σ_d x[s, d] · a_col[d] for the tile's rows s, float32 sums (lane-strided, then
+// the warp sum).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restrict__ x, int64_t S, int64_t D,
                                                                 ShrinkArgs args, float* t, int64_t R) {
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // s * R + col
-  if (item >= S * R) return;
-  const int64_t s = item / R;
-  int64_t j = item % R;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // tile * R + col
+  const int64_t tiles = (S + kRowTile - 1) / kRowTile;
+  if (item >= tiles * R) return;  // warp-uniform
+  const int64_t col = item % R, s0 = item / R * kRowTile;
+  const int rows = static_cast<int>(min<int64_t>(kRowTile, S - s0));
+  int64_t j = col;
   int i = 0;
   while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
   const float* a = args.a[i] + j * D;
-  const T* xs = x + s * D;
-  float acc = 0.0f;
-  for (int64_t d = threadIdx.x % 32; d < D; d += 32) acc += static_cast<float>(xs[d]) * a[d];
-  acc = warp_sum(acc);
-  if (threadIdx.x % 32 == 0) t[item] = acc;
+  const T* xs = x + s0 * D;
+  float acc[kRowTile] = {};
+  for (int64_t d = threadIdx.x % 32; d < D; d += 32) {
+    const float av = a[d];
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r)
+      if (r < rows) acc[r] += static_cast<float>(xs[r * D + d]) * av;
+  }
+#pragma unroll
+  for (int r = 0; r < kRowTile; ++r) {
+    if (r >= rows) break;  // warp-uniform
+    const float v = warp_sum(acc[r]);
+    if (threadIdx.x % 32 == 0) t[(s0 + r) * R + col] = v;
+  }
 }
 
+// Thread (output column of adapter i, tile of rows): out[s, o] = to(y[s, o] + to(scale · Σ_j t[s, col_i + j] ·
+// b_i[o, j])), plus the residual (contiguous [S, O]) when given.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lora_expand_kernel(const float* __restrict__ t, int64_t S, int64_t R,
                                                                 ExpandArgs<T> args, const T* residual) {
-  int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   int i = 0;
-  while (i < args.count && item >= S * args.rows[i]) item -= S * args.rows[i++];
+  while (i < args.count && o >= args.rows[i]) o -= args.rows[i++];
   if (i == args.count) return;
-  const int64_t O = args.rows[i], r = args.rank[i], s = item / O, o = item % O;
-  const float* ts = t + s * R + args.col[i];
+  const int64_t O = args.rows[i], r = args.rank[i];
   const float* b = args.b[i] + o * r;
-  float d = 0.0f;
-  for (int64_t j = 0; j < r; ++j) d += ts[j] * b[j];
-  const T delta = to<T>(d * args.scale[i]);
-  T y = to<T>(static_cast<float>(args.y[i][item]) + static_cast<float>(delta));
-  if (residual) y = to<T>(static_cast<float>(residual[item]) + static_cast<float>(y));
-  args.out[i][item] = y;
+  const int64_t s_end = min<int64_t>(S, (static_cast<int64_t>(blockIdx.y) + 1) * kRowTile);
+  for (int64_t s = static_cast<int64_t>(blockIdx.y) * kRowTile; s < s_end; ++s) {
+    const float* ts = t + s * R + args.col[i];
+    float d = 0.0f;
+    for (int64_t j = 0; j < r; ++j) d += ts[j] * b[j];
+    const T delta = to<T>(d * args.scale[i]);
+    T y = to<T>(static_cast<float>(args.y[i][s * args.y_stride[i] + o]) + static_cast<float>(delta));
+    if (residual) y = to<T>(static_cast<float>(residual[s * O + o]) + static_cast<float>(y));
+    args.out[i][s * args.out_stride[i] + o] = y;
+  }
 }
 
 template <typename T>
@@ -76,7 +97,8 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   }
   args.count = static_cast<int>(a.size());
   const c10::cuda::CUDAGuard guard(x.device());
-  const unsigned grid = static_cast<unsigned>((S * R + kWarps - 1) / kWarps);
+  const int64_t tiles = (S + kRowTile - 1) / kRowTile;
+  const unsigned grid = static_cast<unsigned>((tiles * R + kWarps - 1) / kWarps);
   lora_shrink_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<T>(), S, D, args,
                                                                                 t.data_ptr<float>(), R);
   check_launch("lora_shrink_kernel");
@@ -95,14 +117,17 @@ void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::ve
     args.rows[i] = b[i].size(0);
     args.rank[i] = b[i].size(1);
     args.col[i] = col;
+    args.y_stride[i] = ys[i].stride(0);
+    args.out_stride[i] = outs[i].stride(0);
     args.scale[i] = static_cast<float>(scales[i]);
     col += b[i].size(1);
-    total += S * b[i].size(0);
+    total += b[i].size(0);
   }
   args.count = static_cast<int>(b.size());
-  if (total == 0) return;
+  if (total == 0 || S == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
-  const unsigned grid = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+  const dim3 grid(static_cast<unsigned>((total + kThreads - 1) / kThreads),
+                  static_cast<unsigned>((S + kRowTile - 1) / kRowTile));
   lora_expand_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       t.data_ptr<float>(), S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr);
   check_launch("lora_expand_kernel");
