@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restri
   const int64_t tiles = (S + kRowTile - 1) / kRowTile;
   if (item >= tiles * R) return;  // warp-uniform
   const int64_t col = item % R, s0 = item / R * kRowTile;
-  const int rows = static_cast<int>(min<int64_t>(kRowTile, S - s0));
+  const int rows = static_cast<int>(min(static_cast<int64_t>(kRowTile), S - s0));
   int64_t j = col;
   int i = 0;
   while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) lora_expand_kernel(const float* __re
   if (i == args.count) return;
   const int64_t O = args.rows[i], r = args.rank[i];
   const float* b = args.b[i] + o * r;
-  const int64_t s_end = min<int64_t>(S, (static_cast<int64_t>(blockIdx.y) + 1) * kRowTile);
+  const int64_t s_end = min(S, (static_cast<int64_t>(blockIdx.y) + 1) * kRowTile);
   for (int64_t s = static_cast<int64_t>(blockIdx.y) * kRowTile; s < s_end; ++s) {
     const float* ts = t + s * R + args.col[i];
     float d = 0.0f;
