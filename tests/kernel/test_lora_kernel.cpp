@@ -81,3 +81,45 @@ TEST(LoraKernel, CudaEqualsCpuReference) {
     }
   }
 }
+
+// The decode step above the few-row batch adds the updates to column slices of one packed q/k/v GEMM output (rows
+// of stride Σ O): the CPU reference on the slices equals it on contiguous copies, and CUDA equals the CPU, for row
+// counts that fill the 8-row tiles partly (13) and wholly (64).
+TEST(LoraKernel, ExpandIntoColumnSlicesOfAPackedOutput) {
+  SCOPED_TRACE(test::seed_fresh());
+  const bool cuda = at::hasCUDA() && kernels::cuda_kernels_available();
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t S : {13, 64}) {
+      SCOPED_TRACE(fmt::format("{} S={}", c10::toString(dt), S));
+      const std::vector<int64_t> outs_dim = {256, 64, 40}, ranks = {16, 16, 8};
+      const int64_t total = 360, R = 40;
+      std::vector<at::Tensor> b;
+      for (size_t i = 0; i < 3; ++i) b.push_back(at::randn({outs_dim[i], ranks[i]}) * 0.1);
+      const at::Tensor t = at::randn({S, R}), packed = at::randn({S, total}).to(dt);
+      const std::vector<double> scales = {2.0, 0.5, 1.0};
+      auto slices = [&](const at::Tensor& p) {
+        return std::vector<at::Tensor>{p.narrow(1, 0, 256), p.narrow(1, 256, 64), p.narrow(1, 320, 40)};
+      };
+      at::Tensor ref_packed = packed.clone();
+      std::vector<at::Tensor> ref = slices(ref_packed), contiguous;
+      for (const auto& y : ref) contiguous.push_back(y.contiguous());
+      kernels::lora_expand_cpu(t, b, scales, ref, {}, ref);
+      kernels::lora_expand_cpu(t, b, scales, contiguous, {}, contiguous);
+      for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(ref[i].equal(contiguous[i])) << "CPU, slice " << i;
+      if (!cuda) continue;
+      std::vector<at::Tensor> b_gpu;
+      for (const auto& bi : b) b_gpu.push_back(bi.cuda());
+      at::Tensor gpu_packed = packed.cuda();
+      std::vector<at::Tensor> gpu = slices(gpu_packed);
+      kernels::lora_expand(t.cuda(), b_gpu, scales, gpu, {}, gpu);
+      EXPECT_LE(test::rel_err(gpu_packed, ref_packed), test::tolerance(dt)) << "CUDA";
+      // x·Aᵀ over 8-row tiles equals the reference row by row.
+      const at::Tensor x = at::randn({S, 896}).to(dt), a = at::randn({R, 896}) * 0.05;
+      at::Tensor t_ref = at::empty({S, R}), t_gpu = at::empty({S, R}, at::TensorOptions().device(at::kCUDA));
+      kernels::lora_shrink_cpu(x, {a}, t_ref);
+      test::poison(t_gpu);
+      kernels::lora_shrink(x.cuda(), {a.cuda()}, t_gpu);
+      EXPECT_LE(test::rel_err(t_gpu, t_ref), 1e-5) << "shrink";
+    }
+  }
+}
