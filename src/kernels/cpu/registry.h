@@ -11,6 +11,7 @@ namespace rlaif::kernels {
 
 struct RopeKvInputs;  // kernels/cpu/paged_attention.h
 struct InputNorm;     // kernels/cpu/small_linear.h
+struct QuantMatrix;   // kernels/cpu/quant_small_linear.h
 
 // One pointer per op, nullptr until rlaif_register_cuda_kernels() (CUDA builds only) sets it. Signatures equal
 // the public ops' (kernels/cpu/<stem>.h); arguments reach them already checked by the dispatcher.
@@ -41,6 +42,12 @@ struct KernelRegistry {
   void (*lora_expand_cuda)(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                            const std::vector<at::Tensor>& ys, const at::Tensor& residual,
                            const std::vector<at::Tensor>& outs) = nullptr;
+  // Few-row projections with MLX affine-quantized weights (kernels/cpu/quant_small_linear.h).
+  void (*quant_small_linear_cuda)(const at::Tensor& x, const std::vector<QuantMatrix>& weights,
+                                  const std::vector<at::Tensor>& biases, const at::Tensor& residual,
+                                  const std::vector<at::Tensor>& outs, const InputNorm& norm) = nullptr;
+  void (*quant_small_linear_silu_mul_cuda)(const at::Tensor& x, const QuantMatrix& gate, const QuantMatrix& up,
+                                           const at::Tensor& out, const InputNorm& norm) = nullptr;
   // Token sampling without a full sort, top-k/top-p/min-p per row (kernels/cpu/sample.h); filters may be undefined.
   void (*sample_cuda)(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& uniform,

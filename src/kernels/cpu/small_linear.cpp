@@ -46,29 +46,6 @@ void check_args(const at::Tensor& x, const std::vector<at::Tensor>& weights, con
   }
 }
 
-void check_norm(const at::Tensor& x, const InputNorm& norm, const char* op) {
-  if (!norm.weight.defined()) return;
-  check_same(norm.weight, x, op, "norm weight");
-  RLAIF_CHECK(norm.weight.dim() == 1 && norm.weight.is_contiguous() && norm.weight.size(0) == x.size(1),
-              "{}: norm weight must be a contiguous [{}], got {}", op, x.size(1), norm.weight.sizes());
-  RLAIF_CHECK(x.numel() * static_cast<int64_t>(x.element_size()) <= kSmallLinearNormMaxBytes,
-              "{}: with a norm x may take at most {} bytes, got {}", op, kSmallLinearNormMaxBytes,
-              x.numel() * x.element_size());
-  if (norm.normed.defined()) {
-    check_same(norm.normed, x, op, "normed");
-    RLAIF_CHECK(norm.normed.sizes() == x.sizes() && norm.normed.is_contiguous(), "{}: normed must be a contiguous {}",
-                op, x.sizes());
-  }
-}
-
-// The reference's input: x, or rms_norm(x) (also written to norm.normed).
-at::Tensor normed_input(const at::Tensor& x, const InputNorm& norm) {
-  if (!norm.weight.defined()) return x;
-  at::Tensor xn = norm.normed.defined() ? norm.normed : at::empty_like(x);
-  rms_norm_cpu(x, norm.weight, norm.eps, xn);
-  return xn;
-}
-
 void check_silu_args(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& out) {
   check_x(x, "small_linear_silu_mul");
   check_weight(w_gate, x, out, "small_linear_silu_mul");
@@ -118,13 +95,35 @@ void run_silu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w
 
 }  // namespace
 
+void check_input_norm(const at::Tensor& x, const InputNorm& norm, const char* op) {
+  if (!norm.weight.defined()) return;
+  check_same(norm.weight, x, op, "norm weight");
+  RLAIF_CHECK(norm.weight.dim() == 1 && norm.weight.is_contiguous() && norm.weight.size(0) == x.size(1),
+              "{}: norm weight must be a contiguous [{}], got {}", op, x.size(1), norm.weight.sizes());
+  RLAIF_CHECK(x.numel() * static_cast<int64_t>(x.element_size()) <= kSmallLinearNormMaxBytes,
+              "{}: with a norm x may take at most {} bytes, got {}", op, kSmallLinearNormMaxBytes,
+              x.numel() * x.element_size());
+  if (norm.normed.defined()) {
+    check_same(norm.normed, x, op, "normed");
+    RLAIF_CHECK(norm.normed.sizes() == x.sizes() && norm.normed.is_contiguous(), "{}: normed must be a contiguous {}",
+                op, x.sizes());
+  }
+}
+
+at::Tensor normed_input_cpu(const at::Tensor& x, const InputNorm& norm) {
+  if (!norm.weight.defined()) return x;
+  at::Tensor xn = norm.normed.defined() ? norm.normed : at::empty_like(x);
+  rms_norm_cpu(x, norm.weight, norm.eps, xn);
+  return xn;
+}
+
 void small_linear_cpu(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                       const std::vector<at::Tensor>& biases, const at::Tensor& residual,
                       const std::vector<at::Tensor>& outs, const InputNorm& norm) {
   check_args(x, weights, biases, residual, outs);
-  check_norm(x, norm, "small_linear");
+  check_input_norm(x, norm, "small_linear");
   RLAIF_CHECK(x.is_cpu(), "small_linear_cpu: tensors must be on the CPU");
-  const at::Tensor xn = normed_input(x, norm);
+  const at::Tensor xn = normed_input_cpu(x, norm);
   if (x.scalar_type() == at::kFloat) run<float>(xn, weights, biases, residual, outs);
   else run<at::BFloat16>(xn, weights, biases, residual, outs);
 }
@@ -133,16 +132,16 @@ void small_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights, c
                   const at::Tensor& residual, const std::vector<at::Tensor>& outs, const InputNorm& norm) {
   if (!x.is_cuda()) return small_linear_cpu(x, weights, biases, residual, outs, norm);
   check_args(x, weights, biases, residual, outs);
-  check_norm(x, norm, "small_linear");
+  check_input_norm(x, norm, "small_linear");
   cuda_kernel(&KernelRegistry::small_linear_cuda, "small_linear")(x, weights, biases, residual, outs, norm);
 }
 
 void small_linear_silu_mul_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                                const at::Tensor& out, const InputNorm& norm) {
   check_silu_args(x, w_gate, w_up, out);
-  check_norm(x, norm, "small_linear_silu_mul");
+  check_input_norm(x, norm, "small_linear_silu_mul");
   RLAIF_CHECK(x.is_cpu(), "small_linear_silu_mul_cpu: tensors must be on the CPU");
-  const at::Tensor xn = normed_input(x, norm);
+  const at::Tensor xn = normed_input_cpu(x, norm);
   if (x.scalar_type() == at::kFloat) run_silu<float>(xn, w_gate, w_up, out);
   else run_silu<at::BFloat16>(xn, w_gate, w_up, out);
 }
@@ -151,7 +150,7 @@ void small_linear_silu_mul(const at::Tensor& x, const at::Tensor& w_gate, const 
                            const at::Tensor& out, const InputNorm& norm) {
   if (!x.is_cuda()) return small_linear_silu_mul_cpu(x, w_gate, w_up, out, norm);
   check_silu_args(x, w_gate, w_up, out);
-  check_norm(x, norm, "small_linear_silu_mul");
+  check_input_norm(x, norm, "small_linear_silu_mul");
   cuda_kernel(&KernelRegistry::small_linear_silu_mul_cuda, "small_linear_silu_mul")(x, w_gate, w_up, out, norm);
 }
 

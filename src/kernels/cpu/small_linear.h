@@ -25,6 +25,10 @@ struct InputNorm {
   at::Tensor normed;
 };
 constexpr int64_t kSmallLinearNormMaxBytes = 160 * 1024;
+// Checks `norm` against x for op `op` (an undefined weight passes).
+void check_input_norm(const at::Tensor& x, const InputNorm& norm, const char* op);
+// The CPU references' input: x, or rms_norm(x) (kernels/cpu/rms_norm.h; also written to norm.normed).
+at::Tensor normed_input_cpu(const at::Tensor& x, const InputNorm& norm);
 
 // outs[i] [N, O_i] = to(x [N, K] · weights[i] [O_i, K]ᵀ + biases[i]) for up to 3 weights sharing x (undefined
 // bias: none), as at::linear rounds (once). With `residual` [N, O] (one weight only; may alias outs[0]):

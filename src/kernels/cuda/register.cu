@@ -3,6 +3,7 @@
 #include "kernels/cpu/registry.h"
 #include "kernels/cuda/paged_attention.h"
 #include "kernels/cuda/quant.h"
+#include "kernels/cuda/quant_small_linear.h"
 #include "kernels/cuda/rms_norm.h"
 #include "kernels/cuda/rope_kv_write.h"
 #include "kernels/cuda/graph.h"
@@ -29,6 +30,8 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.dequantize_affine_cuda = &dequantize_affine_cuda;
   r.quant_linear_cuda = &quant_linear_cuda;
   r.quant_linear_mma_cuda = &quant_linear_mma_cuda;
+  r.quant_small_linear_cuda = &quant_small_linear_cuda;
+  r.quant_small_linear_silu_mul_cuda = &quant_small_linear_silu_mul_cuda;
   r.graph_capture = &graph_capture_cuda;
   r.graph_replay = &graph_replay_cuda;
   r.graph_destroy = &graph_destroy_cuda;

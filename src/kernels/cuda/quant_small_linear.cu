@@ -1,0 +1,375 @@
+// Few-row projections with MLX affine-quantized weights: one warp per output row (a SwiGLU warp takes the gate and
+// the up row), lanes over the row's 16-byte chunks of packed words (32 values at 4 bits, 16 at 8; a chunk lies in
+// one group), four chunks a lane in flight (two from 4 rows on). Every block first stages the N ≤ 8 input rows in shared memory as
+// float32 — normalised by the fused RMSNorm when there is one — together with each chunk's sum of x, so a chunk
+// costs Σ x·q per row plus one s·Σx·q + b·Σx: the dequantization's scale and bias leave the inner loop. x is laid
+// out chunk-interleaved ([row][float4 of the chunk][chunk]), so the 32 lanes' reads of their chunks' x are
+// consecutive 16-byte words (no bank conflicts).
+#include "kernels/cuda/quant_small_linear.h"
+
+#include <algorithm>
+
+#include "kernels/cuda/common.cuh"
+
+namespace rlaif::kernels {
+
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+
+template <typename T, typename S>
+struct QSegment {
+  const uint4* w = nullptr;  // [rows, chunks]
+  const S* scales = nullptr;
+  const S* biases = nullptr;
+  const T* bias = nullptr;  // the projection's own bias (undefined: none)
+  T* out = nullptr;
+  int64_t rows = 0;
+};
+
+template <typename T, typename S>
+struct QSegments {
+  QSegment<T, S> s[3];
+  int count = 0;
+};
+
+__device__ __forceinline__ float as_f(float v) { return v; }
+__device__ __forceinline__ float as_f(at::BFloat16 v) { return static_cast<float>(v); }
+__device__ __forceinline__ float as_f(at::Half v) { return static_cast<float>(v); }
+
+// The 32/BITS values of one word as exact floats (each 4- or 8-bit value byte-permuted into the mantissa of 2^23,
+// then 2^23 subtracted), in order.
+template <int BITS>
+__device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
+  if constexpr (BITS == 4) {
+    const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;  // bytes: values 0,2,4,6 and 1,3,5,7
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[2 * i] = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+      q[2 * i + 1] = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[i] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+  }
+}
+
+// Shared-memory layout of the staged rows: x as float4s at [(n · F4 + f) · C + c] for chunk c < C and float4 f <
+// F4 of the chunk (F4 = values per chunk / 4), then the chunk sums at [n · C + c].
+struct Stage {
+  float4* x;
+  float* sums;
+  int64_t C;
+};
+
+// Stages the rows of x [rows, K] (rms_norm(x) with norm_w; block 0 also writes those rows to `normed`) as the
+// first `rows` of N (the rest zeros: the kernels run N = 1, 2, 4 or 8 and never write the padding rows). Every
+// thread calls it; it ends with a barrier.
+template <typename T, int N, int VPC>
+__device__ __forceinline__ Stage stage_rows(const T* __restrict__ x, int rows, int64_t K,
+                                            const T* __restrict__ norm_w, float eps, T* normed) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int kF4 = VPC / 4;
+  const int64_t C = K / VPC;
+  Stage st{reinterpret_cast<float4*>(smem_raw), nullptr, C};
+  st.sums = reinterpret_cast<float*>(st.x + N * kF4 * C);
+  __shared__ float scale[N];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (norm_w != nullptr) {
+    // Row n's sum of squares by the warps n, n + N, ... (RMSNorm's float32 sum; kernels/cpu/rms_norm.h).
+    __shared__ float part[kWarps];
+    constexpr int kWpr = kWarps / N > 0 ? kWarps / N : 1;
+    const int n = warp / kWpr;
+    float ss = 0.0f;
+    if (n < rows)
+      for (int64_t k = (warp % kWpr) * 32 + lane; k < K; k += kWpr * 32) {
+        const float v = static_cast<float>(x[n * K + k]);
+        ss += v * v;
+      }
+    ss = warp_sum(ss);
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    if (threadIdx.x < N) {
+      float total = 0.0f;
+      for (int j = 0; j < kWpr; ++j) total += part[threadIdx.x * kWpr + j];
+      scale[threadIdx.x] = rms_scale(total, 1.0f / static_cast<float>(K), eps);
+    }
+    __syncthreads();
+  }
+  // One thread per (row, chunk): its VPC values converted (normalised), stored as float4s, and summed.
+  for (int64_t item = threadIdx.x; item < N * C; item += kThreads) {
+    const int n = static_cast<int>(item / C);
+    const int64_t c = item % C, k0 = c * VPC;
+    float sum = 0.0f;
+#pragma unroll
+    for (int f = 0; f < kF4; ++f) {
+      float v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t k = k0 + f * 4 + e;
+        if (n >= rows) {
+          v[e] = 0.0f;
+          continue;
+        }
+        T a = x[n * K + k];
+        if (norm_w != nullptr) {
+          a = rms_apply(a, norm_w[k], scale[n]);
+          if (normed != nullptr && blockIdx.x == 0) normed[n * K + k] = a;
+        }
+        v[e] = static_cast<float>(a);
+        sum += v[e];
+      }
+      st.x[(n * kF4 + f) * C + c] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+    st.sums[n * C + c] = sum;
+  }
+  __syncthreads();
+  return st;
+}
+
+// acc[n] += Σ over row `w`'s chunks of s·Σ x·q + b·Σ x (this lane's chunks lane, lane + 32, ...), not warp-summed.
+template <typename S, int BITS, int N>
+__device__ __forceinline__ void dot_row(const Stage& st, const uint4* __restrict__ w, const S* __restrict__ scales,
+                                        const S* __restrict__ biases, int cpg_shift, float (&acc)[N]) {
+  constexpr int kPer = 32 / BITS, kF4 = 128 / BITS / 4;
+  constexpr int kUnroll = N >= 4 ? 2 : 4;  // chunks a lane has in flight (more rows: more work per chunk)
+  const int64_t C = st.C;
+  for (int64_t c0 = threadIdx.x % 32; c0 < C; c0 += kUnroll * 32) {
+    uint4 wv[kUnroll];
+    float s[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * 32;
+      if (c < C) wv[u] = __ldcs(w + c);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * 32;
+      if (c < C) {
+        s[u] = as_f(scales[c >> cpg_shift]);
+        b[u] = as_f(biases[c >> cpg_shift]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * 32;
+      if (c >= C) break;
+      const uint32_t words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      float dq[N];
+#pragma unroll
+      for (int n = 0; n < N; ++n) dq[n] = 0.0f;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        float q[kPer];
+        unpack_word<BITS>(words[t], q);
+#pragma unroll
+        for (int f = 0; f < kPer / 4; ++f) {
+#pragma unroll
+          for (int n = 0; n < N; ++n) {
+            const float4 xv = st.x[(n * kF4 + t * (kPer / 4) + f) * C + c];
+            dq[n] = fmaf(xv.x, q[4 * f], dq[n]);
+            dq[n] = fmaf(xv.y, q[4 * f + 1], dq[n]);
+            dq[n] = fmaf(xv.z, q[4 * f + 2], dq[n]);
+            dq[n] = fmaf(xv.w, q[4 * f + 3], dq[n]);
+          }
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < N; ++n) acc[n] = fmaf(s[u], dq[n], fmaf(b[u], st.sums[n * C + c], acc[n]));
+    }
+  }
+}
+
+// kThreads threads a block; warp w of block b takes output rows b·kWarps + w, then every gridDim.x·kWarps-th row
+// after it, over the segments in order (a grid capped near one wave, so a long head stages its input once per
+// block, not once per 8 rows).
+template <typename T, typename S, int BITS, int N>
+__global__ void __launch_bounds__(kThreads)
+    quant_small_linear_kernel(const T* __restrict__ x, int rows, int64_t K, QSegments<T, S> segs,
+                              const T* residual, const T* norm_w, float eps, T* normed, int cpg_shift) {
+  const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
+  const int64_t groups = (st.C >> cpg_shift), stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int lane = threadIdx.x % 32;
+  int si = 0;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // within segment si
+  for (;;) {
+    while (si < segs.count && row >= segs.s[si].rows) row -= segs.s[si++].rows;
+    if (si == segs.count) return;  // warp-uniform
+    const QSegment<T, S>& seg = segs.s[si];
+    float acc[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n] = 0.0f;
+    dot_row<S, BITS, N>(st, seg.w + row * st.C, seg.scales + row * groups, seg.biases + row * groups, cpg_shift,
+                        acc);
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n] = warp_sum(acc[n]);
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      if (lane != n || n >= rows) continue;
+      const int64_t at = n * seg.rows + row;
+      T y = to<T>(acc[n]);
+      if (seg.bias) y = to<T>(static_cast<float>(y) + static_cast<float>(seg.bias[row]));
+      if (residual) y = to<T>(static_cast<float>(residual[at]) + static_cast<float>(y));
+      seg.out[at] = y;
+    }
+    row += stride;
+  }
+}
+
+template <typename T, typename S, int BITS, int N>
+__global__ void __launch_bounds__(kThreads)
+    quant_small_linear_silu_mul_kernel(const T* __restrict__ x, int rows, int64_t K, QSegment<T, S> gate,
+                                       QSegment<T, S> up, const T* norm_w, float eps, T* normed, int cpg_shift) {
+  const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
+  const int64_t F = gate.rows, groups = (st.C >> cpg_shift), stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < F; row += stride) {
+    float g[N], u[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) g[n] = u[n] = 0.0f;
+    dot_row<S, BITS, N>(st, gate.w + row * st.C, gate.scales + row * groups, gate.biases + row * groups, cpg_shift,
+                        g);
+    dot_row<S, BITS, N>(st, up.w + row * st.C, up.scales + row * groups, up.biases + row * groups, cpg_shift, u);
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      g[n] = warp_sum(g[n]);
+      u[n] = warp_sum(u[n]);
+    }
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      if (lane != n || n >= rows) continue;
+      const float gf = static_cast<float>(to<T>(g[n]));
+      const T silu = to<T>(gf / (1.0f + expf(-gf)));  // kernels/cpu/silu_mul.h's two roundings
+      gate.out[n * F + row] = to<T>(static_cast<float>(silu) * static_cast<float>(to<T>(u[n])));
+    }
+  }
+}
+
+// Blocks for `rows` output rows: one per kWarps rows, at most four per multiprocessor (about one wave).
+unsigned grid_for(int64_t rows) {
+  const int64_t cap = 4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min((rows + kWarps - 1) / kWarps, cap)));
+}
+
+
+template <typename T, typename S>
+QSegment<T, S> segment(const QuantMatrix& w, const at::Tensor& bias, const at::Tensor& out) {
+  QSegment<T, S> s;
+  s.w = reinterpret_cast<const uint4*>(w.wq.data_ptr());
+  s.scales = static_cast<const S*>(w.scales.data_ptr());
+  s.biases = static_cast<const S*>(w.biases.data_ptr());
+  s.bias = bias.defined() ? static_cast<const T*>(bias.data_ptr()) : nullptr;
+  s.out = static_cast<T*>(out.data_ptr());
+  s.rows = w.rows();
+  return s;
+}
+
+// log2 of the chunks per group (a power of two: MLX's group sizes 32, 64, 128 over 128/bits-value chunks).
+int chunk_group_shift(const QuantMatrix& w) {
+  const int64_t cpg = w.group_size / (128 / w.bits);
+  int shift = 0;
+  while ((int64_t{1} << shift) < cpg) ++shift;
+  return shift;
+}
+
+// Runs `f` with x's type T, the scale type S and the bits as compile-time values.
+template <typename F>
+void dispatch(at::ScalarType x_type, at::ScalarType scale_type, int64_t bits, F&& f) {
+  auto with_t = [&](auto t_tag) {
+    using T = decltype(t_tag);
+    auto with_s = [&](auto s_tag) {
+      using S = decltype(s_tag);
+      if (bits == 4) f(T{}, S{}, std::integral_constant<int, 4>{});
+      else f(T{}, S{}, std::integral_constant<int, 8>{});
+    };
+    if (scale_type == at::kFloat) with_s(float{});
+    else if (scale_type == at::kBFloat16) with_s(at::BFloat16{});
+    else with_s(at::Half{});
+  };
+  if (x_type == at::kFloat) with_t(float{});
+  else with_t(at::BFloat16{});
+}
+
+// Checks what the kernel needs beyond the op's contract (which includes quant_small_linear_fits): whole chunks
+// inside groups and 16-byte aligned rows.
+void check_kernel_fit(const QuantMatrix& w, const char* op) {
+  const int64_t vpc = 128 / w.bits, cpg = w.group_size / vpc;
+  RLAIF_CHECK(w.group_size % vpc == 0 && (cpg & (cpg - 1)) == 0 && aligned16(w.wq.data_ptr()),
+              "{}: group size {} must be a power-of-two multiple of {} values with 16-byte aligned rows", op,
+              w.group_size, vpc);
+}
+
+// Runs the statement with `R`, the compile-time row count the kernel runs for N rows: 1, 2, 4 or 8 (the
+// accumulators are registers; padding rows are zeros, never written).
+#define RLAIF_QUANT_ROWS(N, ...)                                   \
+  if ((N) <= 1) { constexpr int R = 1; __VA_ARGS__; }              \
+  else if ((N) <= 2) { constexpr int R = 2; __VA_ARGS__; }         \
+  else if ((N) <= 4) { constexpr int R = 4; __VA_ARGS__; }         \
+  else { constexpr int R = 8; __VA_ARGS__; }
+
+}  // namespace
+
+void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>& weights,
+                             const std::vector<at::Tensor>& biases, const at::Tensor& residual,
+                             const std::vector<at::Tensor>& outs, const InputNorm& norm) {
+  const int64_t N = x.size(0), K = x.size(1);
+  if (N == 0) return;
+  for (const QuantMatrix& w : weights) check_kernel_fit(w, "quant_small_linear");
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const QuantMatrix& w0 = weights[0];
+  int64_t rows = 0;
+  for (const QuantMatrix& w : weights) rows += w.rows();
+  const unsigned grid = grid_for(rows);
+  dispatch(x.scalar_type(), w0.scales.scalar_type(), w0.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
+    using T = decltype(t_tag);
+    using S = decltype(s_tag);
+    constexpr int kBits = decltype(bits_tag)::value;
+    QSegments<T, S> segs;
+    for (size_t i = 0; i < weights.size(); ++i) segs.s[i] = segment<T, S>(weights[i], biases[i], outs[i]);
+    segs.count = static_cast<int>(weights.size());
+    const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
+    T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
+    const T* res = residual.defined() ? static_cast<const T*>(residual.data_ptr()) : nullptr;
+    RLAIF_QUANT_ROWS(N, {
+      auto kernel = quant_small_linear_kernel<T, S, kBits, R>;
+      const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
+      allow_dynamic_smem(kernel, smem, "quant_small_linear");
+      kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs, res, nw,
+                                              static_cast<float>(norm.eps), normed, chunk_group_shift(w0));
+    });
+  });
+  check_launch("quant_small_linear_kernel");
+}
+
+void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& gate, const QuantMatrix& up,
+                                      const at::Tensor& out, const InputNorm& norm) {
+  const int64_t N = x.size(0), K = x.size(1);
+  if (N == 0) return;
+  check_kernel_fit(gate, "quant_small_linear_silu_mul");
+  check_kernel_fit(up, "quant_small_linear_silu_mul");
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const unsigned grid = grid_for(gate.rows());
+  dispatch(x.scalar_type(), gate.scales.scalar_type(), gate.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
+    using T = decltype(t_tag);
+    using S = decltype(s_tag);
+    constexpr int kBits = decltype(bits_tag)::value;
+    const QSegment<T, S> g = segment<T, S>(gate, {}, out), u = segment<T, S>(up, {}, out);
+    const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
+    T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
+    RLAIF_QUANT_ROWS(N, {
+      auto kernel = quant_small_linear_silu_mul_kernel<T, S, kBits, R>;
+      const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
+      allow_dynamic_smem(kernel, smem, "quant_small_linear_silu_mul");
+      kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, g, u, nw,
+                                              static_cast<float>(norm.eps), normed, chunk_group_shift(gate));
+    });
+  });
+  check_launch("quant_small_linear_silu_mul_kernel");
+}
+
+}  // namespace rlaif::kernels

@@ -1,0 +1,165 @@
+// Few-row projections with quantized weights: the CPU reference equals the ATen composition it stands for
+// (transformers' RMSNorm, x · dequant(W)ᵀ in float32 rounded once, `y + bias`, `h + y`, silu(g)·u), and CUDA equals
+// the CPU reference for every row count, both bit widths, the MLX group sizes, all three scale dtypes, and the
+// decode shapes of the 0.5B and 3B models (K = 896, 2048, 4864, 11008).
+#include <gtest/gtest.h>
+
+#include "kernel_test.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/cpu/quant_small_linear.h"
+#include "models/layers.h"
+
+using namespace rlaif;
+
+namespace {
+
+kernels::QuantMatrix quantize(const at::Tensor& w, int64_t bits, int64_t group, at::ScalarType scale_dtype) {
+  const int64_t O = w.size(0), K = w.size(1);
+  kernels::QuantMatrix q{at::empty({O, K * bits / 32}, at::kInt), at::empty({O, K / group}, scale_dtype),
+                         at::empty({O, K / group}, scale_dtype), bits, group};
+  kernels::quantize_affine_cpu(w, bits, group, q.wq, q.scales, q.biases);
+  return q;
+}
+
+kernels::QuantMatrix to_cuda(const kernels::QuantMatrix& q) {
+  return {q.wq.cuda(), q.scales.cuda(), q.biases.cuda(), q.bits, q.group_size};
+}
+
+// x · dequant(W)ᵀ in float32 by ATen, rounded to dt once.
+at::Tensor aten_linear(const at::Tensor& x, const kernels::QuantMatrix& q, at::ScalarType dt) {
+  at::Tensor deq = at::empty({q.rows(), x.size(1)}, at::kFloat);
+  kernels::dequantize_affine_cpu(q.wq, q.scales, q.biases, q.bits, q.group_size, deq);
+  return at::linear(x.to(at::kFloat), deq).to(dt);
+}
+
+at::Tensor rand_weight(int64_t O, int64_t K) { return at::randn({O, K}) * 0.05; }
+
+}  // namespace
+
+TEST(QuantSmallLinearKernel, CpuReferenceEqualsAtenComposition) {
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t bits : {4, 8}) {
+      SCOPED_TRACE(fmt::format("{} bits {}", c10::toString(dt), bits));
+      const int64_t N = 3, K = 256, group = 64;
+      const at::Tensor x = at::randn({N, K}).to(dt), norm_w = (1.0 + at::randn({K}) * 0.1).to(dt);
+      const std::vector<kernels::QuantMatrix> ws = {quantize(rand_weight(96, K), bits, group, at::kBFloat16),
+                                                    quantize(rand_weight(32, K), bits, group, at::kBFloat16),
+                                                    quantize(rand_weight(32, K), bits, group, at::kBFloat16)};
+      const std::vector<at::Tensor> bs = {at::randn({96}).to(dt), at::Tensor(), at::randn({32}).to(dt)};
+      std::vector<at::Tensor> outs;
+      for (const auto& w : ws) outs.push_back(at::full({N, w.rows()}, std::nan(""), x.options()));
+      at::Tensor normed = at::empty_like(x);
+      kernels::quant_small_linear_cpu(x, ws, bs, {}, outs, {norm_w, 1e-6, normed});
+      const at::Tensor xn = layers::rms_norm(x, norm_w, 1e-6);
+      EXPECT_LE(test::rel_err(normed, xn), test::tolerance(dt)) << "normed";
+      for (size_t i = 0; i < ws.size(); ++i) {
+        at::Tensor want = aten_linear(xn, ws[i], dt);
+        if (bs[i].defined()) want = want + bs[i];
+        EXPECT_LE(test::rel_err(outs[i], want), test::tolerance(dt)) << "segment " << i;
+      }
+      // With the residual: h + y.
+      const at::Tensor h = at::randn({N, 96}).to(dt), h_want = h + aten_linear(x, ws[0], dt);
+      at::Tensor h_out = h.clone();
+      kernels::quant_small_linear_cpu(x, {ws[0]}, {at::Tensor()}, h_out, {h_out});
+      EXPECT_LE(test::rel_err(h_out, h_want), test::tolerance(dt)) << "residual";
+      // SwiGLU: silu(gate(x)) · up(x).
+      const kernels::QuantMatrix gate = quantize(rand_weight(80, K), bits, group, at::kBFloat16),
+                                 up = quantize(rand_weight(80, K), bits, group, at::kBFloat16);
+      at::Tensor act = at::empty({N, 80}, x.options());
+      kernels::quant_small_linear_silu_mul_cpu(x, gate, up, act, {norm_w, 1e-6, at::Tensor()});
+      const at::Tensor act_want = at::silu(aten_linear(xn, gate, dt)) * aten_linear(xn, up, dt);
+      EXPECT_LE(test::rel_err(act, act_want), test::tolerance(dt)) << "silu_mul";
+    }
+  }
+}
+
+TEST(QuantSmallLinearKernel, InputsThatDoNotFitTheStagingAreRejected) {
+  EXPECT_TRUE(kernels::quant_small_linear_fits(2, 11008, 4));
+  EXPECT_FALSE(kernels::quant_small_linear_fits(4, 11008, 4));
+  EXPECT_FALSE(kernels::quant_small_linear_fits(9, 64, 4));
+  const kernels::QuantMatrix w = quantize(rand_weight(8, 11008), 4, 64, at::kBFloat16);
+  at::Tensor out = at::empty({4, 8});
+  EXPECT_THROW(kernels::quant_small_linear_cpu(at::randn({4, 11008}), {w}, {at::Tensor()}, {}, {out}), std::exception);
+}
+
+TEST(QuantSmallLinearKernel, CudaEqualsCpuReference) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  struct Shape {
+    int64_t K, O;
+  };
+  // The inputs of the 0.5B (896, down 4864) and 3B (2048, down 11008) projections (outputs cut to keep the CPU
+  // reference quick), and rows of fewer chunks than
+  // lanes (K = 256: 8 chunks at 4 bits).
+  for (const Shape& sh : {Shape{896, 896}, Shape{4864, 264}, Shape{2048, 520}, Shape{11008, 264}, Shape{256, 40}}) {
+    for (int64_t N : {1, 2, 3, 5, 8}) {
+      for (int64_t bits : {4, 8}) {
+        if (!kernels::quant_small_linear_fits(N, sh.K, bits)) continue;
+        for (int64_t group : {32, 64, 128}) {
+          if (sh.K % group != 0) continue;
+          for (at::ScalarType dt : test::activation_dtypes()) {
+            const at::ScalarType sdt = group == 32 ? at::kHalf : group == 64 ? at::kBFloat16 : at::kFloat;
+            SCOPED_TRACE(fmt::format("K {} O {} N {} bits {} group {} x {} scales {}", sh.K, sh.O, N, bits, group,
+                                     c10::toString(dt), c10::toString(sdt)));
+            const at::Tensor x = at::randn({N, sh.K}).to(dt);
+            const kernels::QuantMatrix w = quantize(rand_weight(sh.O, sh.K), bits, group, sdt),
+                                       w2 = quantize(rand_weight(24, sh.K), bits, group, sdt);
+            const at::Tensor bias = at::randn({sh.O}).to(dt);
+            std::vector<at::Tensor> ref = {at::empty({N, sh.O}, x.options()), at::empty({N, 24}, x.options())};
+            kernels::quant_small_linear_cpu(x, {w, w2}, {bias, at::Tensor()}, {}, ref);
+            std::vector<at::Tensor> got = {at::empty({N, sh.O}, x.options().device(at::kCUDA)),
+                                           at::empty({N, 24}, x.options().device(at::kCUDA))};
+            for (auto& g : got) test::poison(g);
+            kernels::quant_small_linear(x.cuda(), {to_cuda(w), to_cuda(w2)}, {bias.cuda(), at::Tensor()}, {}, got);
+            EXPECT_LE(test::rel_err(got[0], ref[0]), test::tolerance(dt)) << "segment 0 (bias)";
+            EXPECT_LE(test::rel_err(got[1], ref[1]), test::tolerance(dt)) << "segment 1";
+            // The residual, in place.
+            const at::Tensor h = at::randn({N, sh.O}).to(dt);
+            at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
+            kernels::quant_small_linear_cpu(x, {w}, {at::Tensor()}, h_ref, {h_ref});
+            kernels::quant_small_linear(x.cuda(), {to_cuda(w)}, {at::Tensor()}, h_gpu, {h_gpu});
+            EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "residual";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(QuantSmallLinearKernel, CudaFusedNormAndSwigluEqualCpuReference) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  for (int64_t K : {896, 2048}) {
+    for (int64_t N : {1, 2, 4, 7}) {
+      for (int64_t bits : {4, 8}) {
+        for (at::ScalarType dt : test::activation_dtypes()) {
+          SCOPED_TRACE(fmt::format("K {} N {} bits {} {}", K, N, bits, c10::toString(dt)));
+          const at::Tensor x = (at::randn({N, K}) * 3).to(dt), norm_w = (1.0 + at::randn({K}) * 0.1).to(dt);
+          const kernels::QuantMatrix q = quantize(rand_weight(K, K), bits, 64, at::kBFloat16),
+                                     k = quantize(rand_weight(128, K), bits, 64, at::kBFloat16),
+                                     gate = quantize(rand_weight(600, K), bits, 64, at::kBFloat16),
+                                     up = quantize(rand_weight(600, K), bits, 64, at::kBFloat16);
+          std::vector<at::Tensor> ref = {at::empty({N, K}, x.options()), at::empty({N, 128}, x.options())};
+          at::Tensor normed_ref = at::empty_like(x);
+          kernels::quant_small_linear_cpu(x, {q, k}, {at::Tensor(), at::Tensor()}, {}, ref, {norm_w, 1e-6, normed_ref});
+          const auto dev = x.options().device(at::kCUDA);
+          std::vector<at::Tensor> got = {at::empty({N, K}, dev), at::empty({N, 128}, dev)};
+          at::Tensor normed = at::empty({N, K}, dev);
+          test::poison(normed);
+          kernels::quant_small_linear(x.cuda(), {to_cuda(q), to_cuda(k)}, {at::Tensor(), at::Tensor()}, {}, got,
+                                      {norm_w.cuda(), 1e-6, normed});
+          EXPECT_LE(test::rel_err(got[0], ref[0]), test::tolerance(dt)) << "q";
+          EXPECT_LE(test::rel_err(got[1], ref[1]), test::tolerance(dt)) << "k";
+          EXPECT_LE(test::rel_err(normed, normed_ref), test::tolerance(dt)) << "normed";
+          at::Tensor act_ref = at::empty({N, 600}, x.options()), act = at::empty({N, 600}, dev);
+          test::poison(act);
+          kernels::quant_small_linear_silu_mul_cpu(x, gate, up, act_ref, {norm_w, 1e-6, at::Tensor()});
+          kernels::quant_small_linear_silu_mul(x.cuda(), to_cuda(gate), to_cuda(up), act,
+                                               {norm_w.cuda(), 1e-6, at::Tensor()});
+          EXPECT_LE(test::rel_err(act, act_ref), test::tolerance(dt)) << "silu_mul";
+        }
+      }
+    }
+  }
+}
