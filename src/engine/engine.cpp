@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "core/logging.h"
 #include "kernels/cpu/paged_attention.h"
+#include "kernels/cpu/quant_small_linear.h"
 #include "kernels/cpu/lora.h"
 #include "kernels/cpu/registry.h"
 #include "kernels/cpu/rms_norm.h"
@@ -380,7 +381,26 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   const double eps = c.rms_norm_eps;
   // A norm of h fused into the few-row launch that reads it (no launch of its own) when h fits its shared memory.
   const bool norm_fuses = gpu && h.numel() * h.element_size() <= K::kSmallLinearNormMaxBytes;
-  // The base outputs of projections sharing in_x: one few-row launch when it can, else layers::project.
+  // Quantized projections (MLX folders, a re-quantized generator) at up to 8 rows on the GPU: the quantized few-row
+  // kernels (kernels/cpu/quant_small_linear.h) when they take every weight of the group ps (same bits, group size
+  // and scale dtype), which `qs` then holds.
+  const bool small_quant = gpu && S <= K::kSmallLinearMaxRows;
+  auto quant_fits = [&](const std::vector<const QuantizedTensor*>& ws, std::vector<K::QuantMatrix>& qs) {
+    qs.clear();
+    for (const QuantizedTensor* q : ws) {
+      if (!small_quant || !q->defined()) return false;
+      qs.push_back({q->wq, q->scales, q->biases, q->bits, q->group_size});
+      if (!K::quant_small_linear_takes(qs.back(), S) || q->bits != qs[0].bits ||
+          q->group_size != qs[0].group_size || q->scales.scalar_type() != qs[0].scales.scalar_type())
+        return false;
+    }
+    return true;
+  };
+  auto quant_group = [&](const LayerWeights& L, const std::vector<Proj>& ps, std::vector<K::QuantMatrix>& qs) {
+    std::vector<const QuantizedTensor*> ws;
+    for (Proj p : ps) ws.push_back(&L.quant[static_cast<int>(p)]);
+    return quant_fits(ws, qs);
+  };
   // Whether projections `ps` reading in_x fit one few-row launch, and that launch (norm: rms_norm of in_x first).
   auto few_row_fits = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small) {
     bool fits = small && ps.size() <= 3;
@@ -420,12 +440,22 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // x materialised (written by that launch) only for the adapters that need it; else x = rms_norm, then project_group.
   auto normed_group = [&](const at::Tensor& norm_w, const LayerWeights& L, const std::vector<Proj>& ps, bool small,
                           at::Tensor& x) {
+    bool lora = false;
+    for (Proj p : ps) lora = lora || adapter(L, p).defined();
+    if (std::vector<K::QuantMatrix> qs; quant_group(L, ps, qs)) {  // the quantized kernels stage the norm themselves
+      x = lora ? at::empty_like(h) : at::Tensor();
+      std::vector<at::Tensor> bs, ys;
+      for (size_t i = 0; i < ps.size(); ++i) {
+        bs.push_back(L.bias(ps[i]));
+        ys.push_back(at::empty({S, qs[i].rows()}, h.options()));
+      }
+      K::quant_small_linear(h, qs, bs, {}, ys, {norm_w, eps, x});
+      return ys;
+    }
     if (!norm_fuses || !few_row_fits(h, L, ps, small)) {
       x = K::rms_norm(h, norm_w, eps);
       return project_group(x, L, ps, small);
     }
-    bool lora = false;
-    for (Proj p : ps) lora = lora || adapter(L, p).defined();
     x = lora ? at::empty_like(h) : at::Tensor();
     return few_row(h, L, ps, {norm_w, eps, x});
   };
@@ -436,6 +466,10 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   };
   // h += project(in_x) (adapter included), the add fused into the projection or the LoRA expand.
   auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
+    if (std::vector<K::QuantMatrix> qs; !adapter(L, p).defined() && quant_group(L, {p}, qs)) {
+      K::quant_small_linear(in_x, qs, {L.bias(p)}, h, {h});
+      return h;
+    }
     if (!adapter(L, p).defined()) {
       if (small_residual && dense(L.weight(p), in_x)) {
         K::small_linear(in_x, {L.weight(p)}, {L.bias(p)}, h, {h});
@@ -475,7 +509,11 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     at::Tensor act = at::empty({S, c.intermediate_size}, h.options());                  // [S, F]
     const bool swiglu = small_gate_up && dense(L.w_gate, h) && dense(L.w_up, h) && !L.b_gate.defined() && !L.b_up.defined() &&
                         !adapter(L, Proj::kGate).defined() && !adapter(L, Proj::kUp).defined();
-    if (swiglu) {
+    std::vector<K::QuantMatrix> qgu;
+    if (!L.b_gate.defined() && !L.b_up.defined() && !adapter(L, Proj::kGate).defined() &&
+        !adapter(L, Proj::kUp).defined() && quant_group(L, {Proj::kGate, Proj::kUp}, qgu)) {
+      K::quant_small_linear_silu_mul(h, qgu[0], qgu[1], act, {L.post_norm, eps, at::Tensor()});
+    } else if (swiglu) {
       const auto [in_x, norm] = norm_input(L.post_norm);
       K::small_linear_silu_mul(in_x, L.w_gate, L.w_up, act, norm);
     } else {
@@ -485,6 +523,11 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
       K::silu_mul(gu[0], gu[1], act);
     }
     h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
+  }
+  if (std::vector<K::QuantMatrix> qs; quant_fits({&W.lm_head_q}, qs)) {
+    at::Tensor logits = at::empty({S, qs[0].rows()}, h.options());
+    K::quant_small_linear(h, qs, {at::Tensor()}, {}, {logits}, {W.final_norm, eps, at::Tensor()});
+    return logits;                                                                      // [S, V]
   }
   if (small_lm_head && !W.lm_head_q.defined() && dense(W.lm_head, h)) {
     at::Tensor logits = at::empty({S, W.lm_head.size(0)}, h.options());

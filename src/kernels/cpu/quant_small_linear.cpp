@@ -2,6 +2,8 @@
 // the spec names: rms_norm, quant_linear, the bias and residual adds, silu_mul) and the device dispatcher.
 #include "kernels/cpu/quant_small_linear.h"
 
+#include <cstdint>
+
 #include "kernels/cpu/common.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/silu_mul.h"
@@ -17,6 +19,13 @@ int64_t quant_small_linear_stage_bytes(int64_t rows, int64_t in_features, int64_
 bool quant_small_linear_fits(int64_t rows, int64_t in_features, int64_t bits) {
   return rows <= kSmallLinearMaxRows && quant_small_linear_stage_bytes(rows, in_features, bits) <=
                                             kQuantSmallLinearStageMaxBytes;
+}
+
+bool quant_small_linear_takes(const QuantMatrix& w, int64_t rows) {
+  if (!w.wq.defined() || w.wq.dim() != 2 || (w.bits != 4 && w.bits != 8) || w.group_size <= 0) return false;
+  const int64_t vpc = 128 / w.bits, cpg = w.group_size / vpc, K = w.wq.size(1) * 32 / w.bits;
+  return w.group_size % vpc == 0 && (cpg & (cpg - 1)) == 0 && w.wq.is_contiguous() && K % vpc == 0 &&
+         reinterpret_cast<uintptr_t>(w.wq.data_ptr()) % 16 == 0 && quant_small_linear_fits(rows, K, w.bits);
 }
 
 namespace {
@@ -39,6 +48,8 @@ void check_weight(const QuantMatrix& w, const at::Tensor& x, const at::Tensor& o
                   w.biases.device() == x.device() && w.scales.scalar_type() == w.biases.scalar_type(),
               "{}: packed weight [{}, {}] with scales/biases [{}, {}] expected for K = {}", op, w.rows(),
               quant_packed_cols(x.size(1), w.bits), w.rows(), x.size(1) / w.group_size, x.size(1));
+  RLAIF_CHECK(quant_small_linear_takes(w, x.size(0)), "{}: the kernels do not take a {}-bit weight of group size {} "
+              "for {} rows of {} (quant_small_linear_takes)", op, w.bits, w.group_size, x.size(0), x.size(1));
   check_same(out, x, op, "out");
   RLAIF_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) && out.size(1) == w.rows(),
               "{}: out must be a contiguous [{}, {}], got {}", op, x.size(0), w.rows(), out.sizes());

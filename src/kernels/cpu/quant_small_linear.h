@@ -26,11 +26,15 @@ struct QuantMatrix {
 constexpr int64_t kQuantSmallLinearStageMaxBytes = 96 * 1024;
 int64_t quant_small_linear_stage_bytes(int64_t rows, int64_t in_features, int64_t bits);
 bool quant_small_linear_fits(int64_t rows, int64_t in_features, int64_t bits);
+// Whether the ops take weight `w` for `rows` input rows: the staging fits, whole 16-byte chunks of packed words lie
+// in one group, a power of two of them per group (MLX's group sizes 32, 64, 128 all do), and the words are
+// contiguous with 16-byte aligned rows. The ops require it of every weight.
+bool quant_small_linear_takes(const QuantMatrix& w, int64_t rows);
 
 // outs[i] [N, O_i] = to(x · dequant(W_i)ᵀ), then + biases[i] (undefined: none) as `y + bias` rounds, for up to 3
 // weights sharing x [N, K]. With `residual` [N, O] (one weight only; may alias outs[0]): out = to(residual + y).
 // With `norm`, x is replaced by rms_norm(x) first (kernels/cpu/small_linear.h InputNorm). x and outs contiguous,
-// float32 or bfloat16, one device; quant_small_linear_fits(N, K, bits).
+// float32 or bfloat16, one device; quant_small_linear_takes(W_i, N) for every weight.
 void quant_small_linear(const at::Tensor& x, const std::vector<QuantMatrix>& weights,
                         const std::vector<at::Tensor>& biases, const at::Tensor& residual,
                         const std::vector<at::Tensor>& outs, const InputNorm& norm = {});
