@@ -1,7 +1,9 @@
 // MLX-quantized projections on the GPU at Qwen2.5-3B shapes (D=2048, F=11008, KV dim 256, 36 layers, vocab
 // 151936): per-layer quant_linear (q4, q8; group 64, bf16 scales) against bf16 at::linear for N = 1 and 64 rows
 // (and, at N = 1, against the engine's own bf16 few-row GEMV, kernels::small_linear, one launch per projection),
-// the tensor-core path quant_linear_mma at N = 64, and live re-quantization of all the model's bf16 weights
+// the tensor-core path quant_linear_mma at N = 64, the engine's fused quantized decode layer at N ≤ 8
+// (quant_small_linear: q/k/v with the input norm, o and down with the residual, gate/up with the norm and SwiGLU;
+// beside the bf16 engine layer of small_linear launches), and live re-quantization of all the model's bf16 weights
 // (quantize_affine into existing buffers). CUDA events, warm-up, median of 20 samples. CPU builds print "no CUDA".
 // Usage: bench_quant [--out results.json]
 #include <ATen/ATen.h>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/quant_small_linear.h"
 #include "kernels/cpu/registry.h"
 #include "kernels/cpu/small_linear.h"
 
@@ -73,7 +76,7 @@ int main(int argc, char** argv) {
   std::vector<at::Tensor> w;
   for (auto [o, i] : shapes) w.push_back(at::randn({o, i}, opt) * 0.02);
   nlohmann::json results = nlohmann::json::array();
-  for (int64_t n : {1, 64}) {
+  for (int64_t n : {1, 2, 8, 64}) {
     const at::Tensor x1 = at::randn({n, kD}, opt), x2 = at::randn({n, kF}, opt);
     auto input = [&](size_t p) { return shapes[p].second == kD ? x1 : x2; };
     const double bf16 = median_ms([&] {
@@ -81,6 +84,19 @@ int main(int argc, char** argv) {
     });
     nlohmann::json row = {{"rows", n}, {"bf16_layer_ms", bf16}};
     if (n <= kernels::kSmallLinearMaxRows) {
+      // The bf16 engine's decode layer at few rows (all on the few-row GEMV: norms and residual adds fused).
+      const at::Tensor norm_w = at::ones({kD}, opt), act = at::empty({n, kF}, opt);
+      at::Tensor h = at::zeros({n, kD}, opt);
+      std::vector<at::Tensor> qkv = {at::empty({n, kD}, opt), at::empty({n, kKvDim}, opt), at::empty({n, kKvDim}, opt)};
+      row["bf16_fused_layer_ms"] = median_ms([&] {
+        kernels::small_linear(x1, {w[0], w[1], w[2]}, {at::Tensor(), at::Tensor(), at::Tensor()}, {}, qkv,
+                              {norm_w, 1e-6, at::Tensor()});
+        kernels::small_linear(x1, {w[3]}, {at::Tensor()}, h, {h});
+        kernels::small_linear_silu_mul(x1, w[4], w[5], act, {norm_w, 1e-6, at::Tensor()});
+        kernels::small_linear(act, {w[6]}, {at::Tensor()}, h, {h});
+      });
+      std::printf("N=%lld: bf16 fused decode layer (small_linear, 4 launches) %.3f ms\n", static_cast<long long>(n),
+                  row["bf16_fused_layer_ms"].get<double>());
       std::vector<at::Tensor> gemv_out;
       for (auto [o, i] : shapes) gemv_out.push_back(at::empty({n, o}, opt));
       row["bf16_gemv_layer_ms"] = median_ms([&] {
@@ -100,14 +116,37 @@ int main(int argc, char** argv) {
       });
       row[fmt::format("q{}_layer_ms", bits)] = ms;
       row[fmt::format("q{}_speedup", bits)] = bf16 / ms;
-      if (n > kernels::kSmallLinearMaxRows) {  // the tensor-core path (not yet the engine's)
-        const double mma = median_ms([&] {
-          for (size_t p = 0; p < w.size(); ++p)
-            kernels::quant_linear_mma(input(p), q[p].wq, q[p].scales, q[p].biases, bits, kGroup, outs[p]);
+      if (n <= kernels::kSmallLinearMaxRows) {
+        // The engine's decode layer at few rows: four launches, norms and residual adds fused.
+        std::vector<kernels::QuantMatrix> m;
+        for (const Packed& pk : q) m.push_back({pk.wq, pk.scales, pk.biases, bits, kGroup});
+        const at::Tensor norm_w = at::ones({kD}, opt), act = at::empty({n, kF}, opt);
+        at::Tensor h = at::zeros({n, kD}, opt);
+        const bool down_fits = kernels::quant_small_linear_takes(m[6], n);
+        const double fused = median_ms([&] {
+          kernels::quant_small_linear(x1, {m[0], m[1], m[2]}, {at::Tensor(), at::Tensor(), at::Tensor()}, {},
+                                      {outs[0], outs[1], outs[2]}, {norm_w, 1e-6, at::Tensor()});
+          kernels::quant_small_linear(x1, {m[3]}, {at::Tensor()}, h, {h});
+          kernels::quant_small_linear_silu_mul(x1, m[4], m[5], act, {norm_w, 1e-6, at::Tensor()});
+          if (down_fits) kernels::quant_small_linear(act, {m[6]}, {at::Tensor()}, h, {h});
+          else kernels::quant_linear(act, q[6].wq, q[6].scales, q[6].biases, bits, kGroup, outs[6]);
         });
-        row[fmt::format("q{}_mma_layer_ms", bits)] = mma;
-        std::printf("N=%lld: q%lld tensor-core path (quant_linear_mma) %.3f ms (%.2fx bf16)\n",
-                    static_cast<long long>(n), static_cast<long long>(bits), mma, bf16 / mma);
+        row[fmt::format("q{}_fused_layer_ms", bits)] = fused;
+        std::printf("N=%lld: q%lld fused decode layer (quant_small_linear, 4 launches%s) %.3f ms (%.2fx bf16 "
+                    "at::linear)\n", static_cast<long long>(n), static_cast<long long>(bits),
+                    down_fits ? "" : ", down unfused", fused, bf16 / fused);
+      }
+      if (n > kernels::kSmallLinearMaxRows) {  // quant_linear's path here is quant_linear_mma; the older one beside it
+        const double dq = median_ms([&] {
+          for (size_t p = 0; p < w.size(); ++p) {
+            at::Tensor wd = at::empty({shapes[p].first, shapes[p].second}, opt);
+            kernels::dequantize_affine(q[p].wq, q[p].scales, q[p].biases, bits, kGroup, wd);
+            at::mm_out(outs[p], input(p), wd.t());
+          }
+        });
+        row[fmt::format("q{}_dequant_cublas_layer_ms", bits)] = dq;
+        std::printf("N=%lld: q%lld dequantize + cuBLAS (the previous path) %.3f ms (%.2fx bf16)\n",
+                    static_cast<long long>(n), static_cast<long long>(bits), dq, bf16 / dq);
       }
     }
     std::printf("N=%lld: one layer's 7 projections bf16 %.3f ms, q4 %.3f ms (%.2fx), q8 %.3f ms (%.2fx)\n",

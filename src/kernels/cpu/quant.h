@@ -22,12 +22,14 @@ void quantize_affine(const at::Tensor& w, int64_t bits, int64_t group_size, cons
 void dequantize_affine(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
                        int64_t group_size, const at::Tensor& out);
 // x [N, K] float32/bfloat16 (last dim contiguous) → out [N, O] contiguous, x's dtype: x · dequant(W)ᵀ with the
-// dequantized weights and the sums in float32.
+// dequantized weights and the sums in float32. On CUDA above 8 rows the weights are rounded to x's dtype first
+// (the tensor-core paths: quant_linear_mma, or dequantize + cuBLAS).
 void quant_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
                   int64_t bits, int64_t group_size, const at::Tensor& out);
 
-// The tensor-core path for more rows (CUDA: mma.sync on W dequantized in registers; the engine does not use it
-// yet, docs/KERNELS.md): quant_linear with W rounded to bfloat16 after dequantization, as the dequantize + cuBLAS
+// The tensor-core path for more rows (CUDA: mma.sync on W dequantized in registers, K split across blocks when the
+// output tiles alone would not fill the GPU; quant_linear takes it for more than 8 bfloat16 rows when the shapes
+// fit, docs/KERNELS.md): quant_linear with W rounded to bfloat16 after dequantization, as the dequantize + cuBLAS
 // path rounds it, and float32 sums. x and out bfloat16, K % 64 == 0, group_size % 16 == 0. On the CPU: W
 // dequantized to bfloat16, then x · Wᵀ in float32.
 void quant_linear_mma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,

@@ -102,6 +102,23 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes, const char* op) {
               attr.sharedSizeBytes, cudaGetErrorString(e));
 }
 
+// The 32/BITS values of one packed word as exact floats: each 4- or 8-bit value is moved by a byte permute into
+// the low mantissa bits of 2^23 (0x4B000000), and 2^23 is subtracted.
+template <int BITS>
+__device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
+  if constexpr (BITS == 4) {
+    const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;  // bytes: values 0,2,4,6 and 1,3,5,7
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[2 * i] = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+      q[2 * i + 1] = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[i] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+  }
+}
+
 // Programmatic dependent launch (kernels/cpu/registry.h): pdl_wait() returns once the kernels this one depends
 // on have finished and their writes are visible (at once without such a launch); pdl_trigger() lets the next
 // kernel start launching. Loads that do not depend on the previous kernel go before pdl_wait().

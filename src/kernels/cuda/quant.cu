@@ -7,6 +7,8 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
+
 #include "kernels/cuda/common.cuh"
 
 namespace rlaif::kernels {
@@ -192,23 +194,6 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t x_stride, const uin
   }
 }
 
-// The 32/BITS values of one packed word as exact floats: each 4- or 8-bit value is moved by a byte permute into
-// the low mantissa bits of 2^23 (0x4B000000), and 2^23 is subtracted.
-template <int BITS>
-__device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
-  if constexpr (BITS == 4) {
-    const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;  // bytes: values 0,2,4,6 and 1,3,5,7
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      q[2 * i] = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
-      q[2 * i + 1] = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
-  }
-}
-
 // A warp per output row o; each lane takes 16-byte chunks of the row's words (128/BITS values, inside one group;
 // 2^cpg_shift chunks per group),
 // U chunks' loads in flight (streaming: weights are read once per step), with their scales and biases. Values are
@@ -321,27 +306,36 @@ __device__ __forceinline__ WSlice<BITS> load_slice(const uint32_t* p) {
   return s;
 }
 
-// Value i (0..15) of a slice.
+// The slice's 16 values in order, as exact floats (unpack_word's byte permute, not a shift, mask and convert each).
 template <int BITS>
-__device__ __forceinline__ float slice_value(const WSlice<BITS>& s, int i) {
+__device__ __forceinline__ void slice_values(const WSlice<BITS>& s, float (&v)[16]) {
   constexpr int kPer = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1;
-  return static_cast<float>((s.w[i / kPer] >> ((i % kPer) * BITS)) & kMask);
+#pragma unroll
+  for (int i = 0; i < BITS / 2; ++i) {
+    float q[kPer];
+    unpack_word<BITS>(s.w[i], q);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) v[i * kPer + j] = q[j];
+  }
 }
 
-// grid (ceil(O / 64), ceil(N / 64)), 128 threads. K % 64 == 0, group % 16 == 0, x rows 16-byte aligned.
+// grid (ceil(O / 64), ceil(N / 64), splits), 128 threads. K % 64 == 0, group % 16 == 0, x rows 16-byte aligned.
+// Split z takes chunks [z·per_split, (z+1)·per_split) of K: with one split the block writes bf16 `out`, else its
+// float32 partial sums to part[z][n][r] (split_reduce_kernel adds them). Splitting K keeps every SM busy when
+// O/64 · N/64 blocks would not (a 2048-row projection at 64 rows is 32 blocks).
 template <typename S, int BITS>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const uint32_t* __restrict__ wq,
                const S* __restrict__ scales, const S* __restrict__ biases, int64_t O, int64_t N, int64_t K,
-               int group, __nv_bfloat16* __restrict__ out) {
+               int group, int per_split, __nv_bfloat16* __restrict__ out, float* __restrict__ part) {
   __shared__ __align__(16) __nv_bfloat16 xs[2][kMmaCols][kXRow];
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMmaRows, n0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t words = K * BITS / 32, groups = K / group;
   const int64_t r0 = m0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two W rows
   const bool ok0 = r0 < O, ok1 = r1 < O;
-  const int chunks = static_cast<int>(K / kMmaK);
+  const int chunk_begin = static_cast<int>(blockIdx.z) * per_split;
+  const int chunk_end = min(static_cast<int>(K / kMmaK), chunk_begin + per_split);
 
   auto load_x = [&](int buf, int chunk) {
     const int64_t k0 = static_cast<int64_t>(chunk) * kMmaK;
@@ -385,13 +379,13 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
     return o;
   };
-  Operand cur = load_operand(0);
-  load_x(0, 0);
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    const int buf = chunk & 1;
+  Operand cur = load_operand(chunk_begin);
+  load_x(0, chunk_begin);
+  for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int buf = (chunk - chunk_begin) & 1;
     // The next chunk's x into the other buffer and its W operand into registers while this one computes.
     Operand next;
-    if (chunk + 1 < chunks) {
+    if (chunk + 1 < chunk_end) {
       load_x(buf ^ 1, chunk + 1);
       next = load_operand(chunk + 1);
     }
@@ -401,20 +395,23 @@ __global__ void __launch_bounds__(kMmaThreads)
     // A fragments of the chunk's 4 k-steps: rows r0 / r1, values 4s .. 4s+3 of the slice (dequantize_kernel's
     // scale·q + bias, rounded to bf16).
     uint32_t a[4][4];
+    float q0[16], q1[16];
+    slice_values<BITS>(w0, q0);
+    slice_values<BITS>(w1, q1);
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
       float v[2][4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        v[0][e] = __fadd_rn(__fmul_rn(s0, slice_value<BITS>(w0, 4 * st + e)), b0);
-        v[1][e] = __fadd_rn(__fmul_rn(s1, slice_value<BITS>(w1, 4 * st + e)), b1);
+        v[0][e] = __fadd_rn(__fmul_rn(s0, q0[4 * st + e]), b0);
+        v[1][e] = __fadd_rn(__fmul_rn(s1, q1[4 * st + e]), b1);
       }
       a[st][0] = pack_bf16(v[0][0], v[0][1]);  // row g, k 2t, 2t+1
       a[st][1] = pack_bf16(v[1][0], v[1][1]);  // row g+8
       a[st][2] = pack_bf16(v[0][2], v[0][3]);  // row g, k 2t+8, 2t+9
       a[st][3] = pack_bf16(v[1][2], v[1][3]);  // row g+8
     }
-    if (chunk + 1 < chunks) cp_async_wait<1>();
+    if (chunk + 1 < chunk_end) cp_async_wait<1>();
     else cp_async_wait<0>();
     __syncthreads();  // this chunk's x tile landed for every thread
 #pragma unroll
@@ -437,9 +434,21 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t n = n0 + j * 8 + 2 * t + (e & 1), r = e < 2 ? r0 : r1;
-      if (n < N && r < O) out[n * O + r] = __float2bfloat16_rn(acc[j][e]);
+      if (n >= N || r >= O) continue;
+      if (part != nullptr) part[(blockIdx.z * N + n) * O + r] = acc[j][e];
+      else out[n * O + r] = __float2bfloat16_rn(acc[j][e]);
     }
   }
+}
+
+// out[i] = bf16(Σ_z part[z][i]) over `splits` partial sums of `count` elements.
+__global__ void split_reduce_kernel(const float* __restrict__ part, int64_t count, int splits,
+                                    __nv_bfloat16* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  float sum = 0.0f;
+  for (int z = 0; z < splits; ++z) sum += part[z * count + i];
+  out[i] = __float2bfloat16_rn(sum);
 }
 
 template <typename F>
@@ -564,9 +573,18 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
               "16-byte aligned rows", K, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(blocks_for(O, kMmaRows), blocks_for(N, kMmaCols));
+  // Split K until the grid holds about three blocks per multiprocessor, each split at least 4 chunks of 64.
+  const int64_t tiles = static_cast<int64_t>(blocks_for(O, kMmaRows)) * blocks_for(N, kMmaCols);
+  const int64_t chunks = K / kMmaK, want = 3 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits = std::max<int64_t>(1, std::min((want + tiles - 1) / tiles, chunks / 4));
+  const int per_split = static_cast<int>((chunks + splits - 1) / splits);
+  splits = (chunks + per_split - 1) / per_split;
+  at::Tensor part;
+  if (splits > 1) part = at::empty({splits, N, O}, x.options().dtype(at::kFloat));
+  const dim3 grid(blocks_for(O, kMmaRows), blocks_for(N, kMmaCols), static_cast<unsigned>(splits));
   const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
   auto* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  float* pp = splits > 1 ? part.data_ptr<float>() : nullptr;
   const auto* w = reinterpret_cast<const uint32_t*>(wq.data_ptr());
   dispatch_scale(scales.scalar_type(), [&](auto s_tag) {
     using S = decltype(s_tag);
@@ -574,12 +592,17 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
     const S* bp = biases.data_ptr<S>();
     if (bits == 4)
       mma_kernel<S, 4><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
-                                                         static_cast<int>(group_size), op);
+                                                         static_cast<int>(group_size), per_split, op, pp);
     else
       mma_kernel<S, 8><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
-                                                         static_cast<int>(group_size), op);
+                                                         static_cast<int>(group_size), per_split, op, pp);
   });
   check_launch("mma_kernel");
+  if (splits > 1) {
+    split_reduce_kernel<<<blocks_for(N * O, kThreads), kThreads, 0, stream>>>(pp, N * O, static_cast<int>(splits),
+                                                                              op);
+    check_launch("split_reduce_kernel");
+  }
 }
 
 void quant_linear_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
@@ -589,7 +612,15 @@ void quant_linear_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tens
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (N > kMaxGemvRows) {
-    // Many rows: one dequantized copy of W in x's dtype, then the tensor cores through cuBLAS.
+    // Many rows, bf16: W dequantized in registers into mma.sync (split over K to fill the GPU), the same bf16-rounded
+    // weights the dequantize + cuBLAS path below multiplies without writing and re-reading them.
+    const int64_t K = x.size(1);
+    if (x.scalar_type() == at::kBFloat16 && K % kMmaK == 0 && group_size % 16 == 0 && x.stride(0) % 8 == 0 &&
+        aligned16(x.data_ptr()) && aligned16(wq.data_ptr())) {
+      quant_linear_mma_cuda(x, wq, scales, biases, bits, group_size, out);
+      return;
+    }
+    // Else one dequantized copy of W in x's dtype, then the tensor cores through cuBLAS.
     at::Tensor w = at::empty({wq.size(0), x.size(1)}, x.options());
     dequantize_affine_cuda(wq, scales, biases, bits, group_size, w);
     at::mm_out(const_cast<at::Tensor&>(out), x, w.t());

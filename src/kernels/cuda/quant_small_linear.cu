@@ -36,27 +36,6 @@ struct QSegments {
   int count = 0;
 };
 
-__device__ __forceinline__ float as_f(float v) { return v; }
-__device__ __forceinline__ float as_f(at::BFloat16 v) { return static_cast<float>(v); }
-__device__ __forceinline__ float as_f(at::Half v) { return static_cast<float>(v); }
-
-// The 32/BITS values of one word as exact floats (each 4- or 8-bit value byte-permuted into the mantissa of 2^23,
-// then 2^23 subtracted), in order.
-template <int BITS>
-__device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
-  if constexpr (BITS == 4) {
-    const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;  // bytes: values 0,2,4,6 and 1,3,5,7
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      q[2 * i] = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
-      q[2 * i + 1] = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
-  }
-}
-
 // Shared-memory layout of the staged rows: x as float4s at [(n · F4 + f) · C + c] for chunk c < C and float4 f <
 // F4 of the chunk (F4 = values per chunk / 4), then the chunk sums at [n · C + c].
 struct Stage {
@@ -149,8 +128,8 @@ __device__ __forceinline__ void dot_row(const Stage& st, const uint4* __restrict
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t c = c0 + u * 32;
       if (c < C) {
-        s[u] = as_f(scales[c >> cpg_shift]);
-        b[u] = as_f(biases[c >> cpg_shift]);
+        s[u] = static_cast<float>(scales[c >> cpg_shift]);
+        b[u] = static_cast<float>(biases[c >> cpg_shift]);
       }
     }
 #pragma unroll
