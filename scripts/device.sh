@@ -22,7 +22,7 @@ log() { echo "[device] $*" | tee -a "$OUT/summary.txt"; }
 pack() {
   local files
   files=$(cd "$OUT" && ls *.log *.json *.csv ncu_detail_*.txt 2>/dev/null)
-  [ -n "$files" ] && tar czf "$OUT/results.tgz" -C "$OUT" $files 2>/dev/null && (cd "$OUT" && rm -f $files)
+  [ -n "$files" ] && tar czf "$OUT/results_${STAGES// /_}.tgz" -C "$OUT" $files 2>/dev/null && (cd "$OUT" && rm -f $files)
   cat "$OUT/summary.txt"
 }
 trap pack EXIT
@@ -99,14 +99,15 @@ fi
 
 if has quant; then
   # Issue 5: quantized projections per layer, re-quantization, and the quantized engine's decode on the 3B shape
-  # (weights quantized on the device after loading) beside the bf16 engine of the bench stage.
+  # (weights quantized on the device after loading) beside the bf16 engine in the same run.
   MD=/tmp/rlaif-bench-models
   "$BUILD/bench/bench_quant" --out "$OUT/bench_quant.json" > "$OUT/bench_quant.log" 2>&1 || log "bench_quant failed"
   tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
   if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
-    for q in q4 q8; do
-      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --quantize $q --out "$OUT/rlaif_generate_3b_$q.json" \
-        > "$OUT/rlaif_generate_3b_$q.log" 2>&1 || log "bench_generate 3b $q failed"
+    for q in bf16 q4 q8; do  # bf16: the same-run baseline
+      args=(); [ $q != bf16 ] && args=(--quantize $q)
+      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" "${args[@]}" \
+        --out "$OUT/rlaif_generate_3b_$q.json" > "$OUT/rlaif_generate_3b_$q.log" 2>&1 || log "bench_generate 3b $q failed"
       sed "s/^/3b $q /" "$OUT/rlaif_generate_3b_$q.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
     done
   fi

@@ -30,11 +30,16 @@ bool quant_small_linear_takes(const QuantMatrix& w, int64_t rows) {
 
 namespace {
 
-void check_x(const at::Tensor& x, int64_t bits, const char* op) {
+bool aligned16(const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// x (and the norm's weight and output) are read and written in 16-byte vectors.
+void check_x(const at::Tensor& x, int64_t bits, const InputNorm& norm, const char* op) {
   check_activation(x, op, "x");
   RLAIF_CHECK(x.dim() == 2 && x.is_contiguous() && quant_small_linear_fits(x.size(0), x.size(1), bits),
               "{}: x must be a contiguous [N, K] with N <= {} whose staging fits {} bytes, got {}", op,
               kSmallLinearMaxRows, kQuantSmallLinearStageMaxBytes, x.sizes());
+  RLAIF_CHECK(aligned16(x) && aligned16(norm.weight) && aligned16(norm.normed),
+              "{}: x, the norm weight and normed must start 16-byte aligned", op);
 }
 
 void check_weight(const QuantMatrix& w, const at::Tensor& x, const at::Tensor& out, const char* op) {
@@ -61,7 +66,7 @@ void check_args(const at::Tensor& x, const std::vector<QuantMatrix>& weights, co
   RLAIF_CHECK(!weights.empty() && weights.size() <= 3 && biases.size() == weights.size() &&
                   outs.size() == weights.size(),
               "{}: 1-3 weights, each with a bias slot and an out", op);
-  check_x(x, weights[0].bits, op);
+  check_x(x, weights[0].bits, norm, op);
   for (size_t i = 0; i < weights.size(); ++i) {
     check_weight(weights[i], x, outs[i], op);
     RLAIF_CHECK(weights[i].bits == weights[0].bits && weights[i].group_size == weights[0].group_size &&
@@ -84,7 +89,7 @@ void check_args(const at::Tensor& x, const std::vector<QuantMatrix>& weights, co
 void check_silu_args(const at::Tensor& x, const QuantMatrix& gate, const QuantMatrix& up, const at::Tensor& out,
                      const InputNorm& norm) {
   const char* op = "quant_small_linear_silu_mul";
-  check_x(x, gate.bits, op);
+  check_x(x, gate.bits, norm, op);
   check_weight(gate, x, out, op);
   check_weight(up, x, out, op);
   RLAIF_CHECK(gate.bits == up.bits && gate.group_size == up.group_size &&

@@ -34,7 +34,8 @@ bool quant_small_linear_takes(const QuantMatrix& w, int64_t rows);
 // outs[i] [N, O_i] = to(x · dequant(W_i)ᵀ), then + biases[i] (undefined: none) as `y + bias` rounds, for up to 3
 // weights sharing x [N, K]. With `residual` [N, O] (one weight only; may alias outs[0]): out = to(residual + y).
 // With `norm`, x is replaced by rms_norm(x) first (kernels/cpu/small_linear.h InputNorm). x and outs contiguous,
-// float32 or bfloat16, one device; quant_small_linear_takes(W_i, N) for every weight.
+// float32 or bfloat16, one device, x (and the norm's weight and normed) 16-byte aligned;
+// quant_small_linear_takes(W_i, N) for every weight.
 void quant_small_linear(const at::Tensor& x, const std::vector<QuantMatrix>& weights,
                         const std::vector<at::Tensor>& biases, const at::Tensor& residual,
                         const std::vector<at::Tensor>& outs, const InputNorm& norm = {});

@@ -1,7 +1,8 @@
-// LoRA shrink and expand, up to three adapters that share an input per launch. Shrink: a warp per (rank column,
-// tile of up to 8 rows), so each A row is read once per tile, not once per row. Expand: a thread per (output
-// column, tile of up to 8 rows): its B row stays in L1 while it serves the tile's rows (B is read once per tile,
-// not once per element), t·Bᵀ over the rank, scaled, rounded, added to the base output (rows of any stride: column
+// LoRA shrink and expand, up to three adapters that share an input per launch. Shrink: a block per (rank column,
+// tile of up to 8 rows), its 256 threads splitting the input dimension in 16-byte vectors (each A row read once
+// per tile, not once per row; enough blocks and loads in flight for an 11008-wide input), a deterministic block
+// sum. Expand: a thread per (output column, tile of rows: 1 up to 8 rows, 4 above), t·Bᵀ over the rank with the B
+// row kept in L1 across the tile's rows, scaled, rounded, added to the base output (rows of any stride: column
 // slices of a packed GEMM's output) and optionally to the residual.
 #include "kernels/cuda/lora.h"
 
@@ -15,7 +16,7 @@ using namespace cuda_detail;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 256;
-constexpr int kRowTile = 8;  // rows a shrink warp or an expand thread serves
+constexpr int kShrinkTile = 8;  // rows a shrink block serves
 
 struct ShrinkArgs {
   const float* a[3];
@@ -33,33 +34,50 @@ struct ExpandArgs {
   int count;
 };
 
-// Warp (col, tile): t[s, col] = Σ_d x[s, d] · a_col[d] for the tile's rows s, float32 sums (lane-strided, then
-// the warp sum).
-template <typename T>
+// Block (col, tile): t[s, col] = Σ_d x[s, d] · a_col[d] for the tile's rows s, float32 sums: each thread over its
+// VEC-wide vectors of d (VEC = 1 when rows or A are not 16-byte aligned), then warp and block sums in a fixed order.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restrict__ x, int64_t S, int64_t D,
                                                                 ShrinkArgs args, float* t, int64_t R) {
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // tile * R + col
-  const int64_t tiles = (S + kRowTile - 1) / kRowTile;
-  if (item >= tiles * R) return;  // warp-uniform
-  const int64_t col = item % R, s0 = item / R * kRowTile;
-  const int rows = static_cast<int>(min(static_cast<int64_t>(kRowTile), S - s0));
+  const int64_t col = blockIdx.x, s0 = static_cast<int64_t>(blockIdx.y) * kShrinkTile;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(kShrinkTile), S - s0));
   int64_t j = col;
   int i = 0;
   while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
   const float* a = args.a[i] + j * D;
   const T* xs = x + s0 * D;
-  float acc[kRowTile] = {};
-  for (int64_t d = threadIdx.x % 32; d < D; d += 32) {
-    const float av = a[d];
+  float acc[kShrinkTile] = {};
+  for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += kThreads * VEC) {
+    float av[VEC];
+    if constexpr (VEC == 1) {
+      av[0] = a[d];
+    } else {
 #pragma unroll
-    for (int r = 0; r < kRowTile; ++r)
-      if (r < rows) acc[r] += static_cast<float>(xs[r * D + d]) * av;
+      for (int v = 0; v < VEC; v += 4) {
+        const float4 f = *reinterpret_cast<const float4*>(a + d + v);
+        av[v] = f.x, av[v + 1] = f.y, av[v + 2] = f.z, av[v + 3] = f.w;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kShrinkTile; ++r) {
+      if (r >= rows) break;
+      const Vec<T, VEC> xv = load_vec<T, VEC>(xs + r * D + d);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[r] += static_cast<float>(xv.v[v]) * av[v];
+    }
   }
+  __shared__ float part[kWarps][kShrinkTile];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int r = 0; r < kRowTile; ++r) {
-    if (r >= rows) break;  // warp-uniform
+  for (int r = 0; r < kShrinkTile; ++r) {
     const float v = warp_sum(acc[r]);
-    if (threadIdx.x % 32 == 0) t[(s0 + r) * R + col] = v;
+    if (lane == 0) part[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < rows) {
+    float sum = 0.0f;
+    for (int w = 0; w < kWarps; ++w) sum += part[w][threadIdx.x];
+    t[(s0 + threadIdx.x) * R + col] = sum;
   }
 }
 
@@ -67,15 +85,15 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restri
 // b_i[o, j])), plus the residual (contiguous [S, O]) when given.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lora_expand_kernel(const float* __restrict__ t, int64_t S, int64_t R,
-                                                                ExpandArgs<T> args, const T* residual) {
+                                                                ExpandArgs<T> args, const T* residual, int tile) {
   int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   int i = 0;
   while (i < args.count && o >= args.rows[i]) o -= args.rows[i++];
   if (i == args.count) return;
   const int64_t O = args.rows[i], r = args.rank[i];
   const float* b = args.b[i] + o * r;
-  const int64_t s_end = min(S, (static_cast<int64_t>(blockIdx.y) + 1) * kRowTile);
-  for (int64_t s = static_cast<int64_t>(blockIdx.y) * kRowTile; s < s_end; ++s) {
+  const int64_t s_end = min(S, (static_cast<int64_t>(blockIdx.y) + 1) * tile);
+  for (int64_t s = static_cast<int64_t>(blockIdx.y) * tile; s < s_end; ++s) {
     const float* ts = t + s * R + args.col[i];
     float d = 0.0f;
     for (int64_t j = 0; j < r; ++j) d += ts[j] * b[j];
@@ -97,10 +115,15 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   }
   args.count = static_cast<int>(a.size());
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t tiles = (S + kRowTile - 1) / kRowTile;
-  const unsigned grid = static_cast<unsigned>((tiles * R + kWarps - 1) / kWarps);
-  lora_shrink_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<T>(), S, D, args,
-                                                                                t.data_ptr<float>(), R);
+  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>((S + kShrinkTile - 1) / kShrinkTile));
+  constexpr int kVec = 16 / sizeof(T);
+  bool vec = D % kVec == 0 && aligned16(x.data_ptr());
+  for (const auto& ai : a) vec = vec && aligned16(ai.data_ptr());  // rows of D floats: aligned when D % 4 == 0
+  auto* stream = at::cuda::getCurrentCUDAStream().stream();
+  if (vec)
+    lora_shrink_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, t.data_ptr<float>(), R);
+  else
+    lora_shrink_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, t.data_ptr<float>(), R);
   check_launch("lora_shrink_kernel");
 }
 
@@ -126,10 +149,11 @@ void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::ve
   args.count = static_cast<int>(b.size());
   if (total == 0 || S == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
-  const dim3 grid(static_cast<unsigned>((total + kThreads - 1) / kThreads),
-                  static_cast<unsigned>((S + kRowTile - 1) / kRowTile));
+  // One row per thread up to 8 rows (enough threads for the few-row decode), 4 above (B read a quarter as often).
+  const int tile = S <= 8 ? 1 : 4;
+  const dim3 grid(static_cast<unsigned>((total + kThreads - 1) / kThreads), static_cast<unsigned>((S + tile - 1) / tile));
   lora_expand_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      t.data_ptr<float>(), S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr);
+      t.data_ptr<float>(), S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
   check_launch("lora_expand_kernel");
 }
 

@@ -1,6 +1,7 @@
 // Few-row projections with MLX affine-quantized weights: one warp per output row (a SwiGLU warp takes the gate and
 // the up row), lanes over the row's 16-byte chunks of packed words (32 values at 4 bits, 16 at 8; a chunk lies in
-// one group), four chunks a lane in flight (two from 4 rows on). Every block first stages the N ≤ 8 input rows in shared memory as
+// one group), four chunks a lane in flight (two from 4 rows on), the warp's row and its next one prefetched to L2
+// ahead (the first before the staging). Every block first stages the N ≤ 8 input rows in shared memory as
 // float32 — normalised by the fused RMSNorm when there is one — together with each chunk's sum of x, so a chunk
 // costs Σ x·q per row plus one s·Σx·q + b·Σx: the dequantization's scale and bias leave the inner loop. x is laid
 // out chunk-interleaved ([row][float4 of the chunk][chunk]), so the 32 lanes' reads of their chunks' x are
@@ -45,28 +46,31 @@ struct Stage {
 };
 
 // Stages the rows of x [rows, K] (rms_norm(x) with norm_w; block 0 also writes those rows to `normed`) as the
-// first `rows` of N (the rest zeros: the kernels run N = 1, 2, 4 or 8 and never write the padding rows). Every
-// thread calls it; it ends with a barrier.
+// first `rows` of N (the rest zeros: the kernels run N = 1, 2, 4 or 8 and never write the padding rows). All
+// threads take 16-byte vectors of x (VEC values); the IPC = VPC / VEC consecutive lanes holding one chunk add their
+// sums by shuffles. Every thread calls it; it ends with a barrier.
 template <typename T, int N, int VPC>
 __device__ __forceinline__ Stage stage_rows(const T* __restrict__ x, int rows, int64_t K,
                                             const T* __restrict__ norm_w, float eps, T* normed) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int kF4 = VPC / 4;
-  const int64_t C = K / VPC;
+  constexpr int kF4 = VPC / 4, kVec = 16 / sizeof(T), kIpc = VPC / kVec;
+  static_assert(kIpc >= 1 && 32 % kIpc == 0 && kVec % 4 == 0, "a chunk is whole vectors of x within one warp");
+  const int64_t C = K / VPC, KV = K / kVec;
   Stage st{reinterpret_cast<float4*>(smem_raw), nullptr, C};
   st.sums = reinterpret_cast<float*>(st.x + N * kF4 * C);
   __shared__ float scale[N];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (norm_w != nullptr) {
-    // Row n's sum of squares by the warps n, n + N, ... (RMSNorm's float32 sum; kernels/cpu/rms_norm.h).
+    // Row n's sum of squares by the warps n·kWpr .. (RMSNorm's float32 sum; kernels/cpu/rms_norm.h).
     __shared__ float part[kWarps];
     constexpr int kWpr = kWarps / N > 0 ? kWarps / N : 1;
     const int n = warp / kWpr;
     float ss = 0.0f;
     if (n < rows)
-      for (int64_t k = (warp % kWpr) * 32 + lane; k < K; k += kWpr * 32) {
-        const float v = static_cast<float>(x[n * K + k]);
-        ss += v * v;
+      for (int64_t v = (warp % kWpr) * 32 + lane; v < KV; v += kWpr * 32) {
+        const Vec<T, kVec> xv = load_vec<T, kVec>(x + n * K + v * kVec);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) ss += static_cast<float>(xv.v[e]) * static_cast<float>(xv.v[e]);
       }
     ss = warp_sum(ss);
     if (lane == 0) part[warp] = ss;
@@ -78,35 +82,59 @@ __device__ __forceinline__ Stage stage_rows(const T* __restrict__ x, int rows, i
     }
     __syncthreads();
   }
-  // One thread per (row, chunk): its VPC values converted (normalised), stored as float4s, and summed.
-  for (int64_t item = threadIdx.x; item < N * C; item += kThreads) {
-    const int n = static_cast<int>(item / C);
-    const int64_t c = item % C, k0 = c * VPC;
+  // Item (row n, vector v): its values converted (normalised) into their chunk's float4s; the chunk's lanes sum.
+  const int64_t total = N * KV;
+  for (int64_t i0 = 0; i0 < total; i0 += kThreads) {  // same trip count in every lane: the shuffles see all 32
+    const int64_t item = i0 + threadIdx.x;
+    const int n = static_cast<int>(item / KV);
+    const int64_t k0 = (item % KV) * kVec, c = k0 / VPC;
     float sum = 0.0f;
-#pragma unroll
-    for (int f = 0; f < kF4; ++f) {
-      float v[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t k = k0 + f * 4 + e;
-        if (n >= rows) {
-          v[e] = 0.0f;
-          continue;
-        }
-        T a = x[n * K + k];
+    if (item < total) {
+      float v[kVec];
+      if (n < rows) {
+        Vec<T, kVec> xv = load_vec<T, kVec>(x + n * K + k0);
         if (norm_w != nullptr) {
-          a = rms_apply(a, norm_w[k], scale[n]);
-          if (normed != nullptr && blockIdx.x == 0) normed[n * K + k] = a;
+          const Vec<T, kVec> wv = load_vec<T, kVec>(norm_w + k0);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) xv.v[e] = rms_apply(xv.v[e], wv.v[e], scale[n]);
+          if (normed != nullptr && blockIdx.x == 0) store_vec<T, kVec>(normed + n * K + k0, xv);
         }
-        v[e] = static_cast<float>(a);
-        sum += v[e];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          v[e] = static_cast<float>(xv.v[e]);
+          sum += v[e];
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) v[e] = 0.0f;
       }
-      st.x[(n * kF4 + f) * C + c] = make_float4(v[0], v[1], v[2], v[3]);
+      const int f0 = static_cast<int>(k0 % VPC) / 4;
+#pragma unroll
+      for (int f = 0; f < kVec / 4; ++f)
+        st.x[(n * kF4 + f0 + f) * C + c] = make_float4(v[4 * f], v[4 * f + 1], v[4 * f + 2], v[4 * f + 3]);
     }
-    st.sums[n * C + c] = sum;
+#pragma unroll
+    for (int off = 1; off < kIpc; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (item < total && lane % kIpc == 0) st.sums[n * C + c] = sum;
   }
   __syncthreads();
   return st;
+}
+
+// Sends a weight row (`bytes` of packed words) and its scales and biases towards L2 (one prefetch per 128-byte
+// line, spread over the lanes): issued before the staging or the previous row's arithmetic, so the row's loads
+// then wait on L2, not on memory.
+__device__ __forceinline__ void prefetch_row(const void* w, int64_t bytes, const void* sb0, const void* sb1,
+                                             int64_t sb_bytes) {
+  const char* p = static_cast<const char*>(w);
+  for (int64_t off = (threadIdx.x % 32) * 128; off < bytes; off += 32 * 128)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + off));
+  if (threadIdx.x % 32 == 0) {
+    for (int64_t off = 0; off < sb_bytes; off += 128) {
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(sb0) + off));
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(sb1) + off));
+    }
+  }
 }
 
 // acc[n] += Σ over row `w`'s chunks of s·Σ x·q + b·Σ x (this lane's chunks lane, lane + 32, ...), not warp-summed.
@@ -169,14 +197,29 @@ template <typename T, typename S, int BITS, int N>
 __global__ void __launch_bounds__(kThreads)
     quant_small_linear_kernel(const T* __restrict__ x, int rows, int64_t K, QSegments<T, S> segs,
                               const T* residual, const T* norm_w, float eps, T* normed, int cpg_shift) {
+  const int64_t C = K * BITS / 128, groups = C >> cpg_shift, stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  // Row r (counted over all segments) → its segment and row within it; si == count past the last.
+  auto locate = [&](int64_t r, int& si) {
+    si = 0;
+    while (si < segs.count && r >= segs.s[si].rows) r -= segs.s[si++].rows;
+    return r;
+  };
+  auto prefetch = [&](int64_t r) {
+    int si;
+    r = locate(r, si);
+    if (si < segs.count)
+      prefetch_row(segs.s[si].w + r * C, C * 16, segs.s[si].scales + r * groups, segs.s[si].biases + r * groups,
+                   groups * static_cast<int64_t>(sizeof(S)));
+  };
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  prefetch(first);
   const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
-  const int64_t groups = (st.C >> cpg_shift), stride = static_cast<int64_t>(gridDim.x) * kWarps;
   const int lane = threadIdx.x % 32;
-  int si = 0;
-  int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;  // within segment si
-  for (;;) {
-    while (si < segs.count && row >= segs.s[si].rows) row -= segs.s[si++].rows;
+  for (int64_t r = first;; r += stride) {
+    int si;
+    const int64_t row = locate(r, si);
     if (si == segs.count) return;  // warp-uniform
+    prefetch(r + stride);
     const QSegment<T, S>& seg = segs.s[si];
     float acc[N];
 #pragma unroll
@@ -194,7 +237,6 @@ __global__ void __launch_bounds__(kThreads)
       if (residual) y = to<T>(static_cast<float>(residual[at]) + static_cast<float>(y));
       seg.out[at] = y;
     }
-    row += stride;
   }
 }
 
@@ -202,10 +244,20 @@ template <typename T, typename S, int BITS, int N>
 __global__ void __launch_bounds__(kThreads)
     quant_small_linear_silu_mul_kernel(const T* __restrict__ x, int rows, int64_t K, QSegment<T, S> gate,
                                        QSegment<T, S> up, const T* norm_w, float eps, T* normed, int cpg_shift) {
+  const int64_t F = gate.rows, C = K * BITS / 128, groups = C >> cpg_shift;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  auto prefetch = [&](int64_t r) {
+    if (r >= F) return;
+    const int64_t sb = groups * static_cast<int64_t>(sizeof(S));
+    prefetch_row(gate.w + r * C, C * 16, gate.scales + r * groups, gate.biases + r * groups, sb);
+    prefetch_row(up.w + r * C, C * 16, up.scales + r * groups, up.biases + r * groups, sb);
+  };
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  prefetch(first);
   const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
-  const int64_t F = gate.rows, groups = (st.C >> cpg_shift), stride = static_cast<int64_t>(gridDim.x) * kWarps;
   const int lane = threadIdx.x % 32;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < F; row += stride) {
+  for (int64_t row = first; row < F; row += stride) {
+    prefetch(row + stride);
     float g[N], u[N];
 #pragma unroll
     for (int n = 0; n < N; ++n) g[n] = u[n] = 0.0f;
