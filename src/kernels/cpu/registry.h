@@ -80,11 +80,11 @@ void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
 // Which CUDA few-row GEMV small_linear / small_linear_silu_mul launch (EngineOptions::few_row_kernel):
-// kStreaming (default; the session-4 kernel: norm first, then rounds of register loads) or kStaged (each warp's
-// whole share of its weight rows requested into shared memory before the fused norm and the wait for the previous
-// kernel). Measured in one H200 run (docs/PERFORMANCE.md, session 5): staged is faster for the 0.5B shape at
-// batch 1 (751 vs 690 tok/s) and slower for the 3B shape (276 vs 294), so it is opt-in. Same results either way
-// (CPU reference, parity tests).
+// kStreaming (the process default; the session-4 kernel: norm first, then rounds of register loads) or kStaged
+// (each warp's whole share of its weight rows requested into shared memory before the fused norm and the wait for
+// the previous kernel; the engine's default since session 6, which also sends only q/k/v and gate/up to these
+// GEMVs: EngineOptions). Session 5 (H200, every projection on the GEMV): staged faster for the 0.5B shape at batch
+// 1 (751 vs 690 tok/s), slower for the 3B shape (276 vs 294). Same results either way (CPU reference, parity tests).
 enum class FewRowKernel { kStaged, kStreaming };
 void set_few_row_kernel(FewRowKernel k);
 FewRowKernel few_row_kernel();
