@@ -1,7 +1,7 @@
 // Few-row projections with quantized weights: the CPU reference equals the ATen composition it stands for
 // (transformers' RMSNorm, x · dequant(W)ᵀ in float32 rounded once, `y + bias`, `h + y`, silu(g)·u), and CUDA equals
 // the CPU reference for every row count, both bit widths, the MLX group sizes, all three scale dtypes, and the
-// decode shapes of the 0.5B and 3B models (K = 896, 2048, 4864, 11008).
+// decode shapes of the 0.5B and 3B models (K = 896, 2048, 4864, 11008), with grids that make warps take several rows.
 #include <gtest/gtest.h>
 
 #include "kernel_test.h"
@@ -92,12 +92,15 @@ TEST(QuantSmallLinearKernel, CudaEqualsCpuReference) {
   // The inputs of the 0.5B (896, down 4864) and 3B (2048, down 11008) projections (outputs cut to keep the CPU
   // reference quick), and rows of fewer chunks than
   // lanes (K = 256: 8 chunks at 4 bits).
-  for (const Shape& sh : {Shape{896, 896}, Shape{4864, 264}, Shape{2048, 520}, Shape{11008, 264}, Shape{256, 40}}) {
+  // Past the grid's 16 blocks per SM (2112 on an H100, 16896 rows or row parts): 20000 rows of 256 inputs, and
+  // 5000 rows of 11008 split over 4 or 8 warps each.
+  for (const Shape& sh : {Shape{896, 896}, Shape{4864, 264}, Shape{2048, 520}, Shape{11008, 264}, Shape{256, 40},
+                          Shape{256, 20000}, Shape{11008, 5000}}) {
     for (int64_t N : {1, 2, 3, 5, 8}) {
       for (int64_t bits : {4, 8}) {
         if (!kernels::quant_small_linear_fits(N, sh.K, bits)) continue;
         for (int64_t group : {32, 64, 128}) {
-          if (sh.K % group != 0) continue;
+          if (sh.K % group != 0 || (sh.O > 1000 && group != 64)) continue;
           for (at::ScalarType dt : test::activation_dtypes()) {
             const at::ScalarType sdt = group == 32 ? at::kHalf : group == 64 ? at::kBFloat16 : at::kFloat;
             SCOPED_TRACE(fmt::format("K {} O {} N {} bits {} group {} x {} scales {}", sh.K, sh.O, N, bits, group,
@@ -120,6 +123,13 @@ TEST(QuantSmallLinearKernel, CudaEqualsCpuReference) {
             kernels::quant_small_linear_cpu(x, {w}, {at::Tensor()}, h_ref, {h_ref});
             kernels::quant_small_linear(x.cuda(), {to_cuda(w)}, {at::Tensor()}, h_gpu, {h_gpu});
             EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "residual";
+            // SwiGLU over the same rows (gate w, up another weight of its shape), no norm.
+            const kernels::QuantMatrix up = quantize(rand_weight(sh.O, sh.K), bits, group, sdt);
+            at::Tensor act_ref = at::empty({N, sh.O}, x.options()), act = at::empty({N, sh.O}, x.options().device(at::kCUDA));
+            test::poison(act);
+            kernels::quant_small_linear_silu_mul_cpu(x, w, up, act_ref);
+            kernels::quant_small_linear_silu_mul(x.cuda(), to_cuda(w), to_cuda(up), act);
+            EXPECT_LE(test::rel_err(act, act_ref), test::tolerance(dt)) << "silu_mul";
           }
         }
       }
