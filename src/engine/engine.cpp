@@ -14,9 +14,9 @@
 
 #include "core/error.h"
 #include "core/logging.h"
+#include "kernels/cpu/lora.h"
 #include "kernels/cpu/paged_attention.h"
 #include "kernels/cpu/quant_small_linear.h"
-#include "kernels/cpu/lora.h"
 #include "kernels/cpu/registry.h"
 #include "kernels/cpu/rms_norm.h"
 #include "kernels/cpu/sample.h"

@@ -18,7 +18,9 @@ namespace rlaif::kernels {
 // with the online-softmax rescaling, so it keeps p in float32 (exp(score − m_partition), never rounded to the dtype):
 // in float32 it equals the above up to summation order; in bfloat16 it is the more precise of the two. Requires n <= max_blocks * block_size and n <= max_context, the
 // bound the CUDA grid is sized for (it reads no more than max_context tokens, so a captured CUDA graph stays
-// valid while the lengths change below it; the CUDA side cannot check n without a sync).
+// valid while the lengths change below it; the CUDA side cannot check n without a sync). The CUDA kernel meets its
+// partitions through one per-device buffer of arrival counters that every launch leaves at zero: launches on one
+// device must not run concurrently on two streams (the engine's decode step runs them in order on one).
 // q [S, H, hd] (any row stride, contiguous [H, hd] rows); caches [num_blocks * block_size, KV, hd] contiguous;
 // block_tables int32 [S, max_blocks] (row stride free); context_lens int32 [S]; out [S, H, hd] contiguous.
 void paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
