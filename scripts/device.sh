@@ -133,7 +133,10 @@ if [[ " $STAGES " == *" profile "* ]]; then
     IFS=: read -r s b skip <<< "$spec"   # shape:batch[:launches to skip before the window]
     [ -f "$MD/qwen2.5-$s-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
       --shapes $s --batches 1 --new 8 > /dev/null 2>&1
-    timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum --launch-skip ${skip:-${RLAIF_PROFILE_SKIP:-4000}} \
+    # RLAIF_PROFILE_KERNELS (a regex) profiles only the kernels it names, wherever they fall (e.g. the decode
+    # step's kernels without a skip that depends on the prefill's launch count).
+    timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum ${RLAIF_PROFILE_KERNELS:+-k "regex:$RLAIF_PROFILE_KERNELS"} \
+      --launch-skip ${skip:-${RLAIF_PROFILE_SKIP:-4000}} \
       --launch-count ${RLAIF_PROFILE_COUNT:-600} "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" \
       --batches $b --new 64 ${RLAIF_PROFILE_ARGS:-} > "$OUT/ncu_${s}_b$b.csv" 2> "$OUT/ncu_${s}_b$b.log" || log "ncu $s b$b failed"
     log "profile $s batch $b (ncu window):"
