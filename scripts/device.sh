@@ -103,6 +103,8 @@ if has quant; then
   MD=/tmp/rlaif-bench-models
   "$BUILD/bench/bench_quant" --out "$OUT/bench_quant.json" > "$OUT/bench_quant.log" 2>&1 || log "bench_quant failed"
   tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
+  [ -f "$MD/qwen2.5-3b-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
+    --shapes 3b --save-only > /dev/null 2>&1
   if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
     for q in bf16 q4 q8; do  # bf16: the same-run baseline
       args=(); [ $q != bf16 ] && args=(--quantize $q)
