@@ -43,19 +43,6 @@ void store_float(const at::Tensor& t, int64_t i, float v) {
 
 const uint32_t* words(const at::Tensor& wq) { return static_cast<const uint32_t*>(wq.data_ptr()); }
 
-void check_packed(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
-                  int64_t group_size, const char* op) {
-  RLAIF_CHECK(wq.defined() && is_word_dtype(wq) && wq.dim() == 2 && wq.is_contiguous(),
-              "{}: wq must be a contiguous uint32/int32 [O, K*bits/32] tensor", op);
-  const int64_t O = wq.size(0), K = wq.size(1) * 32 / bits;
-  check_quant_params(K, bits, group_size);
-  for (const at::Tensor* t : {&scales, &biases})
-    RLAIF_CHECK(t->defined() && is_float_dtype(*t) && t->is_contiguous() && t->dim() == 2 && t->size(0) == O &&
-                    t->size(1) == K / group_size && t->device() == wq.device(),
-                "{}: scales/biases must be contiguous float [{}, {}] on {}", op, O, K / group_size, wq.device().str());
-  RLAIF_CHECK(scales.scalar_type() == biases.scalar_type(), "{}: scales and biases differ in dtype", op);
-}
-
 // Dequantizes row o of W into `row` (K floats): scale·q + bias, product and sum each rounded to float32.
 void dequant_row(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
                  int64_t group_size, int64_t o, float* row) {
@@ -75,6 +62,19 @@ void dequant_row(const at::Tensor& wq, const at::Tensor& scales, const at::Tenso
 
 }  // namespace
 
+void check_quant_packed(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
+                  int64_t group_size, const char* op) {
+  RLAIF_CHECK(wq.defined() && is_word_dtype(wq) && wq.dim() == 2 && wq.is_contiguous(),
+              "{}: wq must be a contiguous uint32/int32 [O, K*bits/32] tensor", op);
+  const int64_t O = wq.size(0), K = wq.size(1) * 32 / bits;
+  check_quant_params(K, bits, group_size);
+  for (const at::Tensor* t : {&scales, &biases})
+    RLAIF_CHECK(t->defined() && is_float_dtype(*t) && t->is_contiguous() && t->dim() == 2 && t->size(0) == O &&
+                    t->size(1) == K / group_size && t->device() == wq.device(),
+                "{}: scales/biases must be contiguous float [{}, {}] on {}", op, O, K / group_size, wq.device().str());
+  RLAIF_CHECK(scales.scalar_type() == biases.scalar_type(), "{}: scales and biases differ in dtype", op);
+}
+
 int64_t quant_packed_cols(int64_t in_features, int64_t bits) { return in_features * bits / 32; }
 
 void check_quant_params(int64_t in_features, int64_t bits, int64_t group_size) {
@@ -89,7 +89,7 @@ void quantize_affine_cpu(const at::Tensor& w, int64_t bits, int64_t group_size, 
   RLAIF_CHECK(w.defined() && is_float_dtype(w) && w.dim() == 2 && w.is_contiguous() && w.is_cpu(),
               "quantize_affine_cpu: w must be a contiguous float [O, K] CPU tensor");
   const int64_t O = w.size(0), K = w.size(1);
-  check_packed(wq, scales, biases, bits, group_size, "quantize_affine");
+  check_quant_packed(wq, scales, biases, bits, group_size, "quantize_affine");
   RLAIF_CHECK(wq.size(0) == O && wq.size(1) == quant_packed_cols(K, bits), "quantize_affine: wq shape {} for w {}",
               wq.sizes(), w.sizes());
   const float n_bins = static_cast<float>((1 << bits) - 1), eps = 1e-7f;
@@ -132,7 +132,7 @@ void quantize_affine_cpu(const at::Tensor& w, int64_t bits, int64_t group_size, 
 
 void dequantize_affine_cpu(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
                            int64_t group_size, const at::Tensor& out) {
-  check_packed(wq, scales, biases, bits, group_size, "dequantize_affine");
+  check_quant_packed(wq, scales, biases, bits, group_size, "dequantize_affine");
   RLAIF_CHECK(wq.is_cpu(), "dequantize_affine_cpu: tensors must be on the CPU");
   const int64_t O = wq.size(0), K = wq.size(1) * 32 / bits;
   RLAIF_CHECK(out.defined() && is_float_dtype(out) && out.is_contiguous() && out.dim() == 2 && out.size(0) == O &&
@@ -151,7 +151,7 @@ void quant_linear_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tenso
                       int64_t bits, int64_t group_size, const at::Tensor& out) {
   check_activation(x, "quant_linear", "x");
   check_same(out, x, "quant_linear", "out");
-  check_packed(wq, scales, biases, bits, group_size, "quant_linear");
+  check_quant_packed(wq, scales, biases, bits, group_size, "quant_linear");
   RLAIF_CHECK(x.is_cpu() && wq.is_cpu(), "quant_linear_cpu: tensors must be on the CPU");
   const int64_t N = x.size(0), K = x.size(1), O = wq.size(0);
   RLAIF_CHECK(x.dim() == 2 && x.stride(1) == 1 && K == wq.size(1) * 32 / bits,
@@ -182,7 +182,7 @@ void quantize_affine(const at::Tensor& w, int64_t bits, int64_t group_size, cons
   if (!w.is_cuda()) return quantize_affine_cpu(w, bits, group_size, wq, scales, biases);
   RLAIF_CHECK(w.dim() == 2 && w.is_contiguous() && is_float_dtype(w) && wq.device() == w.device(),
               "quantize_affine: w must be a contiguous float [O, K] tensor on wq's device");
-  check_packed(wq, scales, biases, bits, group_size, "quantize_affine");
+  check_quant_packed(wq, scales, biases, bits, group_size, "quantize_affine");
   RLAIF_CHECK(wq.size(0) == w.size(0) && wq.size(1) == quant_packed_cols(w.size(1), bits),
               "quantize_affine: wq shape {} for w {}", wq.sizes(), w.sizes());
   cuda_kernel(&KernelRegistry::quantize_affine_cuda, "quantize_affine")(w, bits, group_size, wq, scales, biases);
@@ -191,7 +191,7 @@ void quantize_affine(const at::Tensor& w, int64_t bits, int64_t group_size, cons
 void dequantize_affine(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
                        int64_t group_size, const at::Tensor& out) {
   if (!wq.is_cuda()) return dequantize_affine_cpu(wq, scales, biases, bits, group_size, out);
-  check_packed(wq, scales, biases, bits, group_size, "dequantize_affine");
+  check_quant_packed(wq, scales, biases, bits, group_size, "dequantize_affine");
   RLAIF_CHECK(out.is_contiguous() && is_float_dtype(out) && out.device() == wq.device() && out.dim() == 2 &&
                   out.size(0) == wq.size(0) && out.size(1) == wq.size(1) * 32 / bits,
               "dequantize_affine: out must be a contiguous float [O, K] tensor on wq's device");
@@ -203,7 +203,7 @@ void quant_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s
   if (!x.is_cuda()) return quant_linear_cpu(x, wq, scales, biases, bits, group_size, out);
   check_activation(x, "quant_linear", "x");
   check_same(out, x, "quant_linear", "out");
-  check_packed(wq, scales, biases, bits, group_size, "quant_linear");
+  check_quant_packed(wq, scales, biases, bits, group_size, "quant_linear");
   RLAIF_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) == wq.size(1) * 32 / bits && wq.device() == x.device(),
               "quant_linear: x must be [N, {}] with a contiguous last dim on wq's device, got {}",
               wq.size(1) * 32 / bits, x.sizes());
@@ -215,7 +215,7 @@ void quant_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s
 void quant_linear_mma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
                       int64_t bits, int64_t group_size, const at::Tensor& out) {
   check_same(out, x, "quant_linear_mma", "out");
-  check_packed(wq, scales, biases, bits, group_size, "quant_linear_mma");
+  check_quant_packed(wq, scales, biases, bits, group_size, "quant_linear_mma");
   const int64_t K = wq.size(1) * 32 / bits;
   RLAIF_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.size(1) == K &&
                   wq.device() == x.device(),

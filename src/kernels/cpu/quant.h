@@ -14,6 +14,11 @@ int64_t quant_packed_cols(int64_t in_features, int64_t bits);
 // Bits 4 or 8, group_size ≥ 8 dividing `in_features` and a multiple of 32/bits; checked with RLAIF_CHECK.
 void check_quant_params(int64_t in_features, int64_t bits, int64_t group_size);
 
+// Checks a packed weight for op `op`: wq a contiguous uint32/int32 [O, K·bits/32], scales and biases contiguous
+// float [O, K/group_size] of one dtype on wq's device, the parameters as check_quant_params.
+void check_quant_packed(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
+                        int64_t group_size, const char* op);
+
 // w [O, K] float32/bfloat16/float16 → wq [O, K·bits/32] uint32 (or int32, same bits), scales and biases
 // [O, K/group_size] float32/bfloat16/float16 (their dtype is the format's "model dtype"). All contiguous.
 void quantize_affine(const at::Tensor& w, int64_t bits, int64_t group_size, const at::Tensor& wq,

@@ -43,16 +43,11 @@ void check_x(const at::Tensor& x, int64_t bits, const InputNorm& norm, const cha
 }
 
 void check_weight(const QuantMatrix& w, const at::Tensor& x, const at::Tensor& out, const char* op) {
-  RLAIF_CHECK(w.wq.defined() && w.wq.dim() == 2 && w.wq.device() == x.device(), "{}: a packed weight on {}", op,
-              x.device().str());
-  check_quant_params(x.size(1), w.bits, w.group_size);
-  RLAIF_CHECK(w.wq.size(1) == quant_packed_cols(x.size(1), w.bits) && w.wq.is_contiguous() &&
-                  w.scales.is_contiguous() && w.biases.is_contiguous() && w.scales.dim() == 2 &&
-                  w.scales.sizes() == w.biases.sizes() && w.scales.size(0) == w.rows() &&
-                  w.scales.size(1) == x.size(1) / w.group_size && w.scales.device() == x.device() &&
-                  w.biases.device() == x.device() && w.scales.scalar_type() == w.biases.scalar_type(),
-              "{}: packed weight [{}, {}] with scales/biases [{}, {}] expected for K = {}", op, w.rows(),
-              quant_packed_cols(x.size(1), w.bits), w.rows(), x.size(1) / w.group_size, x.size(1));
+  check_quant_params(x.size(1), w.bits, w.group_size);  // first: check_quant_packed divides by the bits
+  check_quant_packed(w.wq, w.scales, w.biases, w.bits, w.group_size, op);
+  RLAIF_CHECK(w.wq.size(1) == quant_packed_cols(x.size(1), w.bits) && w.wq.device() == x.device(),
+              "{}: packed weight [{}, {}] on {} expected for K = {}", op, w.rows(),
+              quant_packed_cols(x.size(1), w.bits), x.device().str(), x.size(1));
   RLAIF_CHECK(quant_small_linear_takes(w, x.size(0)), "{}: the kernels do not take a {}-bit weight of group size {} "
               "for {} rows of {} (quant_small_linear_takes)", op, w.bits, w.group_size, x.size(0), x.size(1));
   check_same(out, x, op, "out");

@@ -451,6 +451,12 @@ __global__ void split_reduce_kernel(const float* __restrict__ part, int64_t coun
   out[i] = __float2bfloat16_rn(sum);
 }
 
+// What mma_kernel needs: bf16 x, whole 64-column chunks, 16-value slices inside a group, 16-byte aligned rows.
+bool mma_takes(const at::Tensor& x, const at::Tensor& wq, int64_t group_size) {
+  return x.scalar_type() == at::kBFloat16 && x.size(1) % kMmaK == 0 && group_size % 16 == 0 &&
+         x.stride(0) % 8 == 0 && aligned16(x.data_ptr()) && aligned16(wq.data_ptr());
+}
+
 template <typename F>
 void dispatch_scale(at::ScalarType st, F&& f) {
   if (st == at::kFloat) f(float{});
@@ -567,8 +573,7 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
                            const at::Tensor& biases, int64_t bits, int64_t group_size, const at::Tensor& out) {
   const int64_t N = x.size(0), O = wq.size(0), K = x.size(1);
   if (N == 0 || O == 0) return;
-  RLAIF_CHECK(x.scalar_type() == at::kBFloat16 && K % kMmaK == 0 && group_size % 16 == 0 &&
-                  x.stride(0) % 8 == 0 && aligned16(x.data_ptr()) && aligned16(wq.data_ptr()),
+  RLAIF_CHECK(mma_takes(x, wq, group_size),
               "quant_linear_mma: needs bfloat16 x with K % 64 == 0 (got {}), group_size % 16 == 0 (got {}) and "
               "16-byte aligned rows", K, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -614,9 +619,7 @@ void quant_linear_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tens
   if (N > kMaxGemvRows) {
     // Many rows, bf16: W dequantized in registers into mma.sync (split over K to fill the GPU), the same bf16-rounded
     // weights the dequantize + cuBLAS path below multiplies without writing and re-reading them.
-    const int64_t K = x.size(1);
-    if (x.scalar_type() == at::kBFloat16 && K % kMmaK == 0 && group_size % 16 == 0 && x.stride(0) % 8 == 0 &&
-        aligned16(x.data_ptr()) && aligned16(wq.data_ptr())) {
+    if (mma_takes(x, wq, group_size)) {
       quant_linear_mma_cuda(x, wq, scales, biases, bits, group_size, out);
       return;
     }
