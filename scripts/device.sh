@@ -28,6 +28,12 @@ pack() {
 trap pack EXIT
 trap 'log "stopped by a signal"; exit 124' TERM INT
 has() { [[ " $STAGES " == *" $1 "* || " $STAGES " == *" all "* ]]; }
+# The random-weight benchmark models transformers saves (bench/hf_generate.py); save_model SHAPE saves one if missing.
+MD=/tmp/rlaif-bench-models
+save_model() {
+  [ -f "$MD/qwen2.5-$1-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null --shapes "$1" \
+    --save-only > /dev/null 2>&1
+}
 
 if [ ! -d "$SYSROOT" ]; then
   for d in .device/debs/*.deb; do dpkg -x "$d" "$SYSROOT"; done
@@ -71,7 +77,6 @@ fi
 if has bench; then
   # Same run, same card: the random-weight models saved by transformers, rlaif on them, then transformers'
   # generate on the same weights (the slowest part last, so a time limit cuts the baseline, not our figures).
-  MD=/tmp/rlaif-bench-models
   $PY bench/copy_bandwidth.py "$OUT/copy_bandwidth.json" | tee -a "$OUT/summary.txt"
   $PY bench/hf_generate.py --models-dir $MD --out /dev/null --shapes "$RLAIF_BENCH_SHAPES" --save-only \
     > "$OUT/hf_models.log" 2>&1 || log "saving the benchmark models failed (see hf_models.log)"
@@ -100,11 +105,9 @@ fi
 if has quant; then
   # Issue 5: quantized projections per layer, re-quantization, and the quantized engine's decode on the 3B shape
   # (weights quantized on the device after loading) beside the bf16 engine in the same run.
-  MD=/tmp/rlaif-bench-models
   "$BUILD/bench/bench_quant" --out "$OUT/bench_quant.json" > "$OUT/bench_quant.log" 2>&1 || log "bench_quant failed"
   tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
-  [ -f "$MD/qwen2.5-3b-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
-    --shapes 3b --save-only > /dev/null 2>&1
+  save_model 3b
   if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
     for q in bf16 q4 q8; do  # bf16: the same-run baseline
       args=(); [ $q != bf16 ] && args=(--quantize $q)
@@ -118,9 +121,7 @@ fi
 if has lora; then
   # Issue 7's rollout decode: rank-16 LoRA on every projection, 512 new tokens (bench_train's generation), beside
   # the same batches without adapters.
-  MD=/tmp/rlaif-bench-models
-  [ -f "$MD/qwen2.5-3b-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
-    --shapes 3b --save-only > /dev/null 2>&1
+  save_model 3b
   for l in 0 16; do
     "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --batches ${RLAIF_LORA_BATCHES:-8,64} --new 512 --lora $l \
       --out "$OUT/rlaif_generate_3b_lora$l.json" > "$OUT/rlaif_generate_3b_lora$l.log" 2>&1 || log "bench_generate 3b lora $l failed"
@@ -130,11 +131,9 @@ fi
 
 if [[ " $STAGES " == *" profile "* ]]; then
   # Where a decode step's time goes: Nsight Compute's kernel times over a window of decode launches.
-  MD=/tmp/rlaif-bench-models
   for spec in ${RLAIF_PROFILE:-0.5b:64 3b:64 3b:1}; do
     IFS=: read -r s b skip <<< "$spec"   # shape:batch[:launches to skip before the window]
-    [ -f "$MD/qwen2.5-$s-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
-      --shapes $s --batches 1 --new 8 > /dev/null 2>&1
+    save_model $s
     # RLAIF_PROFILE_KERNELS (a regex) profiles only the kernels it names, wherever they fall (e.g. the decode
     # step's kernels without a skip that depends on the prefill's launch count).
     timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum ${RLAIF_PROFILE_KERNELS:+-k "regex:$RLAIF_PROFILE_KERNELS"} \
@@ -148,8 +147,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
   # shape:batch:kernel-regex[:matching launches to skip] ...).
   for spec in ${RLAIF_PROFILE_DETAIL:-}; do
     IFS=: read -r s b k skip <<< "$spec"
-    [ -f "$MD/qwen2.5-$s-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out /dev/null \
-      --shapes $s --batches 1 --new 8 > /dev/null 2>&1
+    save_model $s
     timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters -k "regex:$k" --launch-skip ${skip:-300} --launch-count 1 \
       "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 ${RLAIF_PROFILE_ARGS:-} \
@@ -161,9 +159,7 @@ fi
 
 if has train; then
   # Issue 7's end-to-end step, LoRA on the 3B shape, against transformers + peft on the same card.
-  MD=/tmp/rlaif-bench-models
-  [ -f "$MD/qwen2.5-3b-random/config.json" ] || $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate_models.json" \
-    --shapes 3b --batches 1 > /dev/null 2>&1
+  save_model 3b
   "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --out "$OUT/rlaif_train_3b.json" \
     > "$OUT/rlaif_train_3b.log" 2>&1 || log "bench_train failed"
   "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --micro-batch 8 --checkpointing --steps 2 \
