@@ -123,3 +123,45 @@ TEST(LoraKernel, ExpandIntoColumnSlicesOfAPackedOutput) {
     }
   }
 }
+
+// Ranks that are not a multiple of the expand's 16-column chunks, adapters whose widths end inside a 128-column
+// block, row counts that end inside a row tile, and inputs both wide (the shrink's narrower row tiles) and of odd
+// width (its scalar path): CUDA equals the CPU reference.
+TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t S : {3, 37, 64}) {
+      for (int64_t D : {11008, 1001}) {
+        SCOPED_TRACE(fmt::format("{} S={} D={}", c10::toString(dt), S, D));
+        const std::vector<int64_t> outs_dim = {1000, 300}, ranks = {24, 40};
+        std::vector<at::Tensor> a, b, a_gpu, b_gpu, ys, ys_gpu;
+        for (size_t i = 0; i < 2; ++i) {
+          a.push_back(at::randn({ranks[i], D}) * 0.02);
+          b.push_back(at::randn({outs_dim[i], ranks[i]}) * 0.1);
+          a_gpu.push_back(a.back().cuda());
+          b_gpu.push_back(b.back().cuda());
+          ys.push_back(at::randn({S, outs_dim[i]}).to(dt));
+          ys_gpu.push_back(ys.back().cuda());
+        }
+        const at::Tensor x = at::randn({S, D}).to(dt);
+        at::Tensor t = at::empty({S, 64}), t_gpu = at::empty({S, 64}, at::TensorOptions().device(at::kCUDA));
+        kernels::lora_shrink_cpu(x, a, t);
+        test::poison(t_gpu);
+        kernels::lora_shrink(x.cuda(), a_gpu, t_gpu);
+        EXPECT_LE(test::rel_err(t_gpu, t), 1e-5) << "shrink";
+        const std::vector<double> scales = {0.75, 2.0};
+        kernels::lora_expand_cpu(t, b, scales, ys, {}, ys);
+        kernels::lora_expand(t.cuda(), b_gpu, scales, ys_gpu, {}, ys_gpu);
+        for (size_t i = 0; i < 2; ++i) EXPECT_LE(test::rel_err(ys_gpu[i], ys[i]), test::tolerance(dt)) << "expand " << i;
+        // One adapter with the residual: h = h + (y + update).
+        const at::Tensor h = at::randn({S, 1000}).to(dt), y0 = at::randn({S, 1000}).to(dt);
+        const at::Tensor t0 = t.narrow(1, 0, 24).contiguous();
+        at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
+        kernels::lora_expand_cpu(t0, {b[0]}, {0.75}, {y0}, h_ref, {h_ref});
+        kernels::lora_expand(t0.cuda(), {b_gpu[0]}, {0.75}, {y0.cuda()}, h_gpu, {h_gpu});
+        EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "with the residual";
+      }
+    }
+  }
+}

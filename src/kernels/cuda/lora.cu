@@ -1,9 +1,11 @@
 // LoRA shrink and expand, up to three adapters that share an input per launch. Shrink: a block per (rank column,
-// tile of up to 8 rows), its 256 threads splitting the input dimension in 16-byte vectors (each A row read once
-// per tile, not once per row; enough blocks and loads in flight for an 11008-wide input), a deterministic block
-// sum. Expand: a thread per (output column, tile of rows: 1 up to 8 rows, 4 above), t·Bᵀ over the rank with the B
-// row kept in L1 across the tile's rows, scaled, rounded, added to the base output (rows of any stride: column
-// slices of a packed GEMM's output) and optionally to the residual.
+// tile of up to 8 rows: fewer when that leaves the grid under two blocks per SM), its 256 threads splitting the
+// input dimension in 16-byte vectors (each A row read once per tile, not once per row), a deterministic block sum.
+// Expand: a block per (128 output columns of one adapter, tile of up to 16 rows), a thread per column; B's rows for
+// the block and t's rows for the tile go through shared memory in rank chunks of 16 (B rows are rank-strided:
+// read directly, a warp's loads would touch 32 rows each), each thread keeping its column's chunk in registers
+// across the tile's rows; scaled, rounded, added to the base output (rows of any stride: column slices of a
+// packed GEMM's output) and optionally to the residual.
 #include "kernels/cuda/lora.h"
 
 #include "kernels/cuda/common.cuh"
@@ -16,7 +18,10 @@ using namespace cuda_detail;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 256;
-constexpr int kShrinkTile = 8;  // rows a shrink block serves
+constexpr int kShrinkTile = 8;   // rows a shrink block serves, at most
+constexpr int kExpandCols = 128; // output columns (threads) of an expand block
+constexpr int kExpandRows = 16;  // rows an expand block serves, at most
+constexpr int kRankChunk = 16;   // rank columns staged at a time
 
 struct ShrinkArgs {
   const float* a[3];
@@ -30,6 +35,7 @@ struct ExpandArgs {
   const T* y[3];
   T* out[3];
   int64_t rows[3], rank[3], col[3], y_stride[3], out_stride[3];
+  int64_t first_block[4];  // adapter i owns blocks [first_block[i], first_block[i + 1]) of blockIdx.x
   float scale[3];
   int count;
 };
@@ -38,9 +44,9 @@ struct ExpandArgs {
 // VEC-wide vectors of d (VEC = 1 when rows or A are not 16-byte aligned), then warp and block sums in a fixed order.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restrict__ x, int64_t S, int64_t D,
-                                                                ShrinkArgs args, float* t, int64_t R) {
-  const int64_t col = blockIdx.x, s0 = static_cast<int64_t>(blockIdx.y) * kShrinkTile;
-  const int rows = static_cast<int>(min(static_cast<int64_t>(kShrinkTile), S - s0));
+                                                                ShrinkArgs args, float* t, int64_t R, int tile) {
+  const int64_t col = blockIdx.x, s0 = static_cast<int64_t>(blockIdx.y) * tile;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(tile), S - s0));
   int64_t j = col;
   int i = 0;
   while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
@@ -81,26 +87,61 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restri
   }
 }
 
-// Thread (output column of adapter i, tile of rows): out[s, o] = to(y[s, o] + to(scale · Σ_j t[s, col_i + j] ·
-// b_i[o, j])), plus the residual (contiguous [S, O]) when given.
+// Block (column tile of adapter i, row tile), thread = output column o: out[s, o] = to(y[s, o] + to(scale ·
+// Σ_j t[s, col_i + j] · b_i[o, j])) (j in order, float32), plus the residual (contiguous [S, O]) when given.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) lora_expand_kernel(const float* __restrict__ t, int64_t S, int64_t R,
-                                                                ExpandArgs<T> args, const T* residual, int tile) {
-  int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+__global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* __restrict__ t, int64_t S, int64_t R,
+                                                                   ExpandArgs<T> args, const T* residual, int tile) {
   int i = 0;
-  while (i < args.count && o >= args.rows[i]) o -= args.rows[i++];
-  if (i == args.count) return;
+  while (i + 1 < args.count && blockIdx.x >= args.first_block[i + 1]) ++i;
   const int64_t O = args.rows[i], r = args.rank[i];
-  const float* b = args.b[i] + o * r;
-  const int64_t s_end = min(S, (static_cast<int64_t>(blockIdx.y) + 1) * tile);
-  for (int64_t s = static_cast<int64_t>(blockIdx.y) * tile; s < s_end; ++s) {
-    const float* ts = t + s * R + args.col[i];
-    float d = 0.0f;
-    for (int64_t j = 0; j < r; ++j) d += ts[j] * b[j];
-    const T delta = to<T>(d * args.scale[i]);
-    T y = to<T>(static_cast<float>(args.y[i][s * args.y_stride[i] + o]) + static_cast<float>(delta));
-    if (residual) y = to<T>(static_cast<float>(residual[s * O + o]) + static_cast<float>(y));
-    args.out[i][s * args.out_stride[i] + o] = y;
+  const int64_t o0 = (blockIdx.x - args.first_block[i]) * kExpandCols, o = o0 + threadIdx.x;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * tile;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(tile), S - s0));
+  const float* b = args.b[i];
+  const float* ts = t + s0 * R + args.col[i];
+  // Rows padded to 20 floats: the 16-byte reads of 8 consecutive threads (one access phase) hit distinct banks.
+  __shared__ __align__(16) float b_s[kExpandCols][kRankChunk + 4];
+  __shared__ __align__(16) float t_s[kExpandRows][kRankChunk];
+  float acc[kExpandRows] = {};
+  for (int64_t j0 = 0; j0 < r; j0 += kRankChunk) {
+    __syncthreads();  // the previous chunk is consumed
+    for (int e = threadIdx.x; e < kExpandCols * kRankChunk; e += kExpandCols) {
+      const int row = e / kRankChunk, j = e % kRankChunk;  // consecutive threads: consecutive floats of B
+      b_s[row][j] = o0 + row < O && j0 + j < r ? b[(o0 + row) * r + j0 + j] : 0.0f;
+    }
+    for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
+      const int row = e / kRankChunk, j = e % kRankChunk;
+      t_s[row][j] = row < rows && j0 + j < r ? ts[row * R + j0 + j] : 0.0f;
+    }
+    __syncthreads();
+    float bv[kRankChunk];
+#pragma unroll
+    for (int j = 0; j < kRankChunk; j += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(&b_s[threadIdx.x][j]);
+      bv[j] = v.x, bv[j + 1] = v.y, bv[j + 2] = v.z, bv[j + 3] = v.w;
+    }
+    // Only the chunk's real columns: the sum runs over j in the CPU reference's order, no padded terms.
+    const int n = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r - j0));
+#pragma unroll
+    for (int s = 0; s < kExpandRows; ++s) {
+      if (s >= rows) break;
+#pragma unroll
+      for (int j = 0; j < kRankChunk; ++j)
+        if (j < n) acc[s] += t_s[s][j] * bv[j];
+    }
+  }
+  if (o >= O) return;
+  const float scale = args.scale[i];
+  const T* y = args.y[i] + s0 * args.y_stride[i] + o;
+  T* out = args.out[i] + s0 * args.out_stride[i] + o;
+#pragma unroll
+  for (int s = 0; s < kExpandRows; ++s) {
+    if (s >= rows) break;
+    const T delta = to<T>(acc[s] * scale);
+    T v = to<T>(static_cast<float>(y[s * args.y_stride[i]]) + static_cast<float>(delta));
+    if (residual) v = to<T>(static_cast<float>(residual[(s0 + s) * O + o]) + static_cast<float>(v));
+    out[s * args.out_stride[i]] = v;
   }
 }
 
@@ -115,15 +156,20 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   }
   args.count = static_cast<int>(a.size());
   const c10::cuda::CUDAGuard guard(x.device());
-  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>((S + kShrinkTile - 1) / kShrinkTile));
+  // Fewer rows a block when the grid would leave SMs idle (a 16-column adapter over 11008 inputs): A is re-read
+  // from L2 per tile, x from L2 per column either way.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int tile = kShrinkTile;
+  while (tile > 2 && R * ((S + tile - 1) / tile) < 2 * sms) tile /= 2;
+  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>((S + tile - 1) / tile));
   constexpr int kVec = 16 / sizeof(T);
   bool vec = D % kVec == 0 && aligned16(x.data_ptr());
   for (const auto& ai : a) vec = vec && aligned16(ai.data_ptr());  // rows of D floats: aligned when D % 4 == 0
   auto* stream = at::cuda::getCurrentCUDAStream().stream();
   if (vec)
-    lora_shrink_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, t.data_ptr<float>(), R);
+    lora_shrink_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, t.data_ptr<float>(), R, tile);
   else
-    lora_shrink_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, t.data_ptr<float>(), R);
+    lora_shrink_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, t.data_ptr<float>(), R, tile);
   check_launch("lora_shrink_kernel");
 }
 
@@ -132,7 +178,7 @@ void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::ve
             const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
   const int64_t S = t.size(0), R = t.size(1);
   ExpandArgs<T> args{};
-  int64_t total = 0, col = 0;
+  int64_t col = 0, blocks = 0;
   for (size_t i = 0; i < b.size(); ++i) {
     args.b[i] = b[i].data_ptr<float>();
     args.y[i] = ys[i].data_ptr<T>();
@@ -143,16 +189,20 @@ void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::ve
     args.y_stride[i] = ys[i].stride(0);
     args.out_stride[i] = outs[i].stride(0);
     args.scale[i] = static_cast<float>(scales[i]);
+    args.first_block[i] = blocks;
     col += b[i].size(1);
-    total += b[i].size(0);
+    blocks += (b[i].size(0) + kExpandCols - 1) / kExpandCols;
   }
+  args.first_block[b.size()] = blocks;
   args.count = static_cast<int>(b.size());
-  if (total == 0 || S == 0) return;
+  if (blocks == 0 || S == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
-  // One row per thread up to 8 rows (enough threads for the few-row decode), 4 above (B read a quarter as often).
-  const int tile = S <= 8 ? 1 : 4;
-  const dim3 grid(static_cast<unsigned>((total + kThreads - 1) / kThreads), static_cast<unsigned>((S + tile - 1) / tile));
-  lora_expand_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  // Up to 16 rows a block (B staged once for them); fewer while the grid would leave SMs idle.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int tile = kExpandRows;
+  while (tile > 1 && blocks * ((S + tile - 1) / tile) < 2 * sms) tile /= 2;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
+  lora_expand_kernel<T><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
       t.data_ptr<float>(), S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
   check_launch("lora_expand_kernel");
 }
