@@ -4,9 +4,10 @@
 // on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine;
 // `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel streaming` the session-4 GEMV,
 // `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows);
-// `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it).
+// `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it);
+// `--attention-kernel simt` the SIMT paged attention instead of the tensor-core one (kernels/cpu/registry.h).
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] [--few-row-kernel streaming|staged] [--lora R] --out FILE.json
+//        [--pdl] [--few-row-kernel streaming|staged] [--lora R] [--attention-kernel tensor-core|simt] --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -76,6 +77,9 @@ int main(int argc, char** argv) {
   app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
       ->check(CLI::IsMember({"staged", "streaming"}));
   app.add_option("--lora", lora_r, "attach LoRA adapters of this rank to every projection (0: none)");
+  std::string attention = "tensor-core";
+  app.add_option("--attention-kernel", attention, "CUDA paged attention: tensor-core (default) or simt")
+      ->check(CLI::IsMember({"tensor-core", "simt"}));
   std::string few_row_rows;
   app.add_option("--few-row-rows", few_row_rows,
                  "QKV,GATE_UP,RESIDUAL,LM_HEAD: most rows each projection kind sends to the few-row GEMV "
@@ -96,6 +100,8 @@ int main(int argc, char** argv) {
   const std::string rows_text = fmt::format("{},{},{},{}", rows_policy.qkv, rows_policy.gate_up, rows_policy.residual,
                                             rows_policy.lm_head);
 
+  kernels::set_attention_kernel(attention == "simt" ? kernels::AttentionKernel::kSimt
+                                                   : kernels::AttentionKernel::kTensorCore);
   const at::Device dev = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
   auto model = load_model(model_dir, {parse_torch_dtype(dtype), dev});
   if (!quantize.empty()) {
@@ -139,13 +145,14 @@ int main(int argc, char** argv) {
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
     const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
                                 (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +
-                                (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "");
+                                (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
+                                (attention == "simt" ? " simt attention" : "");
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
                        {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row},
-                       {"few_row_rows", rows_text}, {"lora_rank", lora_r}});
+                       {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention}});
   }
   if (rollout) {
     EngineOptions opt;

@@ -168,6 +168,13 @@ void bench_attention(int64_t S, int64_t ctx, std::vector<Row>& rows) {
     layers::attention(q[i].view({S, kH, 1, kHd}), K, V, allowed);
   }, sets);
   rows.push_back({"paged_attention_decode", S, ctx, bytes, us, aten});
+  // The default (tensor-core) kernel against the SIMT one on the same inputs (kernels/cpu/registry.h).
+  kernels::set_attention_kernel(kernels::AttentionKernel::kSimt);
+  const double simt = median_us([&](int i) {
+    kernels::paged_attention_decode(q[i], kc, vc, tables[i], lens, kBlock, ctx, scale, out[i]);
+  }, sets);
+  kernels::set_attention_kernel(kernels::AttentionKernel::kTensorCore);
+  rows.push_back({"paged_attention_decode", S, ctx, bytes, us, simt, "simt kernel"});
 
   // The decode step's RoPE + KV write fused into attention, against rope_kv_write then attention.
   std::vector<at::Tensor> kv_new, pos, slots;
@@ -319,7 +326,8 @@ int main(int argc, char** argv) {
              " cuBLAS at::linear with the ATen norm/add/SwiGLU)\n");
   for (const Row& r : rows) {
     const double gbps = r.bytes / (r.us * 1e3);
-    fmt::print("{:<40} {:>4} {:>6} {:>10.3f} {:>9.2f} {:>8.1f} {:>10.2f} {:>7.1f}x\n", r.kernel, r.S, r.context,
+    const std::string name = r.baseline == "aten" ? r.kernel : fmt::format("{} (base: {})", r.kernel, r.baseline);
+    fmt::print("{:<40} {:>4} {:>6} {:>10.3f} {:>9.2f} {:>8.1f} {:>10.2f} {:>7.1f}x\n", name, r.S, r.context,
                r.bytes / 1e6, r.us, gbps, r.aten_us, r.aten_us / r.us);
     j.push_back({{"kernel", r.kernel}, {"S", r.S}, {"context", r.context}, {"bytes", r.bytes}, {"us", r.us},
                  {"gbps", gbps}, {"baseline_us", r.aten_us}, {"baseline", r.baseline}, {"dtype", "bfloat16"}});

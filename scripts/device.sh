@@ -81,7 +81,7 @@ if has bench; then
   $PY bench/hf_generate.py --models-dir $MD --out /dev/null --shapes "$RLAIF_BENCH_SHAPES" --save-only \
     > "$OUT/hf_models.log" 2>&1 || log "saving the benchmark models failed (see hf_models.log)"
   for s in ${RLAIF_BENCH_SHAPES//,/ }; do
-    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches 1,2,4,8,16,64 --out "$OUT/rlaif_generate_$s.json" \
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches ${RLAIF_BENCH_BATCHES:-1,2,4,8,16,64} --out "$OUT/rlaif_generate_$s.json" \
       ${RLAIF_BENCH_ROLLOUT:+--rollout} > "$OUT/rlaif_generate_$s.log" 2>&1 || log "bench_generate $s failed"
     sed "s/^/$s /" "$OUT/rlaif_generate_$s.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
     # Beside the default, same run: each variant of RLAIF_BENCH_VARIANTS ("name=bench_generate arguments;..."):
@@ -97,9 +97,11 @@ if has bench; then
   done
   "$BUILD/bench/bench_kernels" --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1 || log "bench_kernels failed"
   grep -v "^few_row" "$OUT/bench_kernels.log" | tail -22
-  $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate.json" --shapes "$RLAIF_BENCH_SHAPES" \
-    > "$OUT/hf_generate.log" 2>&1 || log "hf_generate failed (see hf_generate.log)"
-  grep -E "tok/s" "$OUT/hf_generate.log" | tee -a "$OUT/summary.txt"
+  if [ "${RLAIF_BENCH_HF:-1}" != 0 ]; then  # RLAIF_BENCH_HF=0: no transformers baseline (engine-only A/B runs)
+    $PY bench/hf_generate.py --models-dir $MD --out "$OUT/hf_generate.json" --shapes "$RLAIF_BENCH_SHAPES" \
+      > "$OUT/hf_generate.log" 2>&1 || log "hf_generate failed (see hf_generate.log)"
+    grep -E "tok/s" "$OUT/hf_generate.log" | tee -a "$OUT/summary.txt"
+  fi
 fi
 
 if has quant; then

@@ -209,3 +209,32 @@ TEST(PagedAttentionKernel, CudaFusedRopeEqualsCpuComposition) {
     }
   }
 }
+
+// bf16 with head_dim 64 or 128 and up to 16 query heads per KV head takes the tensor-core kernel by default; the
+// SIMT kernel stays selectable (kernels/cpu/registry.h). Both equal the CPU reference, plain and with the fused
+// RoPE, at batch 64 where partitions of 128 and 64 tokens serve (the batches above take 32), for 16, 8, 7, 4 and
+// 1 query heads per KV head, lengths ending anywhere in a partition, and a padding row.
+TEST(PagedAttentionKernel, CudaTensorCoreAndSimtKernelsAtBatch64) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  std::vector<int64_t> lens;
+  for (int64_t i = 0; i < 64; ++i) lens.push_back(i * 37 % 601);  // 0 (padding), 1 … 600
+  const kernels::AttentionKernel before = kernels::attention_kernel();
+  for (kernels::AttentionKernel k : {kernels::AttentionKernel::kTensorCore, kernels::AttentionKernel::kSimt}) {
+    kernels::set_attention_kernel(k);
+    for (const Heads& h : {Heads{16, 1, 128}, Heads{16, 2, 128}, Heads{14, 2, 64}, Heads{32, 8, 128}, Heads{4, 4, 64}}) {
+      SCOPED_TRACE(fmt::format("{} H={} KV={} hd={}", k == kernels::AttentionKernel::kSimt ? "simt" : "tensor core",
+                               h.H, h.KV, h.hd));
+      const PagedCase c(lens, h.H, h.KV, h.hd, at::kBFloat16);
+      for (int64_t max_context : {int64_t{600}, int64_t{1100}}) {
+        const at::Tensor ref = c.cpu_reference(max_context), out = c.cuda(max_context);
+        for (int64_t s = 0; s < c.S; ++s)
+          EXPECT_LE(test::rel_err(out[s], ref[s]), test::tolerance(at::kBFloat16))
+              << "length " << c.lens[s] << " max_context " << max_context;
+        EXPECT_TRUE(out[0].eq(0).all().item<bool>()) << "an empty context gives zeros";
+        check_fused_rope(c, max_context);
+      }
+    }
+  }
+  kernels::set_attention_kernel(before);
+}

@@ -89,6 +89,13 @@ enum class FewRowKernel { kStaged, kStreaming };
 void set_few_row_kernel(FewRowKernel k);
 FewRowKernel few_row_kernel();
 
+// Which CUDA kernel paged_attention_decode(_rope) launches for bf16 with head_dim 64 or 128 and at most 16 query
+// heads per KV head: kTensorCore (the default; mma.sync for Q·Kᵀ and P·V, p rounded to bf16 before P·V as the
+// training forward's attention does) or kSimt (float32 FMAs, p kept in float32; every other shape takes it).
+// A process-wide setting read at launch, for A/B runs (bench_kernels, bench_generate --attention-kernel).
+enum class AttentionKernel { kTensorCore, kSimt };
+void set_attention_kernel(AttentionKernel k);
+AttentionKernel attention_kernel();
 // How many warps share one weight row in small_linear's CUDA GEMV (1, 2, 4 or 8): 0 (default) leaves it to the
 // kernel's rule for K. A tuning knob for bench_kernels, which measures every split at the decode shapes.
 void set_few_row_split(int warps);

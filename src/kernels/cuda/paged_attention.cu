@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 
@@ -79,6 +80,64 @@ __device__ __forceinline__ void rotate(float (&x)[E], const float (&c)[E], const
   }
 }
 
+// After a block wrote its partition's partials (part_o, part_ml) for query heads head_base .. head_base + G − 1:
+// counts it at arrivals[count_at]; the last block to arrive (which resets the counter) rescales and sums every
+// partition into out: M = max m_i, L = Σ l_i·e^(m_i − M), out = Σ o_i·e^(m_i − M) / L; a warp per head for M and L,
+// then every output element's sum with its loads independent (read past L1: __ldcg). All threads call it.
+template <typename T>
+__device__ void combine_partitions(const AttnParams& p, int64_t head_base, int G, int nparts, int64_t count_at,
+                                   T* out) {
+  __shared__ float M_s[16], inv_L_s[16];
+  __shared__ bool last_s;
+  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  __threadfence();  // this block's partials are visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* count = p.arrivals + count_at;
+    last_s = atomicAdd(count, 1) == nparts - 1;
+    if (last_s) atomicExch(count, 0);  // every partition has counted: the next launch finds the counter at zero
+  }
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  const int64_t P = p.P;
+  const int hd = p.hd;
+  for (int g = warp; g < G; g += kWarps) {
+    const float* ml = p.part_ml + (head_base + g) * P * 2;
+    float M = -INFINITY;
+    for (int i = wl; i < nparts; i += 32) M = fmaxf(M, __ldcg(ml + 2 * i));
+    M = warp_max(M);
+    float L = 0.0f;
+    for (int i = wl; i < nparts; i += 32) L += __ldcg(ml + 2 * i + 1) * expf(__ldcg(ml + 2 * i) - M);
+    L = warp_sum(L);
+    if (wl == 0) {
+      M_s[g] = M;
+      inv_L_s[g] = 1.0f / L;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x * 4; idx < G * hd; idx += kThreads * 4) {  // hd % 4 == 0
+    const int g = idx / hd, d = idx % hd;
+    const float* ml = p.part_ml + (head_base + g) * P * 2;
+    const float* po = p.part_o + (head_base + g) * P * hd + d;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int i = 0; i < nparts; ++i) {
+      const float f = expf(__ldcg(ml + 2 * i) - M_s[g]);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(po + i * hd));
+      o.x += v.x * f;
+      o.y += v.y * f;
+      o.z += v.z * f;
+      o.w += v.w * f;
+    }
+    const float inv = inv_L_s[g];
+    out[idx] = to<T>(o.x * inv);
+    out[idx + 1] = to<T>(o.y * inv);
+    out[idx + 2] = to<T>(o.z * inv);
+    out[idx + 3] = to<T>(o.w * inv);
+  }
+}
+
 // Shared-memory layout of one block (launch() sizes it the same way): K and V tiles [PT][row_bytes] with rows
 // padded by 16·TPT bytes (the eight lanes of a 16-byte access phase, TPT per token, hit eight different bank
 // groups), q [G][hd] floats, probabilities [PT][MAX_G] floats, cache rows [PT]; the per-warp outputs of P·V
@@ -128,8 +187,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   int64_t* rows_s = reinterpret_cast<int64_t*>(smem_raw + lay.rows_off);
   float* o_s = reinterpret_cast<float*>(k_s);  // after the scores
   __shared__ float red_s[kWarps][MAX_G];
-  __shared__ float M_s[MAX_G], inv_L_s[MAX_G];
-  __shared__ bool last_s;
+  __shared__ float M_s[MAX_G];
   const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
 
   // The partition's cache rows and (RoPE) the rotation's cos/sin per head dimension, each computed once.
@@ -342,52 +400,263 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
     }
   }
   if (nparts == 1) return;
-  __threadfence();  // this block's partials are visible device-wide before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* count = p.arrivals + (s * p.KV + kvh) * p.hs + split;
-    last_s = atomicAdd(count, 1) == nparts - 1;
-    if (last_s) atomicExch(count, 0);  // every partition has counted: the next launch finds the counter at zero
+  combine_partitions<T>(p, head_base, G, nparts, (s * p.KV + kvh) * p.hs + split, out);
+}
+
+// ---- Tensor-core path (attn_mma_kernel): bf16, head_dim 64 or 128, at most 16 query heads per KV head ----
+// Block (partition of PT tokens, KV head, sequence), 4 warps. The K and V rows land in shared memory by cp.async
+// (rows padded by 16 bytes: ldmatrix's eight row addresses hit distinct bank groups); the G query heads are the
+// 16-row M side of mma.sync m16n8k16 (rows G..15 zero). Scores: warp w takes tokens [w·PT/4, (w+1)·PT/4), Q·Kᵀ
+// with K rows as the col-major B operand. Softmax: one max and sum per head over the partition (warps meet in
+// shared memory); p = exp(score − max) rounded to bf16 into shared memory (the MMA's A operand). P·V: warp w takes
+// head dimensions [w·hd/4, (w+1)·hd/4), V through ldmatrix.trans. Partials and the combine as attn_decode_kernel.
+template <int HD, int PT>
+struct MmaLayout {
+  static constexpr int kRow = HD * 2 + 16;   // bytes per K/V/Q row in shared memory
+  static constexpr int kPRow = PT * 2 + 16;  // bytes per P row
+  static constexpr int kK = 0, kV = PT * kRow, kQ = 2 * PT * kRow, kP = kQ + 16 * kRow, kRows = kP + 16 * kPRow;
+  static constexpr int kBytes = kRows + PT * 8;
+};
+
+template <int HD, int PT, bool ROPE>
+__global__ void __launch_bounds__(kThreads) attn_mma_kernel(const AttnParams p) {
+  using T = at::BFloat16;
+  using L = MmaLayout<HD, PT>;
+  constexpr int E = kVec<T>, NT = HD / E;  // 16-byte pieces per row
+  constexpr int TW = PT / kWarps;           // tokens per warp in the scores
+  constexpr int DW = HD / kWarps;           // head dimensions per warp in P·V
+  static_assert(TW % 8 == 0 && DW % 16 == 0 && PT % 16 == 0, "attn_mma_kernel: tile shape");
+  if (p.pdl) pdl_trigger();
+  const int part = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z, G = p.G;
+  const int64_t head_base = (static_cast<int64_t>(s) * p.KV + kvh) * G;
+  T* out = static_cast<T*>(p.out) + head_base * HD;
+  const int len = min(p.context_lens[s], p.max_context);
+  if (len <= 0) {
+    if (part == 0)
+      for (int i = threadIdx.x; i < G * HD; i += kThreads) out[i] = to<T>(0.0f);
+    return;
   }
-  __syncthreads();
-  if (!last_s) return;
-  __threadfence();
-  // combine the partitions: M = max m_i, L = Σ l_i·e^(m_i − M), out = Σ o_i·e^(m_i − M) / L; a warp per head for
-  // M and L, then every output element's sum with its loads independent (read past L1: __ldcg).
-  for (int g = warp; g < G; g += kWarps) {
-    const float* ml = p.part_ml + (head_base + g) * P * 2;
-    float M = -INFINITY;
-    for (int i = wl; i < nparts; i += 32) M = fmaxf(M, __ldcg(ml + 2 * i));
-    M = warp_max(M);
-    float L = 0.0f;
-    for (int i = wl; i < nparts; i += 32) L += __ldcg(ml + 2 * i + 1) * expf(__ldcg(ml + 2 * i) - M);
-    L = warp_sum(L);
-    if (wl == 0) {
-      M_s[g] = M;
-      inv_L_s[g] = 1.0f / L;
+  const int start = part * PT;
+  if (start >= len) return;
+  const int n = min(PT, len - start), nparts = (len + PT - 1) / PT;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* k_s = smem_raw + L::kK;
+  unsigned char* v_s = smem_raw + L::kV;
+  unsigned char* q_s = smem_raw + L::kQ;
+  unsigned char* p_s = smem_raw + L::kP;
+  int64_t* rows_s = reinterpret_cast<int64_t*>(smem_raw + L::kRows);
+  __shared__ float cos_s[HD], sin_s[HD];
+  __shared__ float red_m[kWarps][16], red_l[kWarps][16];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  const int* table = p.block_tables + s * p.bt_stride;
+  for (int i = threadIdx.x; i < n; i += kThreads) rows_s[i] = cache_row(p, table, start + i) * p.KV + kvh;
+  if constexpr (ROPE) {
+    const float pos = static_cast<float>(index_at(p.positions, p.pos64, s));
+    for (int i = threadIdx.x; i < HD; i += kThreads) {
+      const float angle = pos * p.inv_freq[i % (HD / 2)];
+      cos_s[i] = static_cast<float>(to<T>(cosf(angle)));
+      sin_s[i] = static_cast<float>(to<T>(sinf(angle)));
     }
   }
-  __syncthreads();
-  for (int idx = threadIdx.x * 4; idx < G * hd; idx += kThreads * 4) {  // hd % 4 == 0
-    const int g = idx / hd, d = idx % hd;
-    const float* ml = p.part_ml + (head_base + g) * P * 2;
-    const float* po = p.part_o + (head_base + g) * P * hd + d;
-    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int i = 0; i < nparts; ++i) {
-      const float f = expf(__ldcg(ml + 2 * i) - M_s[g]);
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(po + i * hd));
-      o.x += v.x * f;
-      o.y += v.y * f;
-      o.z += v.z * f;
-      o.w += v.w * f;
-    }
-    const float inv = inv_L_s[g];
-    out[idx] = to<T>(o.x * inv);
-    out[idx + 1] = to<T>(o.y * inv);
-    out[idx + 2] = to<T>(o.z * inv);
-    out[idx + 3] = to<T>(o.w * inv);
+  __syncthreads();  // rows_s, cos_s, sin_s
+
+  T* kc = static_cast<T*>(p.k_cache);
+  T* vc = static_cast<T*>(p.v_cache);
+  for (int i = threadIdx.x; i < n * NT; i += kThreads) {
+    const int t = i / NT, piece = i % NT;
+    const int64_t at = rows_s[t] * HD + piece * E;
+    cp_async16(k_s + t * L::kRow + piece * 16, kc + at);
+    cp_async16(v_s + t * L::kRow + piece * 16, vc + at);
   }
+  // V rows past the context meet p = 0 in P·V: zeros, not whatever the buffer held (0 · NaN is NaN).
+  for (int i = n * NT + threadIdx.x; i < PT * NT; i += kThreads)
+    *reinterpret_cast<uint4*>(v_s + (i / NT) * L::kRow + (i % NT) * 16) = make_uint4(0, 0, 0, 0);
+
+  // q rows (rotated, rounded to bf16 as rope_kv_write) → shared memory rows 0..15, zeros past G; groups of NT lanes.
+  const int groups = kThreads / NT, grp = threadIdx.x / NT, gl = threadIdx.x % NT;
+  float c[E], sn[E];
+  if constexpr (ROPE) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      c[j] = cos_s[gl * E + j];
+      sn[j] = sin_s[gl * E + j];
+    }
+  }
+  const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + static_cast<int64_t>(kvh) * G * HD + gl * E;
+  for (int g0 = 0; g0 < 16; g0 += groups) {
+    const int g = g0 + grp;
+    float x[E];
+    Vec<T, E> qv;
+    if (g < G) qv = load_vec<T, E>(qbase + g * HD);
+#pragma unroll
+    for (int j = 0; j < E; ++j) x[j] = g < G ? static_cast<float>(qv.v[j]) : 0.0f;
+    if constexpr (ROPE) rotate<T, E>(x, c, sn, gl, NT);
+    Vec<T, E> qo;
+#pragma unroll
+    for (int j = 0; j < E; ++j) qo.v[j] = to<T>(x[j]);
+    store_vec<T, E>(reinterpret_cast<T*>(q_s + g * L::kRow) + gl * E, qo);
+  }
+  cp_async_wait_all();
+  if constexpr (ROPE) {
+    __syncthreads();  // every copy landed before the new token's row is overwritten
+    if (part == nparts - 1) {
+      const int64_t slot = index_at(p.slots, p.slot64, s);
+      if (slot >= 0 && threadIdx.x < 32) {  // one warp: NT ≤ 16 lanes hold the row; whole-warp shuffles
+        const int l = threadIdx.x % NT;
+        const Vec<T, E> kv = load_vec<T, E>(static_cast<const T*>(p.k_new) + s * p.k_stride + kvh * HD + l * E);
+        float kf[E];
+#pragma unroll
+        for (int j = 0; j < E; ++j) kf[j] = static_cast<float>(kv.v[j]);
+        float c2[E], s2[E];
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+          c2[j] = cos_s[l * E + j];
+          s2[j] = sin_s[l * E + j];
+        }
+        rotate<T, E>(kf, c2, s2, l, NT);
+        Vec<T, E> ko;
+#pragma unroll
+        for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
+        const Vec<T, E> vo = load_vec<T, E>(static_cast<const T*>(p.v_new) + s * p.v_stride + kvh * HD + l * E);
+        if (threadIdx.x < NT) {
+          store_vec<T, E>(kc + (slot * p.KV + kvh) * HD + l * E, ko);
+          store_vec<T, E>(vc + (slot * p.KV + kvh) * HD + l * E, vo);
+          store_vec<T, E>(reinterpret_cast<T*>(k_s + (n - 1) * L::kRow) + l * E, ko);
+          store_vec<T, E>(reinterpret_cast<T*>(v_s + (n - 1) * L::kRow) + l * E, vo);
+        }
+      }
+    }
+  }
+  __syncthreads();  // tiles and q complete
+
+  // Scores: S[g, t] for this warp's TW tokens. A = Q (16 × HD), from ldmatrix rows lane % 16, k half lane / 16.
+  constexpr int KS = HD / 16, NQ = TW / 8;
+  uint32_t qa[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) ldmatrix_x4(qa[ks], q_s + (lane % 16) * L::kRow + (ks * 16 + (lane / 16) * 8) * 2);
+  float sc[NQ][4];
+#pragma unroll
+  for (int j = 0; j < NQ; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sc[j][e] = 0.0f;
+    const int tb = warp * TW + j * 8;
+#pragma unroll
+    for (int k2 = 0; k2 < KS / 2; ++k2) {  // four 8×8 tiles: this n tile's token rows, dimensions k2·32 + 8·(lane / 8)
+      uint32_t b[4];
+      ldmatrix_x4(b, k_s + (tb + lane % 8) * L::kRow + (k2 * 32 + (lane / 8) * 8) * 2);
+      mma_bf16(sc[j], qa[2 * k2], b[0], b[1]);
+      mma_bf16(sc[j], qa[2 * k2 + 1], b[2], b[3]);
+    }
+  }
+  // Fragment (j, e): head row lane / 4 (+ 8 for e ≥ 2), token warp·TW + 8j + 2·(lane % 4) + (e % 2).
+  const int r0 = lane / 4;
+  float m_lo = -INFINITY, m_hi = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < NQ; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = warp * TW + j * 8 + 2 * (lane % 4) + (e % 2), g = r0 + (e >= 2 ? 8 : 0);
+      // q·k and the scaling each rounded to bf16, as the spec; masked past the context and past G
+      const float v = static_cast<float>(to<T>(static_cast<float>(to<T>(sc[j][e])) * p.scale));
+      sc[j][e] = t < n && g < G ? v : -INFINITY;
+      if (e < 2) m_lo = fmaxf(m_lo, sc[j][e]);
+      else m_hi = fmaxf(m_hi, sc[j][e]);
+    }
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    m_lo = fmaxf(m_lo, __shfl_xor_sync(0xffffffffu, m_lo, off));
+    m_hi = fmaxf(m_hi, __shfl_xor_sync(0xffffffffu, m_hi, off));
+  }
+  if (lane % 4 == 0) {
+    red_m[warp][r0] = m_lo;
+    red_m[warp][r0 + 8] = m_hi;
+  }
+  __syncthreads();
+  float M_lo = red_m[0][r0], M_hi = red_m[0][r0 + 8];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) {
+    M_lo = fmaxf(M_lo, red_m[w][r0]);
+    M_hi = fmaxf(M_hi, red_m[w][r0 + 8]);
+  }
+  float l_lo = 0.0f, l_hi = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NQ; ++j) {
+    const int t = warp * TW + j * 8 + 2 * (lane % 4);
+    float e[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // −inf scores (masked) give 0, and rows past G (max −inf) too
+      const float M = k < 2 ? M_lo : M_hi;
+      e[k] = sc[j][k] == -INFINITY ? 0.0f : expf(sc[j][k] - M);
+    }
+    l_lo += e[0] + e[1];
+    l_hi += e[2] + e[3];
+    *reinterpret_cast<uint32_t*>(p_s + r0 * L::kPRow + t * 2) = pack_bf16(e[0], e[1]);
+    *reinterpret_cast<uint32_t*>(p_s + (r0 + 8) * L::kPRow + t * 2) = pack_bf16(e[2], e[3]);
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  if (lane % 4 == 0) {
+    red_l[warp][r0] = l_lo;
+    red_l[warp][r0 + 8] = l_hi;
+  }
+  __syncthreads();  // P and the sums
+
+  // P·V for this warp's DW head dimensions: A = P (16 × PT), B = V (PT × DW) through ldmatrix.trans.
+  constexpr int NV = DW / 8;
+  float acc[NV][4];
+#pragma unroll
+  for (int j = 0; j < NV; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+#pragma unroll
+  for (int kt = 0; kt < PT / 16; ++kt) {
+    uint32_t pa[4];
+    ldmatrix_x4(pa, p_s + (lane % 16) * L::kPRow + (kt * 16 + (lane / 16) * 8) * 2);
+#pragma unroll
+    for (int j = 0; j < NV; j += 2) {  // tiles: (tokens lo, dims j), (hi, j), (lo, j + 1), (hi, j + 1)
+      const int m = lane / 8;
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, v_s + (kt * 16 + (m % 2) * 8 + lane % 8) * L::kRow +
+                               (warp * DW + (j + m / 2) * 8) * 2);
+      mma_bf16(acc[j], pa, b[0], b[1]);
+      mma_bf16(acc[j + 1], pa, b[2], b[3]);
+    }
+  }
+  float L_lo = 0.0f, L_hi = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    L_lo += red_l[w][r0];
+    L_hi += red_l[w][r0 + 8];
+  }
+  const int64_t P = p.P;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int d = warp * DW + j * 8 + 2 * (lane % 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows r0 and r0 + 8
+      const int g = r0 + 8 * h;
+      if (g >= G) continue;
+      const float o0 = acc[j][2 * h], o1 = acc[j][2 * h + 1], Lg = h ? L_hi : L_lo;
+      if (nparts == 1) {
+        out[g * HD + d] = to<T>(o0 * (1.0f / Lg));
+        out[g * HD + d + 1] = to<T>(o1 * (1.0f / Lg));
+      } else {
+        float* po = p.part_o + ((head_base + g) * P + part) * HD + d;
+        *reinterpret_cast<float2*>(po) = make_float2(o0, o1);
+        if (warp == 0 && j == 0 && lane % 4 == 0) {
+          p.part_ml[((head_base + g) * P + part) * 2] = h ? M_hi : M_lo;
+          p.part_ml[((head_base + g) * P + part) * 2 + 1] = Lg;
+        }
+      }
+    }
+  }
+  if (nparts == 1) return;
+  combine_partitions<T>(p, head_base, G, nparts, s * p.KV + kvh, out);
 }
 
 // Arrival counters that every launch leaves at zero (the last block of a sequence, KV head and split resets its
@@ -450,10 +719,14 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   int64_t part_tokens = kThreads;
   while (part_tokens > 32 && S * KV * parts(part_tokens) < 4 * sms) part_tokens /= 2;
   const int64_t P = parts(part_tokens);
-  // Too few blocks still (a single sequence): the KV head's query heads are split over blocks, each reading the
-  // partition's K/V (from L2 after the first) for fewer heads, so the chain per block is shorter.
+  // The tensor-core kernel takes bf16 with head_dim 64 or 128 and up to 16 query heads per KV head (the MMA's M);
+  // it serves all of a KV head's query heads in one block.
+  const bool mma = std::is_same_v<T, at::BFloat16> && attention_kernel() == AttentionKernel::kTensorCore &&
+                   (hd == 64 || hd == 128) && G <= 16;
+  // Too few blocks still (a single sequence): the SIMT kernel splits the KV head's query heads over blocks, each
+  // reading the partition's K/V (from L2 after the first) for fewer heads, so the chain per block is shorter.
   int64_t hs = 1;
-  while (hs < G && S * KV * P * hs < 2 * sms) hs *= 2;
+  while (!mma && hs < G && S * KV * P * hs < 2 * sms) hs *= 2;
   const int64_t gb = (G + std::min(hs, G) - 1) / std::min(hs, G);
   hs = (G + gb - 1) / gb;
   const int64_t tpt = kThreads / part_tokens;
@@ -503,6 +776,26 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   }
 
   const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(KV * hs), static_cast<unsigned>(S));
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (mma) {
+      auto run = [&](auto hd_c, auto pt_c) {
+        constexpr int HD = decltype(hd_c)::value, PT = decltype(pt_c)::value;
+        const size_t smem = MmaLayout<HD, PT>::kBytes;
+        auto kernel = rope ? attn_mma_kernel<HD, PT, true> : attn_mma_kernel<HD, PT, false>;
+        allow_dynamic_smem(kernel, smem, "paged_attention_decode_cuda");
+        kernel<<<grid, kThreads, smem, stream>>>(p);
+        check_launch("attn_mma_kernel");
+      };
+      auto with_hd = [&](auto hd_c) {
+        if (part_tokens == 128) run(hd_c, std::integral_constant<int, 128>{});
+        else if (part_tokens == 64) run(hd_c, std::integral_constant<int, 64>{});
+        else run(hd_c, std::integral_constant<int, 32>{});
+      };
+      if (hd == 128) with_hd(std::integral_constant<int, 128>{});
+      else with_hd(std::integral_constant<int, 64>{});
+      return;
+    }
+  }
   auto go = [&](auto max_g) {
     constexpr int MG = decltype(max_g)::value;
     const size_t smem = SmemLayout(static_cast<int>(part_tokens), static_cast<int>(hd), static_cast<int>(gb), MG,

@@ -270,19 +270,6 @@ __global__ void __launch_bounds__(kThreads) gemv_chunk_kernel(const T* __restric
 constexpr int kMmaRows = 64, kMmaCols = 64, kMmaK = 64, kMmaThreads = 128;
 constexpr int kXRow = kMmaK + 8;  // bf16 per x row in shared memory
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // A thread's 16 quantized values of one W row in one chunk: q4 two words, q8 four.
 template <int BITS>
 struct WSlice {
