@@ -134,16 +134,19 @@ fi
 if [[ " $STAGES " == *" profile "* ]]; then
   # Where a decode step's time goes: Nsight Compute's kernel times over a window of decode launches.
   for spec in ${RLAIF_PROFILE:-0.5b:64 3b:64 3b:1}; do
-    IFS=: read -r s b skip <<< "$spec"   # shape:batch[:launches to skip before the window]
+    # shape:batch[:launches to skip before the window[:bench_generate arguments, commas for spaces]]
+    IFS=: read -r s b skip extra <<< "$spec"
+    args="${RLAIF_PROFILE_ARGS:-} ${extra//,/ }"
+    tag=${s}_b$b${extra:+_$(echo "$extra" | tr -c 'a-zA-Z0-9\n' '_')}
     save_model $s
     # RLAIF_PROFILE_KERNELS (a regex) profiles only the kernels it names, wherever they fall (e.g. the decode
     # step's kernels without a skip that depends on the prefill's launch count).
     timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum ${RLAIF_PROFILE_KERNELS:+-k "regex:$RLAIF_PROFILE_KERNELS"} \
       --launch-skip ${skip:-${RLAIF_PROFILE_SKIP:-4000}} \
       --launch-count ${RLAIF_PROFILE_COUNT:-600} "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" \
-      --batches $b --new 64 ${RLAIF_PROFILE_ARGS:-} > "$OUT/ncu_${s}_b$b.csv" 2> "$OUT/ncu_${s}_b$b.log" || log "ncu $s b$b failed"
-    log "profile $s batch $b (ncu window):"
-    $PY bench/ncu_summary.py "$OUT/ncu_${s}_b$b.csv" --sequence 8 | head -44 | tee -a "$OUT/summary.txt"
+      --batches $b --new 64 $args > "$OUT/ncu_$tag.csv" 2> "$OUT/ncu_$tag.log" || log "ncu $spec failed"
+    log "profile $s batch $b $args (ncu window):"
+    $PY bench/ncu_summary.py "$OUT/ncu_$tag.csv" --sequence 8 | head -44 | tee -a "$OUT/summary.txt"
   done
   # Why a kernel is slow: Nsight Compute's sections for one decode launch of each named kernel (RLAIF_PROFILE_DETAIL:
   # shape:batch:kernel-regex[:matching launches to skip] ...).
