@@ -261,14 +261,13 @@ __global__ void __launch_bounds__(kThreads) gemv_chunk_kernel(const T* __restric
 
 // ---- Tensor-core path (quant_linear_mma): bf16 x with more rows than the GEMV takes ----
 // out[N, O] = x · Wᵀ with W dequantized in registers to bf16 (dequantize_kernel's values, rounded as the
-// dequantize + cuBLAS path does) and fed to mma.sync m16n8k16 with float32 accumulation. Block: 8 warps, 128 rows
-// of W (16 per warp: the MMA's M) × 64 rows of x (eight 8-wide MMA N tiles); K in chunks of 64. (Session 7 had 64
-// W rows a block: every block re-reads its x tile per chunk from L2, 4.5 times the bytes of its q4 W tile.) Within a chunk the
+// dequantize + cuBLAS path does) and fed to mma.sync m16n8k16 with float32 accumulation. Block: 4 warps, 64 rows
+// of W (16 per warp: the MMA's M) × 64 rows of x (eight 8-wide MMA N tiles); K in chunks of 64. Within a chunk the
 // dot product's k order is permuted (it is a sum): for thread (g = lane/4, t = lane%4), the MMA's k columns
 // {2t, 2t+1, 2t+8, 2t+9} of k-step s are the chunk's columns 16t + 4s + {0,1,2,3}. So each thread reads one
 // contiguous 16-column slice of its two W rows per chunk (8 bytes q4, 16 bytes q8, one group) and one 16-byte
 // shared-memory read of x per N tile and pair of k-steps (rows padded by 16 bytes: no bank conflicts).
-constexpr int kMmaRows = 128, kMmaCols = 64, kMmaK = 64, kMmaThreads = 256;  // 8 warps × 16 W rows
+constexpr int kMmaRows = 64, kMmaCols = 64, kMmaK = 64, kMmaThreads = 128;
 constexpr int kXRow = kMmaK + 8;  // bf16 per x row in shared memory
 
 // A thread's 16 quantized values of one W row in one chunk: q4 two words, q8 four.
@@ -276,6 +275,23 @@ template <int BITS>
 struct WSlice {
   uint32_t w[BITS / 2];
 };
+
+template <int BITS>
+__device__ __forceinline__ WSlice<BITS> load_slice(const uint32_t* p) {
+  WSlice<BITS> s;
+  if constexpr (BITS == 4) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    s.w[0] = v.x;
+    s.w[1] = v.y;
+  } else {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    s.w[0] = v.x;
+    s.w[1] = v.y;
+    s.w[2] = v.z;
+    s.w[3] = v.w;
+  }
+  return s;
+}
 
 // The slice's 16 values in order, as exact floats (unpack_word's byte permute, not a shift, mask and convert each).
 template <int BITS>
@@ -290,29 +306,16 @@ __device__ __forceinline__ void slice_values(const WSlice<BITS>& s, float (&v)[1
   }
 }
 
-// grid (ceil(O / 128), ceil(N / 64), splits), 256 threads. K % 64 == 0, group % 16 == 0, x rows 16-byte aligned.
+// grid (ceil(O / 64), ceil(N / 64), splits), 128 threads. K % 64 == 0, group % 16 == 0, x rows 16-byte aligned.
 // Split z takes chunks [z·per_split, (z+1)·per_split) of K: with one split the block writes bf16 `out`, else its
 // float32 partial sums to part[z][n][r] (split_reduce_kernel adds them). Splitting K keeps every SM busy when
-// O/128 · N/64 blocks would not (a 2048-row projection at 64 rows is 16 blocks).
-// Pipeline (session 8): each chunk's x tile and W tile go to shared memory by cp.async, kMmaStages chunks in
-// flight (one commit group per chunk), and the rows' scales and biases are loaded into registers as many chunks
-// ahead. Session 7's kernel kept one chunk of W in flight per thread (2 KB a block): at N = 64 a 3B layer's seven
-// q4 projections (43 MB) took 0.149 ms, a seventh of the copy bandwidth.
-constexpr int kMmaStages = 4;
-template <int BITS>
-struct MmaSmem {
-  static constexpr int kWWords = kMmaK * BITS / 32;  // words of one W row in a chunk
-  static constexpr int kXBytes = kMmaCols * kXRow * 2, kWBytes = kMmaRows * kWWords * 4;
-  static constexpr int kStage = kXBytes + kWBytes, kBytes = kMmaStages * kStage;
-};
-
+// O/64 · N/64 blocks would not (a 2048-row projection at 64 rows is 32 blocks).
 template <typename S, int BITS>
-__global__ void __launch_bounds__(kMmaThreads, 2)
+__global__ void __launch_bounds__(kMmaThreads)
     mma_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const uint32_t* __restrict__ wq,
                const S* __restrict__ scales, const S* __restrict__ biases, int64_t O, int64_t N, int64_t K,
                int group, int per_split, __nv_bfloat16* __restrict__ out, float* __restrict__ part) {
-  using L = MmaSmem<BITS>;
-  extern __shared__ __align__(16) unsigned char mma_smem[];
+  __shared__ __align__(16) __nv_bfloat16 xs[2][kMmaCols][kXRow];
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMmaRows, n0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t words = K * BITS / 32, groups = K / group;
@@ -320,51 +323,22 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const bool ok0 = r0 < O, ok1 = r1 < O;
   const int chunk_begin = static_cast<int>(blockIdx.z) * per_split;
   const int chunk_end = min(static_cast<int>(K / kMmaK), chunk_begin + per_split);
-  const int nchunks = chunk_end - chunk_begin;
 
-  auto x_tile = [&](int stage) { return reinterpret_cast<__nv_bfloat16*>(mma_smem + stage * L::kStage); };
-  auto w_tile = [&](int stage) { return reinterpret_cast<uint32_t*>(mma_smem + stage * L::kStage + L::kXBytes); };
-  // Chunk i of this split (0-based) into stage i % kMmaStages: x rows n0.., W rows m0.. (rows past N zeroed; rows
-  // past O left alone: their outputs are never stored). Always commits a group (empty past the end), so the
-  // wait below counts uniformly.
-  auto issue = [&](int i) {
-    if (i < nchunks) {
-      const int stage = i % kMmaStages;
-      const int64_t k0 = static_cast<int64_t>(chunk_begin + i) * kMmaK;
-      __nv_bfloat16* xs = x_tile(stage);
-      for (int e = threadIdx.x; e < kMmaCols * (kMmaK / 8); e += kMmaThreads) {
-        const int r = e / (kMmaK / 8), c = e % (kMmaK / 8);
-        __nv_bfloat16* dst = xs + r * kXRow + c * 8;
-        if (n0 + r < N) cp_async16(dst, x + (n0 + r) * x_stride + k0 + c * 8);
-        else *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
-      }
-      uint32_t* ws = w_tile(stage);
-      constexpr int kPieces = L::kWWords / 4;  // 16-byte pieces of a W row in a chunk
-      for (int e = threadIdx.x; e < kMmaRows * kPieces; e += kMmaThreads) {
-        const int r = e / kPieces, c = e % kPieces;
-        if (m0 + r < O) cp_async16(ws + r * L::kWWords + c * 4, wq + (m0 + r) * words + k0 * BITS / 32 + c * 4);
-      }
+  auto load_x = [&](int buf, int chunk) {
+    const int64_t k0 = static_cast<int64_t>(chunk) * kMmaK;
+    for (int i = threadIdx.x; i < kMmaCols * (kMmaK / 8); i += kMmaThreads) {
+      const int r = i / (kMmaK / 8), c = i % (kMmaK / 8);
+      __nv_bfloat16* dst = &xs[buf][r][c * 8];
+      if (n0 + r < N) cp_async16(dst, x + (n0 + r) * x_stride + k0 + c * 8);
+      else *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
     }
     cp_async_commit();
   };
-  // The group's scale and bias of this thread's slice in chunk i, for rows r0 and r1 (zeros past O).
-  struct Affine {
-    float s0 = 0.0f, b0 = 0.0f, s1 = 0.0f, b1 = 0.0f;
+  // Column of this thread's slice in a chunk, and the slice's words within a row.
+  auto slice_of = [&](int64_t row, int chunk) {
+    return wq + row * words + (static_cast<int64_t>(chunk) * kMmaK + 16 * t) * BITS / 32;
   };
-  auto affine = [&](int i) {
-    Affine a;
-    if (i >= nchunks) return a;
-    const int64_t gi = ((static_cast<int64_t>(chunk_begin) + i) * kMmaK + 16 * t) / group;
-    if (ok0) {
-      a.s0 = as_float(scales[r0 * groups + gi]);
-      a.b0 = as_float(biases[r0 * groups + gi]);
-    }
-    if (ok1) {
-      a.s1 = as_float(scales[r1 * groups + gi]);
-      a.b1 = as_float(biases[r1 * groups + gi]);
-    }
-    return a;
-  };
+  auto group_of = [&](int chunk) { return (static_cast<int64_t>(chunk) * kMmaK + 16 * t) / group; };
 
   float acc[8][4];
 #pragma unroll
@@ -372,33 +346,39 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
-  Affine aff[kMmaStages];  // chunks i .. i + kMmaStages − 1 (rotated each chunk: indices stay compile-time)
-#pragma unroll
-  for (int i = 0; i < kMmaStages - 1; ++i) {
-    issue(i);
-    aff[i] = affine(i);
-  }
-  for (int i = 0; i < nchunks; ++i) {
-    issue(i + kMmaStages - 1);  // refills the stage chunk i − 1 used (every warp passed the barrier after it)
-    aff[kMmaStages - 1] = affine(i + kMmaStages - 1);
-    cp_async_wait<kMmaStages - 1>();  // chunk i's group (and every older one) has landed for this thread
-    __syncthreads();                  // ... and for every thread
-    const int stage = i % kMmaStages;
-    const __nv_bfloat16* xs = x_tile(stage);
-    const uint32_t* ws = w_tile(stage);
-    WSlice<BITS> w0, w1;
-    const int local0 = warp * 16 + g, word0 = 16 * t * BITS / 32;
-    if constexpr (BITS == 4) {  // 8- / 16-byte shared-memory reads (rows of 8 / 16 words, slices at 2t / 4t)
-      const uint2 v0 = *reinterpret_cast<const uint2*>(ws + local0 * L::kWWords + word0);
-      const uint2 v1 = *reinterpret_cast<const uint2*>(ws + (local0 + 8) * L::kWWords + word0);
-      w0.w[0] = v0.x, w0.w[1] = v0.y, w1.w[0] = v1.x, w1.w[1] = v1.y;
-    } else {
-      const uint4 v0 = *reinterpret_cast<const uint4*>(ws + local0 * L::kWWords + word0);
-      const uint4 v1 = *reinterpret_cast<const uint4*>(ws + (local0 + 8) * L::kWWords + word0);
-      w0.w[0] = v0.x, w0.w[1] = v0.y, w0.w[2] = v0.z, w0.w[3] = v0.w;
-      w1.w[0] = v1.x, w1.w[1] = v1.y, w1.w[2] = v1.z, w1.w[3] = v1.w;
+  // This thread's W slices and their groups' scale and bias for a chunk (zeros past the last row).
+  struct Operand {
+    WSlice<BITS> w0{}, w1{};
+    float s0 = 0.0f, b0 = 0.0f, s1 = 0.0f, b1 = 0.0f;
+  };
+  auto load_operand = [&](int chunk) {
+    Operand o;
+    const int64_t gi = group_of(chunk);
+    if (ok0) {
+      o.w0 = load_slice<BITS>(slice_of(r0, chunk));
+      o.s0 = as_float(scales[r0 * groups + gi]);
+      o.b0 = as_float(biases[r0 * groups + gi]);
     }
-    const float s0 = aff[0].s0, b0 = aff[0].b0, s1 = aff[0].s1, b1 = aff[0].b1;
+    if (ok1) {
+      o.w1 = load_slice<BITS>(slice_of(r1, chunk));
+      o.s1 = as_float(scales[r1 * groups + gi]);
+      o.b1 = as_float(biases[r1 * groups + gi]);
+    }
+    return o;
+  };
+  Operand cur = load_operand(chunk_begin);
+  load_x(0, chunk_begin);
+  for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int buf = (chunk - chunk_begin) & 1;
+    // The next chunk's x into the other buffer and its W operand into registers while this one computes.
+    Operand next;
+    if (chunk + 1 < chunk_end) {
+      load_x(buf ^ 1, chunk + 1);
+      next = load_operand(chunk + 1);
+    }
+    const WSlice<BITS>& w0 = cur.w0;
+    const WSlice<BITS>& w1 = cur.w1;
+    const float s0 = cur.s0, b0 = cur.b0, s1 = cur.s1, b1 = cur.b1;
     // A fragments of the chunk's 4 k-steps: rows r0 / r1, values 4s .. 4s+3 of the slice (dequantize_kernel's
     // scale·q + bias, rounded to bf16).
     uint32_t a[4][4];
@@ -418,22 +398,23 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       a[st][2] = pack_bf16(v[0][2], v[0][3]);  // row g, k 2t+8, 2t+9
       a[st][3] = pack_bf16(v[1][2], v[1][3]);  // row g+8
     }
+    if (chunk + 1 < chunk_end) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncthreads();  // this chunk's x tile landed for every thread
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       if (n0 + j * 8 >= N) break;  // uniform: N tiles past the rows
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         // x row 8j + g, chunk columns 16t + 8u .. +7: the B fragments of k-steps 2u and 2u+1.
-        const uint4 xv = *reinterpret_cast<const uint4*>(xs + (j * 8 + g) * kXRow + 16 * t + 8 * u);
+        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[buf][j * 8 + g][16 * t + 8 * u]);
         mma_bf16(acc[j], a[2 * u], xv.x, xv.y);
         mma_bf16(acc[j], a[2 * u + 1], xv.z, xv.w);
       }
     }
-#pragma unroll
-    for (int k = 0; k + 1 < kMmaStages; ++k) aff[k] = aff[k + 1];
-    __syncthreads();  // every warp is done with this stage before the next iteration's copy into it
+    __syncthreads();  // every warp is done with buf before the next iteration's copy into it
+    cur = next;
   }
-  cp_async_wait<0>();  // no copy may outlive the block (the trailing groups are empty)
   // C fragment: acc[j] = rows r0 (e 0, 1) and r1 (e 2, 3) of W for x rows 8j + 2t, 8j + 2t + 1.
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
@@ -584,10 +565,9 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
               "16-byte aligned rows", K, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // Split K until the grid holds about two blocks per multiprocessor (what fits: 128 registers and up to 70 KB of
-  // shared memory a block), each split at least 4 chunks of 64.
+  // Split K until the grid holds about three blocks per multiprocessor, each split at least 4 chunks of 64.
   const int64_t tiles = static_cast<int64_t>(blocks_for(O, kMmaRows)) * blocks_for(N, kMmaCols);
-  const int64_t chunks = K / kMmaK, want = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t chunks = K / kMmaK, want = 3 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t splits = std::max<int64_t>(1, std::min((want + tiles - 1) / tiles, chunks / 4));
   const int per_split = static_cast<int>((chunks + splits - 1) / splits);
   splits = (chunks + per_split - 1) / per_split;
@@ -602,13 +582,12 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
     using S = decltype(s_tag);
     const S* sp = scales.data_ptr<S>();
     const S* bp = biases.data_ptr<S>();
-    auto run = [&](auto kernel, size_t smem) {
-      allow_dynamic_smem(kernel, smem, "quant_linear_mma");
-      kernel<<<grid, kMmaThreads, smem, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K, static_cast<int>(group_size),
-                                                  per_split, op, pp);
-    };
-    if (bits == 4) run(mma_kernel<S, 4>, MmaSmem<4>::kBytes);
-    else run(mma_kernel<S, 8>, MmaSmem<8>::kBytes);
+    if (bits == 4)
+      mma_kernel<S, 4><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
+                                                         static_cast<int>(group_size), per_split, op, pp);
+    else
+      mma_kernel<S, 8><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
+                                                         static_cast<int>(group_size), per_split, op, pp);
   });
   check_launch("mma_kernel");
   if (splits > 1) {

@@ -1,11 +1,11 @@
-// Few-row projections with MLX affine-quantized weights: a warp per output row, or per part of a long row (a
-// SwiGLU warp takes the gate and the up row together), lanes over the row's 16-byte chunks of packed words (32
-// values at 4 bits, 16 at 8; a chunk lies in one group), up to four chunks a lane per weight row in flight,
-// requested before the block's staging and, for a warp's next row, before the current row's sums and epilogue.
-// Every block stages the N ≤ 8 input rows in shared memory as float32 — normalised by the fused RMSNorm when
-// there is one — together with each chunk's sum of x, so a chunk costs Σ x·q per row plus one s·Σx·q + b·Σx: the
-// dequantization's scale and bias leave the inner loop. x is laid out chunk-interleaved ([row][float4 of the
-// chunk][chunk]), so the 32 lanes' reads of their chunks' x are consecutive 16-byte words (no bank conflicts).
+// Few-row projections with MLX affine-quantized weights: one warp per output row (a SwiGLU warp takes the gate and
+// the up row), lanes over the row's 16-byte chunks of packed words (32 values at 4 bits, 16 at 8; a chunk lies in
+// one group), four chunks a lane in flight (two from 4 rows on), the warp's row and its next one prefetched to L2
+// ahead (the first before the staging). Every block first stages the N ≤ 8 input rows in shared memory as
+// float32 — normalised by the fused RMSNorm when there is one — together with each chunk's sum of x, so a chunk
+// costs Σ x·q per row plus one s·Σx·q + b·Σx: the dequantization's scale and bias leave the inner loop. x is laid
+// out chunk-interleaved ([row][float4 of the chunk][chunk]), so the 32 lanes' reads of their chunks' x are
+// consecutive 16-byte words (no bank conflicts).
 #include "kernels/cuda/quant_small_linear.h"
 
 #include <algorithm>
@@ -137,213 +137,154 @@ __device__ __forceinline__ void prefetch_row(const void* w, int64_t bytes, const
   }
 }
 
-constexpr int kU = 4;  // 16-byte chunks a lane has in flight per weight row (one round of a part)
-
-// A lane's round of one weight row: chunks c0, c0 + 32, ... below c_end (at most kU), with their groups' scale and
-// bias, loaded into registers (issued early, consumed later).
-template <typename S>
-struct RowLoad {
-  uint4 w[kU];
-  float s[kU], b[kU];
-
-  __device__ __forceinline__ void issue(const uint4* __restrict__ row, const S* __restrict__ scales,
-                                        const S* __restrict__ biases, int64_t c0, int64_t c_end, int cpg_shift) {
+// acc[n] += Σ over row `w`'s chunks of s·Σ x·q + b·Σ x (this lane's chunks lane, lane + 32, ...), not warp-summed.
+template <typename S, int BITS, int N>
+__device__ __forceinline__ void dot_row(const Stage& st, const uint4* __restrict__ w, const S* __restrict__ scales,
+                                        const S* __restrict__ biases, int cpg_shift, float (&acc)[N]) {
+  constexpr int kPer = 32 / BITS, kF4 = 128 / BITS / 4;
+  constexpr int kUnroll = N >= 4 ? 2 : 4;  // chunks a lane has in flight (more rows: more work per chunk)
+  const int64_t C = st.C;
+  for (int64_t c0 = threadIdx.x % 32; c0 < C; c0 += kUnroll * 32) {
+    uint4 wv[kUnroll];
+    float s[kUnroll], b[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       const int64_t c = c0 + u * 32;
-      if (c < c_end) w[u] = __ldcs(row + c);
+      if (c < C) wv[u] = __ldcs(w + c);
     }
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       const int64_t c = c0 + u * 32;
-      if (c < c_end) {
+      if (c < C) {
         s[u] = static_cast<float>(scales[c >> cpg_shift]);
         b[u] = static_cast<float>(biases[c >> cpg_shift]);
       }
     }
-  }
-};
-
-// acc[n] += s·Σ x·q + b·Σ x over the round's chunks (loaded by ld.issue with the same c0, c_end).
-template <typename S, int BITS, int N>
-__device__ __forceinline__ void fma_round(const Stage& st, const RowLoad<S>& ld, int64_t c0, int64_t c_end,
-                                          float (&acc)[N]) {
-  constexpr int kPer = 32 / BITS, kF4 = 128 / BITS / 4;
-  const int64_t C = st.C;
 #pragma unroll
-  for (int u = 0; u < kU; ++u) {
-    const int64_t c = c0 + u * 32;
-    if (c >= c_end) break;
-    const uint32_t words[4] = {ld.w[u].x, ld.w[u].y, ld.w[u].z, ld.w[u].w};
-    float dq[N];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * 32;
+      if (c >= C) break;
+      const uint32_t words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      float dq[N];
 #pragma unroll
-    for (int n = 0; n < N; ++n) dq[n] = 0.0f;
+      for (int n = 0; n < N; ++n) dq[n] = 0.0f;
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      float q[kPer];
-      unpack_word<BITS>(words[t], q);
+      for (int t = 0; t < 4; ++t) {
+        float q[kPer];
+        unpack_word<BITS>(words[t], q);
 #pragma unroll
-      for (int f = 0; f < kPer / 4; ++f) {
+        for (int f = 0; f < kPer / 4; ++f) {
 #pragma unroll
-        for (int n = 0; n < N; ++n) {
-          const float4 xv = st.x[(n * kF4 + t * (kPer / 4) + f) * C + c];
-          dq[n] = fmaf(xv.x, q[4 * f], dq[n]);
-          dq[n] = fmaf(xv.y, q[4 * f + 1], dq[n]);
-          dq[n] = fmaf(xv.z, q[4 * f + 2], dq[n]);
-          dq[n] = fmaf(xv.w, q[4 * f + 3], dq[n]);
+          for (int n = 0; n < N; ++n) {
+            const float4 xv = st.x[(n * kF4 + t * (kPer / 4) + f) * C + c];
+            dq[n] = fmaf(xv.x, q[4 * f], dq[n]);
+            dq[n] = fmaf(xv.y, q[4 * f + 1], dq[n]);
+            dq[n] = fmaf(xv.z, q[4 * f + 2], dq[n]);
+            dq[n] = fmaf(xv.w, q[4 * f + 3], dq[n]);
+          }
         }
       }
-    }
 #pragma unroll
-    for (int n = 0; n < N; ++n) acc[n] = fmaf(ld.s[u], dq[n], fmaf(ld.b[u], st.sums[n * C + c], acc[n]));
+      for (int n = 0; n < N; ++n) acc[n] = fmaf(s[u], dq[n], fmaf(b[u], st.sums[n * C + c], acc[n]));
+    }
   }
 }
 
-// Where a work item lies: item = (output row over the segments in order) · split + part.
-struct Item {
-  int si = 0;
-  int64_t row = 0;
-  int part = 0;
-};
-
-// One kernel for both ops. Work item: one output row's part [part·P, min(C, (part+1)·P)) of its chunks (a row of
-// more than 32·kU chunks is split over `split` consecutive warps of a block, their sums met in shared memory); for
-// SILU an item is the gate row and the up row together (segments 0 and 1). A warp requests its first item's
-// weights before the block stages x, and each next item's right after the current one's arithmetic (its sums, the
-// meeting of the parts and the epilogue run while they arrive), one item further ahead prefetched to L2. The grid
-// covers every item once (capped at 16 blocks per SM: a 151936-row head takes ~9 items a warp).
-template <typename T, typename S, int BITS, int N, bool SILU>
+// kThreads threads a block; warp w of block b takes output rows b·kWarps + w, then every gridDim.x·kWarps-th row
+// after it, over the segments in order (a grid capped near one wave, so a long head stages its input once per
+// block, not once per 8 rows).
+template <typename T, typename S, int BITS, int N>
 __global__ void __launch_bounds__(kThreads)
     quant_small_linear_kernel(const T* __restrict__ x, int rows, int64_t K, QSegments<T, S> segs,
-                              const T* residual, const T* norm_w, float eps, T* normed, int cpg_shift, int split,
-                              int64_t part_chunks) {
-  constexpr int kW = SILU ? 2 : 1;  // weight rows an item reads
-  const int64_t C = K * BITS / 128, groups = C >> cpg_shift;
-  int64_t out_rows = 0;
-  for (int i = 0; i < (SILU ? 1 : segs.count); ++i) out_rows += segs.s[i].rows;
-  const int64_t items = out_rows * split, stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto locate = [&](int64_t item) {
-    Item it;
-    it.part = static_cast<int>(item % split);
-    it.row = item / split;
-    if constexpr (!SILU)
-      while (it.si + 1 < segs.count && it.row >= segs.s[it.si].rows) it.row -= segs.s[it.si++].rows;
-    return it;
+                              const T* residual, const T* norm_w, float eps, T* normed, int cpg_shift) {
+  const int64_t C = K * BITS / 128, groups = C >> cpg_shift, stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  // Row r (counted over all segments) → its segment and row within it; si == count past the last.
+  auto locate = [&](int64_t r, int& si) {
+    si = 0;
+    while (si < segs.count && r >= segs.s[si].rows) r -= segs.s[si++].rows;
+    return r;
   };
-  RowLoad<S> ld[kW];
-  auto weight_of = [&](const Item& it, int k) -> const QSegment<T, S>& { return segs.s[SILU ? k : it.si]; };
-  auto issue = [&](const Item& it) {
-    const int64_t cb = it.part * part_chunks, ce = min(C, cb + part_chunks);
-#pragma unroll
-    for (int k = 0; k < kW; ++k) {
-      const QSegment<T, S>& seg = weight_of(it, k);
-      ld[k].issue(seg.w + it.row * C, seg.scales + it.row * groups, seg.biases + it.row * groups, cb + lane, ce,
-                  cpg_shift);
-    }
+  auto prefetch = [&](int64_t r) {
+    int si;
+    r = locate(r, si);
+    if (si < segs.count)
+      prefetch_row(segs.s[si].w + r * C, C * 16, segs.s[si].scales + r * groups, segs.s[si].biases + r * groups,
+                   groups * static_cast<int64_t>(sizeof(S)));
   };
-  auto prefetch = [&](int64_t item) {
-    if (item >= items) return;
-    const Item it = locate(item);
-    const int64_t cb = it.part * part_chunks, ce = min(C, cb + part_chunks);
-#pragma unroll
-    for (int k = 0; k < kW; ++k) {
-      const QSegment<T, S>& seg = weight_of(it, k);
-      prefetch_row(seg.w + it.row * C + cb, (ce - cb) * 16, seg.scales + it.row * groups,
-                   seg.biases + it.row * groups, groups * static_cast<int64_t>(sizeof(S)));
-    }
-  };
-  const int64_t base0 = static_cast<int64_t>(blockIdx.x) * kWarps;
-  if (base0 + warp < items) issue(locate(base0 + warp));
-  prefetch(base0 + warp + stride);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  prefetch(first);
   const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
-  __shared__ float parts[kWarps][kW][N];
-  for (int64_t base = base0; base < items; base += stride) {  // block-uniform: every warp meets the barriers
-    const int64_t item = base + warp;
-    const bool valid = item < items;
-    const Item it = valid ? locate(item) : Item{};
-    float acc[kW][N];
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = first;; r += stride) {
+    int si;
+    const int64_t row = locate(r, si);
+    if (si == segs.count) return;  // warp-uniform
+    prefetch(r + stride);
+    const QSegment<T, S>& seg = segs.s[si];
+    float acc[N];
 #pragma unroll
-    for (int k = 0; k < kW; ++k)
+    for (int n = 0; n < N; ++n) acc[n] = 0.0f;
+    dot_row<S, BITS, N>(st, seg.w + row * st.C, seg.scales + row * groups, seg.biases + row * groups, cpg_shift,
+                        acc);
 #pragma unroll
-      for (int n = 0; n < N; ++n) acc[k][n] = 0.0f;
-    if (valid) {
-      const int64_t cb = it.part * part_chunks, ce = min(C, cb + part_chunks);
-#pragma unroll
-      for (int k = 0; k < kW; ++k) {
-        fma_round<S, BITS, N>(st, ld[k], cb + lane, ce, acc[k]);
-        // A part longer than one round (inputs beyond 32·kU·8 chunks): its later rounds one after another.
-        const QSegment<T, S>& seg = weight_of(it, k);
-        for (int64_t r = cb + 32 * kU; r < ce; r += 32 * kU) {
-          ld[k].issue(seg.w + it.row * C, seg.scales + it.row * groups, seg.biases + it.row * groups, r + lane, ce,
-                      cpg_shift);
-          fma_round<S, BITS, N>(st, ld[k], r + lane, ce, acc[k]);
-        }
-      }
-    }
-    if (item + stride < items) {
-      issue(locate(item + stride));
-      prefetch(item + 2 * stride);
-    }
-#pragma unroll
-    for (int k = 0; k < kW; ++k)
-#pragma unroll
-      for (int n = 0; n < N; ++n) acc[k][n] = warp_sum(acc[k][n]);
-    if (split > 1) {
-      if (lane == 0)
-#pragma unroll
-        for (int k = 0; k < kW; ++k)
-#pragma unroll
-          for (int n = 0; n < N; ++n) parts[warp][k][n] = acc[k][n];
-      __syncthreads();
-      if (valid && it.part == 0)
-#pragma unroll
-        for (int k = 0; k < kW; ++k)
-#pragma unroll
-          for (int n = 0; n < N; ++n) {
-            float sum = 0.0f;
-            for (int j = 0; j < split; ++j) sum += parts[warp + j][k][n];
-            acc[k][n] = sum;
-          }
-      __syncthreads();
-    }
-    if (!valid || it.part != 0) continue;
+    for (int n = 0; n < N; ++n) acc[n] = warp_sum(acc[n]);
 #pragma unroll
     for (int n = 0; n < N; ++n) {
       if (lane != n || n >= rows) continue;
-      if constexpr (SILU) {
-        const int64_t F = segs.s[0].rows;
-        const float gf = static_cast<float>(to<T>(acc[0][n]));
-        const T silu = to<T>(gf / (1.0f + expf(-gf)));  // kernels/cpu/silu_mul.h's two roundings
-        segs.s[0].out[n * F + it.row] = to<T>(static_cast<float>(silu) * static_cast<float>(to<T>(acc[1][n])));
-      } else {
-        const QSegment<T, S>& seg = segs.s[it.si];
-        const int64_t at = n * seg.rows + it.row;
-        T y = to<T>(acc[0][n]);
-        if (seg.bias) y = to<T>(static_cast<float>(y) + static_cast<float>(seg.bias[it.row]));
-        if (residual) y = to<T>(static_cast<float>(residual[at]) + static_cast<float>(y));
-        seg.out[at] = y;
-      }
+      const int64_t at = n * seg.rows + row;
+      T y = to<T>(acc[n]);
+      if (seg.bias) y = to<T>(static_cast<float>(y) + static_cast<float>(seg.bias[row]));
+      if (residual) y = to<T>(static_cast<float>(residual[at]) + static_cast<float>(y));
+      seg.out[at] = y;
     }
   }
 }
 
-// The launch shape for rows of C chunks: the fewest warps a row (1, 2, 4 or 8) whose parts fit one round of kU
-// chunks a lane (more warps and rounds beyond 8·32·kU chunks), and the blocks to cover every item, at most 16 per
-// multiprocessor.
-struct Shape {
-  int split = 1;
-  int64_t part_chunks = 0;
-  unsigned blocks = 1;
-};
-Shape shape_for(int64_t out_rows, int64_t C) {
-  Shape sh;
-  while (sh.split < kWarps && (C + sh.split - 1) / sh.split > 32 * kU) sh.split *= 2;
-  sh.part_chunks = (C + sh.split - 1) / sh.split;
-  const int64_t cap = 16 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  sh.blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min((out_rows * sh.split + kWarps - 1) / kWarps, cap)));
-  return sh;
+template <typename T, typename S, int BITS, int N>
+__global__ void __launch_bounds__(kThreads)
+    quant_small_linear_silu_mul_kernel(const T* __restrict__ x, int rows, int64_t K, QSegment<T, S> gate,
+                                       QSegment<T, S> up, const T* norm_w, float eps, T* normed, int cpg_shift) {
+  const int64_t F = gate.rows, C = K * BITS / 128, groups = C >> cpg_shift;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  auto prefetch = [&](int64_t r) {
+    if (r >= F) return;
+    const int64_t sb = groups * static_cast<int64_t>(sizeof(S));
+    prefetch_row(gate.w + r * C, C * 16, gate.scales + r * groups, gate.biases + r * groups, sb);
+    prefetch_row(up.w + r * C, C * 16, up.scales + r * groups, up.biases + r * groups, sb);
+  };
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  prefetch(first);
+  const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = first; row < F; row += stride) {
+    prefetch(row + stride);
+    float g[N], u[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) g[n] = u[n] = 0.0f;
+    dot_row<S, BITS, N>(st, gate.w + row * st.C, gate.scales + row * groups, gate.biases + row * groups, cpg_shift,
+                        g);
+    dot_row<S, BITS, N>(st, up.w + row * st.C, up.scales + row * groups, up.biases + row * groups, cpg_shift, u);
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      g[n] = warp_sum(g[n]);
+      u[n] = warp_sum(u[n]);
+    }
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      if (lane != n || n >= rows) continue;
+      const float gf = static_cast<float>(to<T>(g[n]));
+      const T silu = to<T>(gf / (1.0f + expf(-gf)));  // kernels/cpu/silu_mul.h's two roundings
+      gate.out[n * F + row] = to<T>(static_cast<float>(silu) * static_cast<float>(to<T>(u[n])));
+    }
+  }
 }
+
+// Blocks for `rows` output rows: one per kWarps rows, at most four per multiprocessor (about one wave).
+unsigned grid_for(int64_t rows) {
+  const int64_t cap = 4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min((rows + kWarps - 1) / kWarps, cap)));
+}
+
 
 template <typename T, typename S>
 QSegment<T, S> segment(const QuantMatrix& w, const at::Tensor& bias, const at::Tensor& out) {
@@ -391,60 +332,63 @@ void dispatch(at::ScalarType x_type, at::ScalarType scale_type, int64_t bits, F&
   else if ((N) <= 4) { constexpr int R = 4; __VA_ARGS__; }         \
   else { constexpr int R = 8; __VA_ARGS__; }
 
-// Launches the kernel for `segs` (SILU: gate and up) over x, with N rounded up to 1, 2, 4 or 8.
-template <bool SILU, typename T, typename S, int BITS>
-void launch(const at::Tensor& x, const QSegments<T, S>& segs, const at::Tensor& residual, const InputNorm& norm,
-            int cpg_shift) {
-  const int64_t N = x.size(0), K = x.size(1);
-  int64_t out_rows = 0;
-  for (int i = 0; i < (SILU ? 1 : segs.count); ++i) out_rows += segs.s[i].rows;
-  const Shape sh = shape_for(out_rows, K * BITS / 128);
-  const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
-  T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
-  const T* res = residual.defined() ? static_cast<const T*>(residual.data_ptr()) : nullptr;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  RLAIF_QUANT_ROWS(N, {
-    auto kernel = quant_small_linear_kernel<T, S, BITS, R, SILU>;
-    const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, BITS));
-    allow_dynamic_smem(kernel, smem, SILU ? "quant_small_linear_silu_mul" : "quant_small_linear");
-    kernel<<<sh.blocks, kThreads, smem, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs,
-                                                  res, nw, static_cast<float>(norm.eps), normed, cpg_shift, sh.split,
-                                                  sh.part_chunks);
-  });
-  check_launch(SILU ? "quant_small_linear_kernel (silu_mul)" : "quant_small_linear_kernel");
-}
-
 }  // namespace
 
 void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>& weights,
                              const std::vector<at::Tensor>& biases, const at::Tensor& residual,
                              const std::vector<at::Tensor>& outs, const InputNorm& norm) {
-  if (x.size(0) == 0) return;
+  const int64_t N = x.size(0), K = x.size(1);
+  if (N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const QuantMatrix& w0 = weights[0];
+  int64_t rows = 0;
+  for (const QuantMatrix& w : weights) rows += w.rows();
+  const unsigned grid = grid_for(rows);
   dispatch(x.scalar_type(), w0.scales.scalar_type(), w0.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
+    constexpr int kBits = decltype(bits_tag)::value;
     QSegments<T, S> segs;
     for (size_t i = 0; i < weights.size(); ++i) segs.s[i] = segment<T, S>(weights[i], biases[i], outs[i]);
     segs.count = static_cast<int>(weights.size());
-    launch<false, T, S, decltype(bits_tag)::value>(x, segs, residual, norm, chunk_group_shift(w0));
+    const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
+    T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
+    const T* res = residual.defined() ? static_cast<const T*>(residual.data_ptr()) : nullptr;
+    RLAIF_QUANT_ROWS(N, {
+      auto kernel = quant_small_linear_kernel<T, S, kBits, R>;
+      const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
+      allow_dynamic_smem(kernel, smem, "quant_small_linear");
+      kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs, res, nw,
+                                              static_cast<float>(norm.eps), normed, chunk_group_shift(w0));
+    });
   });
+  check_launch("quant_small_linear_kernel");
 }
 
 void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& gate, const QuantMatrix& up,
                                       const at::Tensor& out, const InputNorm& norm) {
-  if (x.size(0) == 0) return;
+  const int64_t N = x.size(0), K = x.size(1);
+  if (N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const unsigned grid = grid_for(gate.rows());
   dispatch(x.scalar_type(), gate.scales.scalar_type(), gate.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
-    QSegments<T, S> segs;
-    segs.s[0] = segment<T, S>(gate, {}, out);
-    segs.s[1] = segment<T, S>(up, {}, out);
-    segs.count = 2;
-    launch<true, T, S, decltype(bits_tag)::value>(x, segs, {}, norm, chunk_group_shift(gate));
+    constexpr int kBits = decltype(bits_tag)::value;
+    const QSegment<T, S> g = segment<T, S>(gate, {}, out), u = segment<T, S>(up, {}, out);
+    const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
+    T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
+    RLAIF_QUANT_ROWS(N, {
+      auto kernel = quant_small_linear_silu_mul_kernel<T, S, kBits, R>;
+      const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
+      allow_dynamic_smem(kernel, smem, "quant_small_linear_silu_mul");
+      kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, g, u, nw,
+                                              static_cast<float>(norm.eps), normed, chunk_group_shift(gate));
+    });
   });
+  check_launch("quant_small_linear_silu_mul_kernel");
 }
 
 }  // namespace rlaif::kernels
