@@ -124,9 +124,9 @@ TEST(LoraKernel, ExpandIntoColumnSlicesOfAPackedOutput) {
   }
 }
 
-// Ranks that are not a multiple of the expand's 16-column chunks, adapters whose widths end inside a 128-column
-// block, row counts that end inside a row tile, and inputs both wide (the shrink's narrower row tiles) and of odd
-// width (its scalar path): CUDA equals the CPU reference.
+// Ranks that are not a multiple of the expand's 16-column chunks (nor of the shrink's 4-column groups), adapters
+// whose widths end inside a 128-column block, row counts that end inside a row tile, and inputs both wide and of
+// odd width (the shrink's scalar path): CUDA equals the CPU reference.
 TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
   RLAIF_REQUIRE_CUDA_KERNELS();
   SCOPED_TRACE(test::seed_fresh());
@@ -134,7 +134,8 @@ TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
     for (int64_t S : {3, 37, 64}) {
       for (int64_t D : {11008, 1001}) {
         SCOPED_TRACE(fmt::format("{} S={} D={}", c10::toString(dt), S, D));
-        const std::vector<int64_t> outs_dim = {1000, 300}, ranks = {24, 40};
+        // 22 + 42 = 64 columns: the shrink's 4-column groups include one that spans the two adapters.
+        const std::vector<int64_t> outs_dim = {1000, 300}, ranks = {22, 42};
         std::vector<at::Tensor> a, b, a_gpu, b_gpu, ys, ys_gpu;
         for (size_t i = 0; i < 2; ++i) {
           a.push_back(at::randn({ranks[i], D}) * 0.02);
@@ -156,7 +157,7 @@ TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
         for (size_t i = 0; i < 2; ++i) EXPECT_LE(test::rel_err(ys_gpu[i], ys[i]), test::tolerance(dt)) << "expand " << i;
         // One adapter with the residual: h = h + (y + update).
         const at::Tensor h = at::randn({S, 1000}).to(dt), y0 = at::randn({S, 1000}).to(dt);
-        const at::Tensor t0 = t.narrow(1, 0, 24).contiguous();
+        const at::Tensor t0 = t.narrow(1, 0, 22).contiguous();
         at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
         kernels::lora_expand_cpu(t0, {b[0]}, {0.75}, {y0}, h_ref, {h_ref});
         kernels::lora_expand(t0.cuda(), {b_gpu[0]}, {0.75}, {y0.cuda()}, h_gpu, {h_gpu});

@@ -90,8 +90,9 @@ void set_few_row_kernel(FewRowKernel k);
 FewRowKernel few_row_kernel();
 
 // Which CUDA kernel paged_attention_decode(_rope) launches for bf16 with head_dim 64 or 128 and at most 16 query
-// heads per KV head: kTensorCore (the default; mma.sync for Q·Kᵀ and P·V, p rounded to bf16 before P·V as the
-// training forward's attention does) or kSimt (float32 FMAs, p kept in float32; every other shape takes it).
+// heads per KV head, where the grid has two blocks per SM (batch × KV heads × partitions): kTensorCore (the
+// default; mma.sync for Q·Kᵀ and P·V, p rounded to bf16 before P·V as the training forward's attention does) or
+// kSimt (float32 FMAs, p kept in float32; every other shape and smaller grids take it).
 // A process-wide setting read at launch, for A/B runs (bench_kernels, bench_generate --attention-kernel).
 enum class AttentionKernel { kTensorCore, kSimt };
 void set_attention_kernel(AttentionKernel k);
