@@ -14,9 +14,12 @@ namespace rlaif::kernels {
 //              (float32 accumulation; the two roundings are the eager bf16 matmul's and `* scale`'s)
 //   p_t      = to_dtype(exp(score_t - max) * (1 / sum_t exp(score_t - max)))           (softmax in float32)
 //   out[s,h] = to_dtype(sum_t float(p_t) * v_cache[row(t), g, :])                      (float32 accumulation)
-// and out[s] = 0 where n <= 0 (padding rows). The CUDA kernel splits the context into partitions and combines them
-// with the online-softmax rescaling, so it keeps p in float32 (exp(score − m_partition), never rounded to the dtype):
-// in float32 it equals the above up to summation order; in bfloat16 it is the more precise of the two. Requires n <= max_blocks * block_size and n <= max_context, the
+// and out[s] = 0 where n <= 0 (padding rows). The CUDA kernels split the context into partitions and combine them
+// with the online-softmax rescaling. The SIMT kernel keeps p in float32 (exp(score − m_partition), never rounded
+// to the dtype): in float32 it equals the above up to summation order; in bfloat16 it is the more precise of the
+// two. The tensor-core kernel (bfloat16, kernels/cpu/registry.h AttentionKernel) rounds exp(score − m_partition)
+// to bfloat16 before P·V and divides by the float32 sum after it: a rounding of the same size as the spec's, at
+// another place (as flash attention in the training forward does). Requires n <= max_blocks * block_size and n <= max_context, the
 // bound the CUDA grid is sized for (it reads no more than max_context tokens, so a captured CUDA graph stays
 // valid while the lengths change below it; the CUDA side cannot check n without a sync). The CUDA kernel meets its
 // partitions through one per-device buffer of arrival counters that every launch leaves at zero: launches on one
