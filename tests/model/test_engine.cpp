@@ -211,6 +211,34 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
   }
 }
 
+// The tensor-core paged attention (bf16, head dim 64 here) inside the engine: 64 rows decoding up to 100 tokens
+// give a grid of 64 sequences × 2 KV heads × 4 partitions, where the engine takes it; the SIMT kernel on the same
+// requests is the comparison. Both stay within bf16's error of the training forward.
+TEST(Engine, Bf16TensorCoreAttentionAgainstTrainingForwardOnGpu) {
+  if (test::test_device().is_cpu()) GTEST_SKIP() << "the tensor-core attention runs on the GPU (RLAIF_TEST_DEVICE=cuda)";
+  const fs::path dir = test::reference_dir() / "qwen2_hd64";
+  auto model = DecoderModel::load(dir, {at::kBFloat16, test::test_device()});
+  const kernels::AttentionKernel before = kernels::attention_kernel();
+  for (kernels::AttentionKernel k : {kernels::AttentionKernel::kTensorCore, kernels::AttentionKernel::kSimt}) {
+    kernels::set_attention_kernel(k);
+    Engine engine(model, EngineOptions{});
+    std::vector<GenerationRequest> reqs(16);
+    for (int i = 0; i < 16; ++i) {
+      reqs[i].prompt = {static_cast<int32_t>(3 + i), 9, 27, 81};
+      reqs[i].num_samples = 4;
+      reqs[i].params.temperature = 1.0;
+      reqs[i].params.max_new_tokens = 96;
+      reqs[i].params.seed = 5;
+    }
+    const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
+    const char* name = k == kernels::AttentionKernel::kSimt ? "simt" : "tensor-core";
+    std::printf("[engine bf16 %s, %s attention] 64 rows: engine vs training forward over %ld tokens: mean abs %.2e, "
+                "max %.2e\n", test::test_device().str().c_str(), name, static_cast<long>(g.tokens), g.mean, g.max);
+    EXPECT_LE(g.mean, 5e-2) << name;
+  }
+  kernels::set_attention_kernel(before);
+}
+
 TEST(Engine, ContinuousBatchingMatchesRunningAlone) {
   const fs::path dir = test::reference_dir() / "qwen2_untied";
   auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});

@@ -32,6 +32,9 @@ def models():
                                                       rope_scaling=rope, **common), None
     yield "llama_bias_tied", LlamaForCausalLM, LlamaConfig(tie_word_embeddings=True, attention_bias=True,
                                                            mlp_bias=True, rope_theta=1e4, **common), None
+    # Head dim 64: the shape the engine's tensor-core paged attention serves (bf16, GPU tests).
+    wide = dict(common, hidden_size=256, intermediate_size=128, num_hidden_layers=2)
+    yield "qwen2_hd64", Qwen2ForCausalLM, Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, **wide), None
 
 
 def batch(seed):
