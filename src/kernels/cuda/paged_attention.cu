@@ -138,6 +138,51 @@ __device__ void combine_partitions(const AttnParams& p, int64_t head_base, int G
   }
 }
 
+// The pieces of the fused RoPE + KV write both kernels share. rope_tables: cos/sin per head dimension of sequence
+// s's position, rounded as rope_kv_write, into shared memory (the caller syncs). lane_rope: this lane's E of them.
+template <typename T>
+__device__ __forceinline__ void rope_tables(const AttnParams& p, int s, int hd, float* cos_s, float* sin_s) {
+  const float pos = static_cast<float>(index_at(p.positions, p.pos64, s));
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+    const float angle = pos * p.inv_freq[i % (hd / 2)];
+    cos_s[i] = static_cast<float>(to<T>(cosf(angle)));  // full-range cosf/sinf, as rope_kv_write
+    sin_s[i] = static_cast<float>(to<T>(sinf(angle)));
+  }
+}
+template <int E>
+__device__ __forceinline__ void lane_rope(const float* cos_s, const float* sin_s, int lane, float (&c)[E],
+                                          float (&sn)[E]) {
+#pragma unroll
+  for (int j = 0; j < E; ++j) {
+    c[j] = cos_s[lane * E + j];
+    sn[j] = sin_s[lane * E + j];
+  }
+}
+// Query row g at qbase + g·hd (this lane's E elements; zeros for g ≥ G) as floats, rotated when ROPE. Whole warps
+// call it (rotate shuffles).
+template <typename T, int E, bool ROPE>
+__device__ __forceinline__ void load_q_row(const T* qbase, int g, int G, int hd, const float (&c)[E],
+                                           const float (&sn)[E], int lane, int NT, float (&x)[E]) {
+  Vec<T, E> qv;
+  if (g < G) qv = load_vec<T, E>(qbase + g * hd);
+#pragma unroll
+  for (int j = 0; j < E; ++j) x[j] = g < G ? static_cast<float>(qv.v[j]) : 0.0f;
+  if constexpr (ROPE) rotate<T, E>(x, c, sn, lane, NT);
+}
+// The new token's rotated k and its v for KV head kvh of sequence s (this lane's E elements). Whole warps call it.
+template <typename T, int E>
+__device__ __forceinline__ void new_token_kv(const AttnParams& p, int s, int kvh, int hd, const float (&c)[E],
+                                             const float (&sn)[E], int lane, int NT, Vec<T, E>& ko, Vec<T, E>& vo) {
+  const Vec<T, E> kv = load_vec<T, E>(static_cast<const T*>(p.k_new) + s * p.k_stride + kvh * hd + lane * E);
+  float kf[E];
+#pragma unroll
+  for (int j = 0; j < E; ++j) kf[j] = static_cast<float>(kv.v[j]);
+  rotate<T, E>(kf, c, sn, lane, NT);
+#pragma unroll
+  for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
+  vo = load_vec<T, E>(static_cast<const T*>(p.v_new) + s * p.v_stride + kvh * hd + lane * E);
+}
+
 // Shared-memory layout of one block (launch() sizes it the same way): K and V tiles [PT][row_bytes] with rows
 // padded by 16·TPT bytes (the eight lanes of a 16-byte access phase, TPT per token, hit eight different bank
 // groups), q [G][hd] floats, probabilities [PT][MAX_G] floats, cache rows [PT]; the per-warp outputs of P·V
@@ -194,14 +239,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   __shared__ float cos_s[128], sin_s[128];  // hd ≤ 128
   const int* table = p.block_tables + s * p.bt_stride;
   for (int i = threadIdx.x; i < n; i += kThreads) rows_s[i] = cache_row(p, table, start + i) * p.KV + kvh;
-  if constexpr (ROPE) {
-    const float pos = static_cast<float>(index_at(p.positions, p.pos64, s));
-    for (int i = threadIdx.x; i < hd; i += kThreads) {
-      const float angle = pos * p.inv_freq[i % (hd / 2)];
-      cos_s[i] = static_cast<float>(to<T>(cosf(angle)));  // full-range cosf/sinf, as rope_kv_write
-      sin_s[i] = static_cast<float>(to<T>(sinf(angle)));
-    }
-  }
+  if constexpr (ROPE) rope_tables<T>(p, s, hd, cos_s, sin_s);
   __syncthreads();  // rows_s, cos_s, sin_s
 
   // K and V rows of the partition → shared tiles, every 16-byte piece in flight at once.
@@ -219,23 +257,13 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
   // While they fly: q rows (rotated) to shared memory, as float, by groups of NT lanes; the trip count is uniform
   // so whole warps reach rotate's shuffles.
   float c[E], sn[E];
-  if constexpr (ROPE) {
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      c[j] = cos_s[lane * E + j];
-      sn[j] = sin_s[lane * E + j];
-    }
-  }
+  if constexpr (ROPE) lane_rope<E>(cos_s, sin_s, lane, c, sn);
   const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + (static_cast<int64_t>(kvh) * p.G + split * p.gb) * hd +
                    lane * E;
   for (int g0 = 0; g0 < G; g0 += groups) {
     const int g = g0 + grp;
     float x[E];
-    Vec<T, E> qv;
-    if (g < G) qv = load_vec<T, E>(qbase + g * hd);
-#pragma unroll
-    for (int j = 0; j < E; ++j) x[j] = g < G ? static_cast<float>(qv.v[j]) : 0.0f;
-    if constexpr (ROPE) rotate<T, E>(x, c, sn, lane, NT);
+    load_q_row<T, E, ROPE>(qbase, g, G, hd, c, sn, lane, NT, x);
     if (g < G)
 #pragma unroll
       for (int j = 0; j < E; ++j) q_s[g * hd + lane * E + j] = x[j];
@@ -248,15 +276,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnParams 
     if (part == nparts - 1) {
       const int64_t slot = index_at(p.slots, p.slot64, s);
       if (slot >= 0) {  // every group rotates (whole warps shuffle); group 0 stores
-        const Vec<T, E> kv = load_vec<T, E>(static_cast<const T*>(p.k_new) + s * p.k_stride + kvh * hd + lane * E);
-        float kf[E];
-#pragma unroll
-        for (int j = 0; j < E; ++j) kf[j] = static_cast<float>(kv.v[j]);
-        rotate<T, E>(kf, c, sn, lane, NT);
-        Vec<T, E> ko;
-        const Vec<T, E> vo = load_vec<T, E>(static_cast<const T*>(p.v_new) + s * p.v_stride + kvh * hd + lane * E);
-#pragma unroll
-        for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
+        Vec<T, E> ko, vo;
+        new_token_kv<T, E>(p, s, kvh, hd, c, sn, lane, NT, ko, vo);
         if (grp == 0) {
           if (split == 0) {  // one block per KV head writes the cache
             store_vec<T, E>(kc + (slot * p.KV + kvh) * hd + lane * E, ko);
@@ -451,14 +472,7 @@ __global__ void __launch_bounds__(kThreads) attn_mma_kernel(const AttnParams p) 
 
   const int* table = p.block_tables + s * p.bt_stride;
   for (int i = threadIdx.x; i < n; i += kThreads) rows_s[i] = cache_row(p, table, start + i) * p.KV + kvh;
-  if constexpr (ROPE) {
-    const float pos = static_cast<float>(index_at(p.positions, p.pos64, s));
-    for (int i = threadIdx.x; i < HD; i += kThreads) {
-      const float angle = pos * p.inv_freq[i % (HD / 2)];
-      cos_s[i] = static_cast<float>(to<T>(cosf(angle)));
-      sin_s[i] = static_cast<float>(to<T>(sinf(angle)));
-    }
-  }
+  if constexpr (ROPE) rope_tables<T>(p, s, HD, cos_s, sin_s);
   __syncthreads();  // rows_s, cos_s, sin_s
 
   T* kc = static_cast<T*>(p.k_cache);
@@ -476,22 +490,12 @@ __global__ void __launch_bounds__(kThreads) attn_mma_kernel(const AttnParams p) 
   // q rows (rotated, rounded to bf16 as rope_kv_write) → shared memory rows 0..15, zeros past G; groups of NT lanes.
   const int groups = kThreads / NT, grp = threadIdx.x / NT, gl = threadIdx.x % NT;
   float c[E], sn[E];
-  if constexpr (ROPE) {
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      c[j] = cos_s[gl * E + j];
-      sn[j] = sin_s[gl * E + j];
-    }
-  }
+  if constexpr (ROPE) lane_rope<E>(cos_s, sin_s, gl, c, sn);
   const T* qbase = static_cast<const T*>(p.q) + s * p.q_stride + static_cast<int64_t>(kvh) * G * HD + gl * E;
   for (int g0 = 0; g0 < 16; g0 += groups) {
     const int g = g0 + grp;
     float x[E];
-    Vec<T, E> qv;
-    if (g < G) qv = load_vec<T, E>(qbase + g * HD);
-#pragma unroll
-    for (int j = 0; j < E; ++j) x[j] = g < G ? static_cast<float>(qv.v[j]) : 0.0f;
-    if constexpr (ROPE) rotate<T, E>(x, c, sn, gl, NT);
+    load_q_row<T, E, ROPE>(qbase, g, G, HD, c, sn, gl, NT, x);
     Vec<T, E> qo;
 #pragma unroll
     for (int j = 0; j < E; ++j) qo.v[j] = to<T>(x[j]);
@@ -503,22 +507,9 @@ __global__ void __launch_bounds__(kThreads) attn_mma_kernel(const AttnParams p) 
     if (part == nparts - 1) {
       const int64_t slot = index_at(p.slots, p.slot64, s);
       if (slot >= 0 && threadIdx.x < 32) {  // one warp: NT ≤ 16 lanes hold the row; whole-warp shuffles
-        const int l = threadIdx.x % NT;
-        const Vec<T, E> kv = load_vec<T, E>(static_cast<const T*>(p.k_new) + s * p.k_stride + kvh * HD + l * E);
-        float kf[E];
-#pragma unroll
-        for (int j = 0; j < E; ++j) kf[j] = static_cast<float>(kv.v[j]);
-        float c2[E], s2[E];
-#pragma unroll
-        for (int j = 0; j < E; ++j) {
-          c2[j] = cos_s[l * E + j];
-          s2[j] = sin_s[l * E + j];
-        }
-        rotate<T, E>(kf, c2, s2, l, NT);
-        Vec<T, E> ko;
-#pragma unroll
-        for (int j = 0; j < E; ++j) ko.v[j] = to<T>(kf[j]);
-        const Vec<T, E> vo = load_vec<T, E>(static_cast<const T*>(p.v_new) + s * p.v_stride + kvh * HD + l * E);
+        const int l = threadIdx.x % NT;  // warp 0's lanes: their group lane is their lane modulo NT, as gl
+        Vec<T, E> ko, vo;
+        new_token_kv<T, E>(p, s, kvh, HD, c, sn, l, NT, ko, vo);
         if (threadIdx.x < NT) {
           store_vec<T, E>(kc + (slot * p.KV + kvh) * HD + l * E, ko);
           store_vec<T, E>(vc + (slot * p.KV + kvh) * HD + l * E, vo);
