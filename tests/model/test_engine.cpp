@@ -184,6 +184,19 @@ TEST(Engine, QuantizedLogprobsEqualTrainingForward) {
   }
 }
 
+// `n` prompts of 4 tokens, 4 samples each at temperature 1: the bf16 GPU checks' workload.
+std::vector<GenerationRequest> sampled_requests(int n, int64_t max_new_tokens, uint64_t seed) {
+  std::vector<GenerationRequest> reqs(n);
+  for (int i = 0; i < n; ++i) {
+    reqs[i].prompt = {static_cast<int32_t>(3 + i), 9, 27, 81};
+    reqs[i].num_samples = 4;
+    reqs[i].params.temperature = 1.0;
+    reqs[i].params.max_new_tokens = max_new_tokens;
+    reqs[i].params.seed = seed;
+  }
+  return reqs;
+}
+
 TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
   if (test::test_device().is_cpu()) GTEST_SKIP() << "the bf16 figure is measured on the GPU (RLAIF_TEST_DEVICE=cuda)";
   const fs::path dir = test::reference_dir() / "qwen2_untied";
@@ -193,14 +206,7 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
   for (const auto& [requests, opt] : {std::pair{4, EngineOptions{}}, std::pair{2, every_few_row()},
                                       std::pair{2, EngineOptions{}}}) {
     Engine engine(model, opt);
-    std::vector<GenerationRequest> reqs(requests);
-    for (int i = 0; i < requests; ++i) {
-      reqs[i].prompt = {static_cast<int32_t>(3 + i), 9, 27, 81};
-      reqs[i].num_samples = 4;
-      reqs[i].params.temperature = 1.0;
-      reqs[i].params.max_new_tokens = 32;
-      reqs[i].params.seed = 3;
-    }
+    const std::vector<GenerationRequest> reqs = sampled_requests(requests, 32, 3);
     const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
     // Both paths round to bf16 at every matmul, but in different kernels and orders (paged split-K attention vs
     // dense eager attention): differences of a few bf16 ulps of the logits are expected, not 1e-5.
@@ -222,14 +228,7 @@ TEST(Engine, Bf16TensorCoreAttentionAgainstTrainingForwardOnGpu) {
   for (kernels::AttentionKernel k : {kernels::AttentionKernel::kTensorCore, kernels::AttentionKernel::kSimt}) {
     kernels::set_attention_kernel(k);
     Engine engine(model, EngineOptions{});
-    std::vector<GenerationRequest> reqs(16);
-    for (int i = 0; i < 16; ++i) {
-      reqs[i].prompt = {static_cast<int32_t>(3 + i), 9, 27, 81};
-      reqs[i].num_samples = 4;
-      reqs[i].params.temperature = 1.0;
-      reqs[i].params.max_new_tokens = 96;
-      reqs[i].params.seed = 5;
-    }
+    const std::vector<GenerationRequest> reqs = sampled_requests(16, 96, 5);
     const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
     const char* name = k == kernels::AttentionKernel::kSimt ? "simt" : "tensor-core";
     std::printf("[engine bf16 %s, %s attention] 64 rows: engine vs training forward over %ld tokens: mean abs %.2e, "
