@@ -214,6 +214,12 @@ bool dense(const at::Tensor& w, const at::Tensor& x) {
 
 const LoraAdapter& adapter(const LayerWeights& L, Proj p) { return L.lora[static_cast<int>(p)]; }
 
+std::vector<const QuantizedTensor*> quant_parts(const LayerWeights& L, const std::vector<Proj>& ps) {
+  std::vector<const QuantizedTensor*> qs;
+  for (Proj p : ps) qs.push_back(&L.quant[static_cast<int>(p)]);
+  return qs;
+}
+
 // Adds the LoRA updates of projections `ps` (sharing input x) to their base outputs `ys` in place (they may be
 // column slices of one packed output): on the GPU one shrink and one expand launch for the group
 // (kernels/cpu/lora.h), on the CPU ATen ops. With `residual` (one
@@ -397,9 +403,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     return true;
   };
   auto quant_group = [&](const LayerWeights& L, const std::vector<Proj>& ps, std::vector<K::QuantMatrix>& qs) {
-    std::vector<const QuantizedTensor*> ws;
-    for (Proj p : ps) ws.push_back(&L.quant[static_cast<int>(p)]);
-    return quant_fits(ws, qs);
+    return quant_fits(quant_parts(L, ps), qs);
   };
   // Whether projections `ps` reading in_x fit one few-row launch, and that launch (norm: rms_norm of in_x first).
   auto few_row_fits = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small) {
@@ -432,6 +436,26 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
         col += L.weight(p).size(0);
       }
       return ys;
+    }
+    const std::vector<const QuantizedTensor*> qs = quant_parts(L, ps);
+    if (const QuantizedTensor q = packed_quant(qs); q.defined()) {
+      // One quantized GEMM over the group's packed words (its biases packed too, or none).
+      std::vector<const at::Tensor*> bs;
+      bool any_bias = false;
+      for (Proj p : ps) {
+        bs.push_back(&L.bias(p));
+        any_bias = any_bias || L.bias(p).defined();
+      }
+      const at::Tensor b = any_bias ? packed_rows(bs) : at::Tensor();
+      if (!any_bias || b.defined()) {
+        const at::Tensor y = quant_linear(in_x, q, b);                                 // [S, Σ O]
+        int64_t col = 0;
+        for (const QuantizedTensor* part : qs) {
+          ys.push_back(y.narrow(1, col, part->out_features()));
+          col += part->out_features();
+        }
+        return ys;
+      }
     }
     for (Proj p : ps) ys.push_back(layers::project(in_x, L, p, base));
     return ys;

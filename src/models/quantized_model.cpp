@@ -55,6 +55,8 @@ void quantize_model_weights(ModelWeights& w, const ModelConfig& c, const QuantSp
     w.lm_head = w.embed;
     w.lm_head_q = w.embed_q;
   }
+  // As at load: on the GPU the q/k/v and gate/up groups become one buffer each (one kernel a group above 8 rows).
+  if (w.embed.defined() && !w.embed.is_cpu()) pack_projection_groups(w);
 }
 
 void dequantize_model_weights(ModelWeights& w, at::ScalarType dtype) {

@@ -297,20 +297,50 @@ void pack_rows(const std::vector<at::Tensor*>& parts) {
 void pack_projection_groups(ModelWeights& w) {
   at::NoGradGuard no_grad;
   for (LayerWeights& L : w.layers) {
-    const auto quantized = [&](std::initializer_list<Proj> ps) {
-      for (Proj p : ps)
-        if (L.quant[static_cast<int>(p)].defined()) return true;
-      return false;
+    // A group whose weights are all quantized alike packs their words, scales and biases (packed_quant).
+    const auto pack_group = [&](std::initializer_list<Proj> ps, std::vector<at::Tensor*> plain) {
+      std::vector<at::Tensor*> words, scales, biases;
+      const QuantizedTensor& first = L.quant[static_cast<int>(*ps.begin())];
+      for (Proj p : ps) {
+        QuantizedTensor& q = L.quant[static_cast<int>(p)];
+        if (!q.defined()) continue;
+        if (q.bits != first.bits || q.group_size != first.group_size) return;
+        words.push_back(&q.wq);
+        scales.push_back(&q.scales);
+        biases.push_back(&q.biases);
+      }
+      if (words.empty()) {
+        pack_rows(plain);
+      } else if (words.size() == ps.size()) {
+        pack_rows(words);
+        pack_rows(scales);
+        pack_rows(biases);
+      }
     };
-    if (!quantized({Proj::kQ, Proj::kK, Proj::kV})) {
-      pack_rows({&L.wq, &L.wk, &L.wv});
-      pack_rows({&L.bq, &L.bk, &L.bv});
-    }
-    if (!quantized({Proj::kGate, Proj::kUp})) {
-      pack_rows({&L.w_gate, &L.w_up});
-      pack_rows({&L.b_gate, &L.b_up});
-    }
+    pack_group({Proj::kQ, Proj::kK, Proj::kV}, {&L.wq, &L.wk, &L.wv});
+    pack_rows({&L.bq, &L.bk, &L.bv});
+    pack_group({Proj::kGate, Proj::kUp}, {&L.w_gate, &L.w_up});
+    pack_rows({&L.b_gate, &L.b_up});
   }
+}
+
+QuantizedTensor packed_quant(const std::vector<const QuantizedTensor*>& parts) {
+  if (parts.empty()) return {};
+  std::vector<const at::Tensor*> words, scales, biases;
+  for (const QuantizedTensor* q : parts) {
+    if (!q->defined() || q->bits != parts[0]->bits || q->group_size != parts[0]->group_size) return {};
+    words.push_back(&q->wq);
+    scales.push_back(&q->scales);
+    biases.push_back(&q->biases);
+  }
+  QuantizedTensor packed;
+  packed.wq = packed_rows(words);
+  packed.scales = packed_rows(scales);
+  packed.biases = packed_rows(biases);
+  if (!packed.wq.defined() || !packed.scales.defined() || !packed.biases.defined()) return {};
+  packed.bits = parts[0]->bits;
+  packed.group_size = parts[0]->group_size;
+  return packed;
 }
 
 at::Tensor packed_rows(const std::vector<const at::Tensor*>& parts) {

@@ -99,12 +99,16 @@ ModelWeights load_hf_weights(const std::filesystem::path& dir, const ModelConfig
 // Lays each layer's q/k/v weights (and their biases) and gate/up weights out as consecutive rows of one buffer,
 // the tensors becoming views of it, so a batched decode step can run each group as one GEMM (packed_rows).
 // The group is copied once into the new buffer and the old tensors are freed, so memory does not grow; the
-// tensors stay separate parameters. Groups that are quantized, mixed in dtype or device, or partly missing are
-// left as they are.
+// tensors stay separate parameters. A group whose weights are all quantized with the same bits and group size has
+// its packed words, scales and biases laid out the same way (packed_quant). Groups mixed in quantization, dtype or
+// device, or partly missing, are left as they are.
 void pack_projection_groups(ModelWeights& w);
 // The rows of `parts` as one [Σ rows, cols] tensor when they are consecutive rows of one buffer (as
 // pack_projection_groups lays them out), else undefined; every part undefined gives undefined too.
 at::Tensor packed_rows(const std::vector<const at::Tensor*>& parts);
+// The quantized weights `parts` as one [Σ out, in] QuantizedTensor when their words, scales and biases are each
+// consecutive rows of one buffer (pack_projection_groups) with the same bits and group size, else undefined.
+QuantizedTensor packed_quant(const std::vector<const QuantizedTensor*>& parts);
 
 // Every weight with its HF name, in checkpoint order (a tied lm_head is listed once, as the embedding). A
 // quantized weight is listed as its three MLX tensors: <name> (packed words, uint32), <prefix>.scales, .biases.

@@ -161,10 +161,21 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
 // at 16) gives the training forward's log-probs on the same quantized model.
 TEST(Engine, QuantizedLogprobsEqualTrainingForward) {
   const fs::path dir = test::reference_dir() / "qwen2_untied";
-  for (const auto& [bits, group] : {std::pair{int64_t{8}, int64_t{16}}, std::pair{int64_t{4}, int64_t{32}}}) {
+  for (const auto& [bits, group, pack] : {std::tuple{int64_t{8}, int64_t{16}, false}, std::tuple{int64_t{4}, int64_t{32}, false},
+                                          std::tuple{int64_t{4}, int64_t{32}, true}}) {
     auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
     quantize_model_weights(model->weights(), model->config(), QuantSpec{bits, group}, at::kFloat);
-    ASSERT_TRUE(model->weights().layers[0].quant[static_cast<int>(Proj::kQ)].defined());
+    const LayerWeights& L0 = model->weights().layers[0];
+    ASSERT_TRUE(L0.quant[static_cast<int>(Proj::kQ)].defined());
+    // Packed q/k/v and gate/up words (what quantize_model_weights does on the GPU): 16 rows run one quantized GEMM
+    // a group. On the CPU the unpacked passes run one per projection.
+    if (pack) {
+      pack_projection_groups(model->weights());
+      ASSERT_TRUE(packed_quant({&L0.quant[static_cast<int>(Proj::kQ)], &L0.quant[static_cast<int>(Proj::kK)],
+                                &L0.quant[static_cast<int>(Proj::kV)]}).defined());
+      ASSERT_TRUE(packed_quant({&L0.quant[static_cast<int>(Proj::kGate)], &L0.quant[static_cast<int>(Proj::kUp)]})
+                      .defined());
+    }
     for (int64_t requests : {2, 4}) {
       Engine engine(model, EngineOptions{});
       std::vector<GenerationRequest> reqs(requests);
@@ -176,8 +187,8 @@ TEST(Engine, QuantizedLogprobsEqualTrainingForward) {
         reqs[i].params.seed = 5;
       }
       const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
-      std::printf("[engine q%ld fp32 %s] %ld rows: engine vs training forward over %ld tokens: mean abs %.2e, max "
-                  "%.2e\n", static_cast<long>(bits), test::test_device().str().c_str(),
+      std::printf("[engine q%ld%s fp32 %s] %ld rows: engine vs training forward over %ld tokens: mean abs %.2e, max "
+                  "%.2e\n", static_cast<long>(bits), pack ? " packed" : "", test::test_device().str().c_str(),
                   static_cast<long>(requests == 2 ? 6 : 16), static_cast<long>(g.tokens), g.mean, g.max);
       EXPECT_LE(g.mean, 1e-5) << "q" << bits << ", " << requests << " requests";
     }
