@@ -12,6 +12,8 @@
 #include <random>
 #include <sstream>
 
+#include "kernels/cpu/quant.h"
+#include "kernels/cpu/quant_small_linear.h"
 #include "kernels/cpu/registry.h"
 #include "test_util.h"
 
@@ -54,6 +56,15 @@ inline bool built_with_cuda() {
 }
 
 inline std::vector<at::ScalarType> activation_dtypes() { return {at::kFloat, at::kBFloat16}; }
+
+// w [O, K] quantized by the CPU reference into MLX's packed form (words, scales, biases in scale_dtype).
+inline kernels::QuantMatrix quantize_cpu(const at::Tensor& w, int64_t bits, int64_t group, at::ScalarType scale_dtype) {
+  const int64_t O = w.size(0), K = w.size(1);
+  kernels::QuantMatrix q{at::empty({O, K * bits / 32}, at::kInt), at::empty({O, K / group}, scale_dtype),
+                         at::empty({O, K / group}, scale_dtype), bits, group};
+  kernels::quantize_affine_cpu(w, bits, group, q.wq, q.scales, q.biases);
+  return q;
+}
 
 }  // namespace rlaif::test
 

@@ -10,28 +10,13 @@
 
 using namespace rlaif;
 
-namespace {
-
-struct Packed {
-  at::Tensor wq, scales, biases;
-};
-
-Packed quantize_cpu(const at::Tensor& w, int64_t bits, int64_t group, at::ScalarType scale_dtype) {
-  const int64_t O = w.size(0), K = w.size(1);
-  Packed p{at::empty({O, K * bits / 32}, at::kInt), at::empty({O, K / group}, scale_dtype),
-           at::empty({O, K / group}, scale_dtype)};
-  kernels::quantize_affine_cpu(w, bits, group, p.wq, p.scales, p.biases);
-  return p;
-}
-
-}  // namespace
 
 TEST(QuantKernel, CpuQuantLinearEqualsAtenLinearOfDequantizedWeights) {
   SCOPED_TRACE(test::seed_fresh());
   for (at::ScalarType dt : test::activation_dtypes()) {
     for (int64_t bits : {4, 8}) {
       const int64_t O = 40, K = 256, group = 64;
-      const Packed p = quantize_cpu(at::randn({O, K}) * 0.1, bits, group, at::kBFloat16);
+      const kernels::QuantMatrix p = test::quantize_cpu(at::randn({O, K}) * 0.1, bits, group, at::kBFloat16);
       at::Tensor deq = at::empty({O, K}, at::kFloat);
       kernels::dequantize_affine_cpu(p.wq, p.scales, p.biases, bits, group, deq);
       const at::Tensor x = at::randn({5, K}).to(dt);
@@ -54,10 +39,10 @@ TEST(QuantKernel, CudaQuantizeAndDequantizeEqualCpuBitForBit) {
         at::Tensor w = (at::randn({37, 512}) * 0.05).to(wdt);
         w[0].zero_();
         w[1].fill_(-0.25);
-        const Packed ref = quantize_cpu(w, bits, group, wdt);
+        const kernels::QuantMatrix ref = test::quantize_cpu(w, bits, group, wdt);
         const at::Tensor wc = w.cuda();
-        Packed got{at::full_like(ref.wq, -1, at::kCUDA), at::empty_like(ref.scales, at::kCUDA),
-                   at::empty_like(ref.biases, at::kCUDA)};
+        kernels::QuantMatrix got{at::full_like(ref.wq, -1, at::kCUDA), at::empty_like(ref.scales, at::kCUDA),
+                                 at::empty_like(ref.biases, at::kCUDA), bits, group};
         test::poison(got.scales);
         kernels::quantize_affine(wc, bits, group, got.wq, got.scales, got.biases);
         EXPECT_TRUE(got.wq.cpu().equal(ref.wq)) << "packed words";
@@ -87,7 +72,7 @@ TEST(QuantKernel, CudaQuantLinearEqualsCpuReference) {
                                    {64, 256, 16}, {33, 40, 8}}) {
           if (K * bits / 32 % 4 == 0 && group == 8) continue;
           SCOPED_TRACE(fmt::format("{} bits {} N={} O={} K={} group {}", c10::toString(dt), bits, n, O, K, group));
-          const Packed p = quantize_cpu(at::randn({O, K}) * 0.05, bits, group, at::kBFloat16);
+          const kernels::QuantMatrix p = test::quantize_cpu(at::randn({O, K}) * 0.05, bits, group, at::kBFloat16);
           const at::Tensor x = at::randn({n, K}).to(dt);
           at::Tensor ref = at::empty({n, O}, x.options());
           kernels::quant_linear_cpu(x, p.wq, p.scales, p.biases, bits, group, ref);
@@ -113,7 +98,7 @@ TEST(QuantKernel, MmaPathEqualsQuantLinearAndCudaEqualsCpu) {
                                {64, 256, 16}, {100, 128, 32}}) {
       for (at::ScalarType sdt : {at::kBFloat16, at::kHalf}) {
         if (sdt == at::kHalf && O > 300) continue;
-        const Packed p = quantize_cpu(at::randn({O, K}) * 0.05, bits, group, sdt);
+        const kernels::QuantMatrix p = test::quantize_cpu(at::randn({O, K}) * 0.05, bits, group, sdt);
         for (int64_t n : {9, 64, 100}) {
           SCOPED_TRACE(fmt::format("bits {} N={} O={} K={} group {} scales {}", bits, n, O, K, group,
                                    c10::toString(sdt)));

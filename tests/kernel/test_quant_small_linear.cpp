@@ -13,14 +13,6 @@ using namespace rlaif;
 
 namespace {
 
-kernels::QuantMatrix quantize(const at::Tensor& w, int64_t bits, int64_t group, at::ScalarType scale_dtype) {
-  const int64_t O = w.size(0), K = w.size(1);
-  kernels::QuantMatrix q{at::empty({O, K * bits / 32}, at::kInt), at::empty({O, K / group}, scale_dtype),
-                         at::empty({O, K / group}, scale_dtype), bits, group};
-  kernels::quantize_affine_cpu(w, bits, group, q.wq, q.scales, q.biases);
-  return q;
-}
-
 kernels::QuantMatrix to_cuda(const kernels::QuantMatrix& q) {
   return {q.wq.cuda(), q.scales.cuda(), q.biases.cuda(), q.bits, q.group_size};
 }
@@ -43,9 +35,9 @@ TEST(QuantSmallLinearKernel, CpuReferenceEqualsAtenComposition) {
       SCOPED_TRACE(fmt::format("{} bits {}", c10::toString(dt), bits));
       const int64_t N = 3, K = 256, group = 64;
       const at::Tensor x = at::randn({N, K}).to(dt), norm_w = (1.0 + at::randn({K}) * 0.1).to(dt);
-      const std::vector<kernels::QuantMatrix> ws = {quantize(rand_weight(96, K), bits, group, at::kBFloat16),
-                                                    quantize(rand_weight(32, K), bits, group, at::kBFloat16),
-                                                    quantize(rand_weight(32, K), bits, group, at::kBFloat16)};
+      const std::vector<kernels::QuantMatrix> ws = {test::quantize_cpu(rand_weight(96, K), bits, group, at::kBFloat16),
+                                                    test::quantize_cpu(rand_weight(32, K), bits, group, at::kBFloat16),
+                                                    test::quantize_cpu(rand_weight(32, K), bits, group, at::kBFloat16)};
       const std::vector<at::Tensor> bs = {at::randn({96}).to(dt), at::Tensor(), at::randn({32}).to(dt)};
       std::vector<at::Tensor> outs;
       for (const auto& w : ws) outs.push_back(at::full({N, w.rows()}, std::nan(""), x.options()));
@@ -64,8 +56,8 @@ TEST(QuantSmallLinearKernel, CpuReferenceEqualsAtenComposition) {
       kernels::quant_small_linear_cpu(x, {ws[0]}, {at::Tensor()}, h_out, {h_out});
       EXPECT_LE(test::rel_err(h_out, h_want), test::tolerance(dt)) << "residual";
       // SwiGLU: silu(gate(x)) · up(x).
-      const kernels::QuantMatrix gate = quantize(rand_weight(80, K), bits, group, at::kBFloat16),
-                                 up = quantize(rand_weight(80, K), bits, group, at::kBFloat16);
+      const kernels::QuantMatrix gate = test::quantize_cpu(rand_weight(80, K), bits, group, at::kBFloat16),
+                                 up = test::quantize_cpu(rand_weight(80, K), bits, group, at::kBFloat16);
       at::Tensor act = at::empty({N, 80}, x.options());
       kernels::quant_small_linear_silu_mul_cpu(x, gate, up, act, {norm_w, 1e-6, at::Tensor()});
       const at::Tensor act_want = at::silu(aten_linear(xn, gate, dt)) * aten_linear(xn, up, dt);
@@ -78,7 +70,7 @@ TEST(QuantSmallLinearKernel, InputsThatDoNotFitTheStagingAreRejected) {
   EXPECT_TRUE(kernels::quant_small_linear_fits(2, 11008, 4));
   EXPECT_FALSE(kernels::quant_small_linear_fits(4, 11008, 4));
   EXPECT_FALSE(kernels::quant_small_linear_fits(9, 64, 4));
-  const kernels::QuantMatrix w = quantize(rand_weight(8, 11008), 4, 64, at::kBFloat16);
+  const kernels::QuantMatrix w = test::quantize_cpu(rand_weight(8, 11008), 4, 64, at::kBFloat16);
   at::Tensor out = at::empty({4, 8});
   EXPECT_THROW(kernels::quant_small_linear_cpu(at::randn({4, 11008}), {w}, {at::Tensor()}, {}, {out}), std::exception);
 }
@@ -106,8 +98,8 @@ TEST(QuantSmallLinearKernel, CudaEqualsCpuReference) {
             SCOPED_TRACE(fmt::format("K {} O {} N {} bits {} group {} x {} scales {}", sh.K, sh.O, N, bits, group,
                                      c10::toString(dt), c10::toString(sdt)));
             const at::Tensor x = at::randn({N, sh.K}).to(dt);
-            const kernels::QuantMatrix w = quantize(rand_weight(sh.O, sh.K), bits, group, sdt),
-                                       w2 = quantize(rand_weight(24, sh.K), bits, group, sdt);
+            const kernels::QuantMatrix w = test::quantize_cpu(rand_weight(sh.O, sh.K), bits, group, sdt),
+                                       w2 = test::quantize_cpu(rand_weight(24, sh.K), bits, group, sdt);
             const at::Tensor bias = at::randn({sh.O}).to(dt);
             std::vector<at::Tensor> ref = {at::empty({N, sh.O}, x.options()), at::empty({N, 24}, x.options())};
             kernels::quant_small_linear_cpu(x, {w, w2}, {bias, at::Tensor()}, {}, ref);
@@ -124,7 +116,7 @@ TEST(QuantSmallLinearKernel, CudaEqualsCpuReference) {
             kernels::quant_small_linear(x.cuda(), {to_cuda(w)}, {at::Tensor()}, h_gpu, {h_gpu});
             EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "residual";
             // SwiGLU over the same rows (gate w, up another weight of its shape), no norm.
-            const kernels::QuantMatrix up = quantize(rand_weight(sh.O, sh.K), bits, group, sdt);
+            const kernels::QuantMatrix up = test::quantize_cpu(rand_weight(sh.O, sh.K), bits, group, sdt);
             at::Tensor act_ref = at::empty({N, sh.O}, x.options()), act = at::empty({N, sh.O}, x.options().device(at::kCUDA));
             test::poison(act);
             kernels::quant_small_linear_silu_mul_cpu(x, w, up, act_ref);
@@ -146,10 +138,10 @@ TEST(QuantSmallLinearKernel, CudaFusedNormAndSwigluEqualCpuReference) {
         for (at::ScalarType dt : test::activation_dtypes()) {
           SCOPED_TRACE(fmt::format("K {} N {} bits {} {}", K, N, bits, c10::toString(dt)));
           const at::Tensor x = (at::randn({N, K}) * 3).to(dt), norm_w = (1.0 + at::randn({K}) * 0.1).to(dt);
-          const kernels::QuantMatrix q = quantize(rand_weight(K, K), bits, 64, at::kBFloat16),
-                                     k = quantize(rand_weight(128, K), bits, 64, at::kBFloat16),
-                                     gate = quantize(rand_weight(600, K), bits, 64, at::kBFloat16),
-                                     up = quantize(rand_weight(600, K), bits, 64, at::kBFloat16);
+          const kernels::QuantMatrix q = test::quantize_cpu(rand_weight(K, K), bits, 64, at::kBFloat16),
+                                     k = test::quantize_cpu(rand_weight(128, K), bits, 64, at::kBFloat16),
+                                     gate = test::quantize_cpu(rand_weight(600, K), bits, 64, at::kBFloat16),
+                                     up = test::quantize_cpu(rand_weight(600, K), bits, 64, at::kBFloat16);
           std::vector<at::Tensor> ref = {at::empty({N, K}, x.options()), at::empty({N, 128}, x.options())};
           at::Tensor normed_ref = at::empty_like(x);
           kernels::quant_small_linear_cpu(x, {q, k}, {at::Tensor(), at::Tensor()}, {}, ref, {norm_w, 1e-6, normed_ref});
