@@ -10,7 +10,6 @@
 
 using namespace rlaif;
 
-
 TEST(QuantKernel, CpuQuantLinearEqualsAtenLinearOfDequantizedWeights) {
   SCOPED_TRACE(test::seed_fresh());
   for (at::ScalarType dt : test::activation_dtypes()) {
