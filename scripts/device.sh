@@ -149,16 +149,18 @@ if [[ " $STAGES " == *" profile "* ]]; then
     $PY bench/ncu_summary.py "$OUT/ncu_$tag.csv" --sequence 8 | head -44 | tee -a "$OUT/summary.txt"
   done
   # Why a kernel is slow: Nsight Compute's sections for one decode launch of each named kernel (RLAIF_PROFILE_DETAIL:
-  # shape:batch:kernel-regex[:matching launches to skip] ...).
+  # shape:batch:kernel-regex[:matching launches to skip[:bench_generate arguments, commas for spaces]] ...).
   for spec in ${RLAIF_PROFILE_DETAIL:-}; do
-    IFS=: read -r s b k skip <<< "$spec"
+    IFS=: read -r s b k skip extra <<< "$spec"
+    args="${RLAIF_PROFILE_ARGS:-} ${extra//,/ }"
+    tag=$(echo "${s}_b${b}_${k}_$extra" | tr -c 'a-zA-Z0-9\n' '_')
     save_model $s
     timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters -k "regex:$k" --launch-skip ${skip:-300} --launch-count 1 \
-      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 ${RLAIF_PROFILE_ARGS:-} \
-      > "$OUT/ncu_detail_${s}_b${b}_$k.txt" 2>&1 || log "ncu detail $spec failed"
+      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 $args \
+      > "$OUT/ncu_detail_$tag.txt" 2>&1 || log "ncu detail $spec failed"
     log "detail $spec:"; grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Block Limit|Warp Cycles Per Issued|Grid Size|Stall|One or More|No Eligible|Compute \(SM\)|Waves|Dynamic Shared" \
-      "$OUT/ncu_detail_${s}_b${b}_$k.txt" | head -30 | tee -a "$OUT/summary.txt"
+      "$OUT/ncu_detail_$tag.txt" | head -30 | tee -a "$OUT/summary.txt"
   done
 fi
 
