@@ -9,6 +9,7 @@
 #include <chrono>
 #include <deque>
 #include <numeric>
+#include <optional>
 #include <unordered_set>
 #include <utility>
 
@@ -272,26 +273,52 @@ class ScopedSetting {
   V before_;
 };
 
-// A group's packed weight and bias (models/weights.h packed_rows; bias undefined when none has one) when the
-// group's base projections can run as one GEMM on x: plain weights in x's dtype and device (adapters are added to
-// the output's column slices afterwards). Else an undefined weight.
-std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std::vector<Proj>& ps, const at::Tensor& x) {
-  std::vector<const at::Tensor*> ws, bs;
+// Projection p's output width, its weight plain or quantized.
+int64_t out_features(const LayerWeights& L, Proj p) {
+  const QuantizedTensor& q = L.quant[static_cast<int>(p)];
+  return q.defined() ? q.out_features() : L.weight(p).size(0);
+}
+
+// The group's biases as one [Σ O] tensor (models/weights.h packed_rows): undefined when none has one; nullopt when
+// some have one but they are not consecutive rows of one buffer.
+std::optional<at::Tensor> packed_bias(const LayerWeights& L, const std::vector<Proj>& ps) {
+  std::vector<const at::Tensor*> bs;
   bool any_bias = false;
   for (Proj p : ps) {
-    if (L.quant[static_cast<int>(p)].defined()) return {};
-    ws.push_back(&L.weight(p));
     bs.push_back(&L.bias(p));
     any_bias = any_bias || L.bias(p).defined();
   }
+  if (!any_bias) return at::Tensor();
+  at::Tensor b = packed_rows(bs);
+  if (!b.defined()) return std::nullopt;
+  return b;
+}
+
+// The group's outputs as column slices of y [S, Σ O], in the group's order.
+std::vector<at::Tensor> column_slices(const at::Tensor& y, const LayerWeights& L, const std::vector<Proj>& ps) {
+  std::vector<at::Tensor> ys;
+  int64_t col = 0;
+  for (Proj p : ps) {
+    ys.push_back(y.narrow(1, col, out_features(L, p)));
+    col += out_features(L, p);
+  }
+  return ys;
+}
+
+// A group's packed weight and bias (bias undefined when none has one) when the group's base projections can run as
+// one GEMM on x: plain weights in x's dtype and device (adapters are added to the output's column slices
+// afterwards). Else an undefined weight.
+std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std::vector<Proj>& ps, const at::Tensor& x) {
+  std::vector<const at::Tensor*> ws;
+  for (Proj p : ps) {
+    if (L.quant[static_cast<int>(p)].defined()) return {};
+    ws.push_back(&L.weight(p));
+  }
   at::Tensor w = packed_rows(ws);
   if (!w.defined() || w.scalar_type() != x.scalar_type() || w.device() != x.device()) return {};
-  at::Tensor b;
-  if (any_bias) {
-    b = packed_rows(bs);
-    if (!b.defined()) return {};
-  }
-  return {w, b};
+  const std::optional<at::Tensor> b = packed_bias(L, ps);
+  if (!b) return {};
+  return {w, *b};
 }
 
 // Sampling the device sampler covers: temperature or greedy, no filter, no penalty.
@@ -427,36 +454,13 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // place); else layers::project each.
   auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small) {
     if (few_row_fits(in_x, L, ps, small)) return few_row(in_x, L, ps, {});
+    if (const auto [w, b] = packed_group(L, ps, in_x); w.defined())
+      return column_slices(at::linear(in_x, w, b), L, ps);                             // [S, Σ O] sliced
+    // Quantized: one GEMM over the group's packed words (its biases packed too, or none).
+    if (const QuantizedTensor q = packed_quant(quant_parts(L, ps)); q.defined()) {
+      if (const auto b = packed_bias(L, ps)) return column_slices(quant_linear(in_x, q, *b), L, ps);
+    }
     std::vector<at::Tensor> ys;
-    if (const auto [w, b] = packed_group(L, ps, in_x); w.defined()) {
-      const at::Tensor y = at::linear(in_x, w, b);                                     // [S, Σ O]
-      int64_t col = 0;
-      for (Proj p : ps) {
-        ys.push_back(y.narrow(1, col, L.weight(p).size(0)));
-        col += L.weight(p).size(0);
-      }
-      return ys;
-    }
-    const std::vector<const QuantizedTensor*> qs = quant_parts(L, ps);
-    if (const QuantizedTensor q = packed_quant(qs); q.defined()) {
-      // One quantized GEMM over the group's packed words (its biases packed too, or none).
-      std::vector<const at::Tensor*> bs;
-      bool any_bias = false;
-      for (Proj p : ps) {
-        bs.push_back(&L.bias(p));
-        any_bias = any_bias || L.bias(p).defined();
-      }
-      const at::Tensor b = any_bias ? packed_rows(bs) : at::Tensor();
-      if (!any_bias || b.defined()) {
-        const at::Tensor y = quant_linear(in_x, q, b);                                 // [S, Σ O]
-        int64_t col = 0;
-        for (const QuantizedTensor* part : qs) {
-          ys.push_back(y.narrow(1, col, part->out_features()));
-          col += part->out_features();
-        }
-        return ys;
-      }
-    }
     for (Proj p : ps) ys.push_back(layers::project(in_x, L, p, base));
     return ys;
   };

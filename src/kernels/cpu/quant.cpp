@@ -63,7 +63,7 @@ void dequant_row(const at::Tensor& wq, const at::Tensor& scales, const at::Tenso
 }  // namespace
 
 void check_quant_packed(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases, int64_t bits,
-                  int64_t group_size, const char* op) {
+                        int64_t group_size, const char* op) {
   RLAIF_CHECK(wq.defined() && is_word_dtype(wq) && wq.dim() == 2 && wq.is_contiguous(),
               "{}: wq must be a contiguous uint32/int32 [O, K*bits/32] tensor", op);
   const int64_t O = wq.size(0), K = wq.size(1) * 32 / bits;

@@ -21,16 +21,20 @@ bool quant_small_linear_fits(int64_t rows, int64_t in_features, int64_t bits) {
                                             kQuantSmallLinearStageMaxBytes;
 }
 
+namespace {
+
+bool aligned16(const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+}  // namespace
+
 bool quant_small_linear_takes(const QuantMatrix& w, int64_t rows) {
   if (!w.wq.defined() || w.wq.dim() != 2 || (w.bits != 4 && w.bits != 8) || w.group_size <= 0) return false;
   const int64_t vpc = 128 / w.bits, cpg = w.group_size / vpc, K = w.wq.size(1) * 32 / w.bits;
   return w.group_size % vpc == 0 && (cpg & (cpg - 1)) == 0 && w.wq.is_contiguous() && K % vpc == 0 &&
-         reinterpret_cast<uintptr_t>(w.wq.data_ptr()) % 16 == 0 && quant_small_linear_fits(rows, K, w.bits);
+         aligned16(w.wq) && quant_small_linear_fits(rows, K, w.bits);
 }
 
 namespace {
-
-bool aligned16(const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // x (and the norm's weight and output) are read and written in 16-byte vectors.
 void check_x(const at::Tensor& x, int64_t bits, const InputNorm& norm, const char* op) {
