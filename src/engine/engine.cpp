@@ -221,42 +221,68 @@ std::vector<const QuantizedTensor*> quant_parts(const LayerWeights& L, const std
   return qs;
 }
 
+// The adapters of projections `ps` (in order, those that have one) and whether the CUDA LoRA kernels take them.
+struct LoraGroup {
+  std::vector<at::Tensor> a, b, outs;
+  std::vector<double> scales;
+  bool kernels_fit = true;
+  // t [S, Σr] = x·[A_1; A_2; …]ᵀ (kernels/cpu/lora.h).
+  at::Tensor shrink(const at::Tensor& x) const {
+    int64_t rank = 0;
+    for (const auto& ai : a) rank += ai.size(0);
+    const at::Tensor t = at::empty({x.size(0), rank}, x.options().dtype(at::kFloat));
+    kernels::lora_shrink(x, a, t);
+    return t;
+  }
+};
+
+LoraGroup lora_group(const at::Tensor& x, const LayerWeights& L, const std::vector<Proj>& ps,
+                     const std::vector<at::Tensor>& ys) {
+  LoraGroup g;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const LoraAdapter& ad = adapter(L, ps[i]);
+    if (!ad.defined()) continue;
+    g.kernels_fit = g.kernels_fit && ad.a.scalar_type() == at::kFloat && ad.b.scalar_type() == at::kFloat &&
+                    ad.a.is_contiguous() && ad.b.is_contiguous();
+    g.a.push_back(ad.a);
+    g.b.push_back(ad.b);
+    g.scales.push_back(ad.scale);
+    g.outs.push_back(ys[i]);
+  }
+  g.kernels_fit = g.kernels_fit && !g.a.empty() && x.is_cuda();
+  return g;
+}
+
 // Adds the LoRA updates of projections `ps` (sharing input x) to their base outputs `ys` in place (they may be
 // column slices of one packed output): on the GPU one shrink and one expand launch for the group
 // (kernels/cpu/lora.h), on the CPU ATen ops. With `residual` (one
 // projection): residual = residual + (y + update), in place.
 void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vector<Proj>& ps, std::vector<at::Tensor>& ys,
                     const at::Tensor& residual = {}) {
-  std::vector<at::Tensor> a, b, outs;
-  std::vector<double> scales;
-  bool kernels_fit = true;
-  for (size_t i = 0; i < ps.size(); ++i) {
-    const LoraAdapter& ad = adapter(L, ps[i]);
-    if (!ad.defined()) continue;
-    kernels_fit = kernels_fit && ad.a.scalar_type() == at::kFloat && ad.b.scalar_type() == at::kFloat &&
-                  ad.a.is_contiguous() && ad.b.is_contiguous();
-    a.push_back(ad.a);
-    b.push_back(ad.b);
-    scales.push_back(ad.scale);
-    outs.push_back(ys[i]);
-  }
-  if (a.empty()) {  // x is not read (it may be undefined)
+  const LoraGroup g = lora_group(x, L, ps, ys);
+  if (g.a.empty()) {  // x is not read (it may be undefined)
     if (residual.defined()) residual.add_(ys[0]);
     return;
   }
-  kernels_fit = kernels_fit && x.is_cuda();
-  if (!kernels_fit) {
+  if (!g.kernels_fit) {
     for (size_t i = 0; i < ps.size(); ++i)
       if (adapter(L, ps[i]).defined()) ys[i].copy_(layers::add_lora(ys[i], x, adapter(L, ps[i]), /*training=*/false));
     if (residual.defined()) residual.copy_(residual + ys[0]);
     return;
   }
-  int64_t rank = 0;
-  for (const auto& t : a) rank += t.size(0);
-  const at::Tensor t = at::empty({x.size(0), rank}, x.options().dtype(at::kFloat));   // [S, Σr]
-  kernels::lora_shrink(x, a, t);
-  if (residual.defined()) kernels::lora_expand(t, b, scales, outs, residual, {residual});
-  else kernels::lora_expand(t, b, scales, outs, {}, outs);
+  const at::Tensor t = g.shrink(x);                                                     // [S, Σr]
+  if (residual.defined()) kernels::lora_expand(t, g.b, g.scales, g.outs, residual, {residual});
+  else kernels::lora_expand(t, g.b, g.scales, g.outs, {}, g.outs);
+}
+
+// act = silu(gate + update) · (up + update) for the base outputs gu = {gate, up} of x: with adapters on both and
+// the GPU kernels, the expand and SwiGLU are one launch (kernels::lora_expand_silu_mul); else the expand, then
+// silu_mul.
+void lora_swiglu(const at::Tensor& x, const LayerWeights& L, std::vector<at::Tensor>& gu, const at::Tensor& act) {
+  const LoraGroup g = lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
+  if (g.a.size() == 2 && g.kernels_fit) return kernels::lora_expand_silu_mul(g.shrink(x), g.b, g.scales, gu[0], gu[1], act);
+  add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
+  kernels::silu_mul(gu[0], gu[1], act);
 }
 
 // A process-wide setting (kernels/cpu/registry.h) set to `value` for this object's lifetime, then restored.
@@ -547,8 +573,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     } else {
       x = K::rms_norm(h, L.post_norm, eps);
       std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp}, small_gate_up);  // [S, F] each
-      add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
-      K::silu_mul(gu[0], gu[1], act);
+      lora_swiglu(x, L, gu, act);
     }
     h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
   }

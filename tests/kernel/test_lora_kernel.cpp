@@ -166,3 +166,73 @@ TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
     }
   }
 }
+
+// The shrink splits K across blocks at decode batches (the last block of a row tile adds the partial sums) and not
+// at prefill lengths, and covers more than 64 rank columns in passes: CUDA equals the CPU reference in each case,
+// and a second launch reproduces the first bit for bit (the per-tile counters were reset; the sum order is fixed).
+TEST(LoraKernel, CudaShrinkSplitsPassesAndRepeats) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (const auto& [S, D] : std::vector<std::pair<int64_t, int64_t>>{{1, 2048}, {64, 11008}, {17, 136}, {2200, 256}}) {
+      SCOPED_TRACE(fmt::format("{} S={} D={}", c10::toString(dt), S, D));
+      const std::vector<int64_t> ranks = {64, 32, 16};  // 112 columns: two passes
+      std::vector<at::Tensor> a, a_gpu;
+      for (int64_t r : ranks) {
+        a.push_back(at::randn({r, D}) * 0.02);
+        a_gpu.push_back(a.back().cuda());
+      }
+      const at::Tensor x = at::randn({S, D}).to(dt), x_gpu = x.cuda();
+      at::Tensor t = at::empty({S, 112}), t_gpu = at::empty({S, 112}, at::TensorOptions().device(at::kCUDA));
+      kernels::lora_shrink_cpu(x, a, t);
+      test::poison(t_gpu);
+      kernels::lora_shrink(x_gpu, a_gpu, t_gpu);
+      EXPECT_LE(test::rel_err(t_gpu, t), 1e-5);
+      at::Tensor again = at::empty_like(t_gpu);
+      test::poison(again);
+      kernels::lora_shrink(x_gpu, a_gpu, again);
+      EXPECT_TRUE(again.equal(t_gpu)) << "a second launch differs";
+    }
+  }
+}
+
+// The gate/up update with SwiGLU after it: the CPU reference equals ATen's silu(gate') · up' over layers::project's
+// adapter math, and CUDA's single launch equals the CPU reference on column halves of one packed output.
+TEST(LoraKernel, ExpandSiluMulEqualsExpandThenSwiGLU) {
+  SCOPED_TRACE(test::seed_fresh());
+  const bool cuda = at::hasCUDA() && kernels::cuda_kernels_available();
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t S : {1, 5, 64}) {
+      SCOPED_TRACE(fmt::format("{} S={}", c10::toString(dt), S));
+      const int64_t D = 96, F = 300;
+      LayerWeights L;
+      L.w_gate = (at::randn({F, D}) * 0.1).to(dt);
+      L.w_up = (at::randn({F, D}) * 0.1).to(dt);
+      for (Proj p : {Proj::kGate, Proj::kUp}) {
+        const int64_t r = p == Proj::kGate ? 16 : 20;  // 20: a second rank chunk of 4
+        L.lora[static_cast<int>(p)].a = at::randn({r, D}) * 0.1;
+        L.lora[static_cast<int>(p)].b = at::randn({F, r}) * 0.1;
+        L.lora[static_cast<int>(p)].scale = p == Proj::kGate ? 2.0 : 0.5;
+      }
+      const LoraAdapter &ag = L.lora[static_cast<int>(Proj::kGate)], &au = L.lora[static_cast<int>(Proj::kUp)];
+      const at::Tensor x = at::randn({S, D}).to(dt);
+      const AdapterMode with{true, false}, without{false, false};
+      const at::Tensor want = at::silu(layers::project(x, L, Proj::kGate, with)) * layers::project(x, L, Proj::kUp, with);
+      const at::Tensor packed = at::cat({layers::project(x, L, Proj::kGate, without), layers::project(x, L, Proj::kUp, without)}, 1);
+      at::Tensor t = at::empty({S, 36});
+      kernels::lora_shrink_cpu(x, {ag.a, au.a}, t);
+      at::Tensor out = at::empty({S, F}, x.options());
+      test::poison(out);
+      kernels::lora_expand_silu_mul_cpu(t, {ag.b, au.b}, {ag.scale, au.scale}, packed.narrow(1, 0, F),
+                                        packed.narrow(1, F, F), out);
+      EXPECT_LE(test::rel_err(out, want), test::tolerance(dt)) << "CPU reference";
+      if (!cuda) continue;
+      const at::Tensor packed_gpu = packed.cuda();
+      at::Tensor out_gpu = at::empty({S, F}, packed_gpu.options());
+      test::poison(out_gpu);
+      kernels::lora_expand_silu_mul(t.cuda(), {ag.b.cuda(), au.b.cuda()}, {ag.scale, au.scale},
+                                    packed_gpu.narrow(1, 0, F), packed_gpu.narrow(1, F, F), out_gpu);
+      EXPECT_LE(test::rel_err(out_gpu, out), test::tolerance(dt)) << "CUDA";
+    }
+  }
+}

@@ -2,6 +2,7 @@
 #include "kernels/cpu/lora.h"
 
 #include "kernels/cpu/common.h"
+#include "kernels/cpu/silu_mul.h"
 
 namespace rlaif::kernels {
 
@@ -49,6 +50,15 @@ void check_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const s
     RLAIF_CHECK(b.size() == 1 && residual.sizes() == ys[0].sizes() && residual.is_contiguous(),
                 "lora_expand: a residual goes with one adapter and has its output's shape");
   }
+}
+
+void check_expand_silu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                       const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  RLAIF_CHECK(b.size() == 2, "lora_expand_silu_mul: two adapters (gate, up)");
+  check_expand(t, b, scales, {gate, up}, {}, {gate, up});
+  check_same(out, gate, "lora_expand_silu_mul", "out");
+  RLAIF_CHECK(up.sizes() == gate.sizes() && out.sizes() == gate.sizes() && out.is_contiguous(),
+              "lora_expand_silu_mul: gate, up and a contiguous out of one shape [S, F]");
 }
 
 template <typename T>
@@ -115,6 +125,23 @@ void lora_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const st
   if (!t.is_cuda()) return lora_expand_cpu(t, b, scales, ys, residual, outs);
   check_expand(t, b, scales, ys, residual, outs);
   cuda_kernel(&KernelRegistry::lora_expand_cuda, "lora_expand")(t, b, scales, ys, residual, outs);
+}
+
+void lora_expand_silu_mul_cpu(const at::Tensor& t, const std::vector<at::Tensor>& b,
+                              const std::vector<double>& scales, const at::Tensor& gate, const at::Tensor& up,
+                              const at::Tensor& out) {
+  check_expand_silu(t, b, scales, gate, up, out);
+  RLAIF_CHECK(t.is_cpu(), "lora_expand_silu_mul_cpu: tensors must be on the CPU");
+  std::vector<at::Tensor> ys{gate.clone(), up.clone()};
+  lora_expand_cpu(t, b, scales, ys, {}, ys);
+  silu_mul_cpu(ys[0], ys[1], out);
+}
+
+void lora_expand_silu_mul(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                          const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  if (!t.is_cuda()) return lora_expand_silu_mul_cpu(t, b, scales, gate, up, out);
+  check_expand_silu(t, b, scales, gate, up, out);
+  cuda_kernel(&KernelRegistry::lora_expand_silu_mul_cuda, "lora_expand_silu_mul")(t, b, scales, gate, up, out);
 }
 
 }  // namespace rlaif::kernels

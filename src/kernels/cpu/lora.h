@@ -25,4 +25,13 @@ void lora_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const st
 void lora_expand_cpu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                      const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs);
 
+// SwiGLU over gate and up with their adapters' updates (b = {B_gate, B_up}, t's columns in that order):
+// out [S, F] contiguous = silu_mul(lora_expand(gate), lora_expand(up)) with both ops' rounding — the gate/up expand
+// and silu_mul in one launch on the GPU. gate and up [S, F] of any row stride (halves of one packed output).
+void lora_expand_silu_mul(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                          const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out);
+void lora_expand_silu_mul_cpu(const at::Tensor& t, const std::vector<at::Tensor>& b,
+                              const std::vector<double>& scales, const at::Tensor& gate, const at::Tensor& up,
+                              const at::Tensor& out);
+
 }  // namespace rlaif::kernels

@@ -42,6 +42,9 @@ struct KernelRegistry {
   void (*lora_expand_cuda)(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                            const std::vector<at::Tensor>& ys, const at::Tensor& residual,
                            const std::vector<at::Tensor>& outs) = nullptr;
+  void (*lora_expand_silu_mul_cuda)(const at::Tensor& t, const std::vector<at::Tensor>& b,
+                                    const std::vector<double>& scales, const at::Tensor& gate, const at::Tensor& up,
+                                    const at::Tensor& out) = nullptr;
   // Few-row projections with MLX affine-quantized weights (kernels/cpu/quant_small_linear.h).
   void (*quant_small_linear_cuda)(const at::Tensor& x, const std::vector<QuantMatrix>& weights,
                                   const std::vector<at::Tensor>& biases, const at::Tensor& residual,

@@ -1,11 +1,12 @@
-// LoRA shrink and expand, up to three adapters that share an input per launch. Shrink: a block per (group of up to
-// 4 rank columns, tile of up to 8 rows), its 256 threads splitting the input dimension in 16-byte vectors (x read
-// once per column group, each A row once per tile), a deterministic block sum.
+// LoRA shrink and expand, up to three adapters that share an input per launch. Shrink: a block per (K split, tile of
+// up to 16 rows) staging x and A through shared memory, the splits' partial sums added in order by the last block
+// of each tile (one launch, deterministic).
 // Expand: a block per (128 output columns of one adapter, tile of up to 16 rows), a thread per column; B's rows for
 // the block and t's rows for the tile go through shared memory in rank chunks of 16 (B rows are rank-strided:
 // read directly, a warp's loads would touch 32 rows each), each thread keeping its column's chunk in registers
 // across the tile's rows (the tile's base outputs requested before the staging); scaled, rounded, added to the
-// base output (rows of any stride: column slices of a packed GEMM's output) and optionally to the residual.
+// base output (rows of any stride: column slices of a packed GEMM's output) and optionally to the residual — or,
+// for gate/up, followed by SwiGLU in the same thread.
 #include "kernels/cuda/lora.h"
 
 #include "kernels/cuda/common.cuh"
@@ -16,9 +17,16 @@ namespace {
 
 using namespace cuda_detail;
 
-constexpr int kWarps = 8;
 constexpr int kThreads = 256;
-constexpr int kShrinkTile = 8;   // rows a shrink block serves, at most
+constexpr int kShrinkRows = 16;  // rows of a shrink tile
+constexpr int kShrinkK = 128;    // input columns a shrink block stages at a time
+constexpr int kShrinkCols = 64;  // rank columns a shrink pass covers (kThreads / kShrinkCols threads a column)
+constexpr int kMaxShrinkTiles = 1024;  // row tiles that may split K (one counter each)
+static_assert(kThreads == kShrinkCols * kShrinkRows / 4, "a shrink thread owns one column and 4 rows");
+
+// Splits of row tile i finished so far in the running shrink launch; its last block resets it to 0. Launches on
+// one device are stream-ordered (the decode step's single stream), so one set of counters serves them all.
+__device__ unsigned int g_shrink_done[kMaxShrinkTiles];
 constexpr int kExpandCols = 128; // output columns (threads) of an expand block
 constexpr int kExpandRows = 16;  // rows an expand block serves, at most
 constexpr int kRankChunk = 16;   // rank columns staged at a time
@@ -40,69 +48,157 @@ struct ExpandArgs {
   int count;
 };
 
-// Block (column group, row tile): t[s, c] = Σ_d x[s, d] · a_c[d] for the group's C columns c (which may belong
-// to different adapters) and the tile's rows s, float32 sums: each thread over its VEC-wide vectors of d (VEC = 1
-// when rows or A are not 16-byte aligned), then warp and block sums in a fixed order. C columns a block read x
-// once for all of them: at batch 64 the down projection's shrink (16 columns of 11008 inputs) re-read x from L2 once
-// per column and A once per row tile, 45 MB for 2 MB of data (11.4 µs, H100, session 8 profile).
-template <typename T, int VEC, int C>
+// Block (K split z, row tile): the partial sums t_z[s, c] = Σ_{d in split z} x[s, d] · a_c[d] of its up-to-16 rows
+// for every rank column c, float32. Each 128-wide chunk of d is staged in shared memory (x converted to float32,
+// A's rows for up to 64 columns a pass), the next chunk's loads in flight while the chunk computes; a thread owns
+// one column and 4 rows and sums over d in order. With one split the sums are t; with several, each block writes
+// its partials and the last block of the row tile to finish (a per-tile counter, reset by that block) adds the
+// splits in order z = 0, 1, … — deterministic, one launch. Splitting K is what gives a batch-64 shrink enough
+// blocks: session 8's kernel (a block per rank-column group and 8-row tile) ran the down projection's shrink
+// (11008 inputs) on 64 blocks in 23.5 µs.
+template <typename T, bool VECTOR>
 __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restrict__ x, int64_t S, int64_t D,
-                                                                ShrinkArgs args, float* t, int64_t R, int tile) {
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * C, s0 = static_cast<int64_t>(blockIdx.y) * tile;
-  const int rows = static_cast<int>(min(static_cast<int64_t>(tile), S - s0));
-  const float* a[C];
+                                                                ShrinkArgs args, int64_t R, int chunks_per_split,
+                                                                float* __restrict__ part, float* __restrict__ t) {
+  constexpr int XV = VECTOR ? 16 / static_cast<int>(sizeof(T)) : 1, AV = VECTOR ? 4 : 1;
+  constexpr int XN = kShrinkRows * kShrinkK / XV / kThreads, AN = kShrinkCols * kShrinkK / AV / kThreads;
+  // Rows padded by 4 floats: a warp's 16-byte reads of 32 consecutive columns' rows (one phase per 8) hit
+  // distinct banks; x reads are warp-wide broadcasts.
+  __shared__ __align__(16) float xs[kShrinkRows][kShrinkK + 4];
+  __shared__ __align__(16) float as[kShrinkCols][kShrinkK + 4];
+  __shared__ bool last;
+  const int tile = blockIdx.y, splits = gridDim.x;
+  const int64_t s0 = static_cast<int64_t>(tile) * kShrinkRows;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(kShrinkRows), S - s0));
+  const int64_t chunks = (D + kShrinkK - 1) / kShrinkK;
+  const int64_t chunk_begin = static_cast<int64_t>(blockIdx.x) * chunks_per_split;
+  const int64_t chunk_end = min(chunks, chunk_begin + chunks_per_split);
+  const int c = threadIdx.x % kShrinkCols, rq = threadIdx.x / kShrinkCols;  // column; rows 4rq .. 4rq+3
+  for (int64_t p0 = 0; p0 < R; p0 += kShrinkCols) {
+    const int ncols = static_cast<int>(min(static_cast<int64_t>(kShrinkCols), R - p0));
+    Vec<T, XV> xr[XN];
+    Vec<float, AV> ar[AN];
+    auto load = [&](int64_t chunk) {  // the chunk's x rows and A rows into registers, zeros past the edges
+      const int64_t k0 = chunk * kShrinkK;
 #pragma unroll
-  for (int c = 0; c < C; ++c) {  // column col0 + c: row j of adapter i's A (nullptr past R)
-    int64_t j = col0 + c;
-    int i = 0;
-    while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
-    a[c] = col0 + c < R ? args.a[i] + j * D : nullptr;
-  }
-  const T* xs = x + s0 * D;
-  float acc[kShrinkTile][C] = {};
-  for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += kThreads * VEC) {
-    float av[C][VEC];
+      for (int n = 0; n < XN; ++n) {
+        const int e = threadIdx.x + n * kThreads, row = e / (kShrinkK / XV);
+        const int64_t k = k0 + (e % (kShrinkK / XV)) * XV;
+        if (row < rows && k < D) xr[n] = load_vec<T, XV>(x + (s0 + row) * D + k);
+        else
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      if (a[c] == nullptr) {
+          for (int v = 0; v < XV; ++v) xr[n].v[v] = T(0.0f);
+      }
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) av[c][v] = 0.0f;
-      } else if constexpr (VEC == 1) {
-        av[c][0] = a[c][d];
-      } else {
+      for (int n = 0; n < AN; ++n) {
+        const int e = threadIdx.x + n * kThreads, col = e / (kShrinkK / AV);
+        const int64_t k = k0 + (e % (kShrinkK / AV)) * AV;
+        if (col < ncols && k < D) {
+          int64_t j = p0 + col;  // row j of adapter i's A
+          int i = 0;
+          while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
+          ar[n] = load_vec<float, AV>(args.a[i] + j * D + k);
+        } else {
 #pragma unroll
-        for (int v = 0; v < VEC; v += 4) {
-          const float4 f = *reinterpret_cast<const float4*>(a[c] + d + v);
-          av[c][v] = f.x, av[c][v + 1] = f.y, av[c][v + 2] = f.z, av[c][v + 3] = f.w;
+          for (int v = 0; v < AV; ++v) ar[n].v[v] = 0.0f;
+        }
+      }
+    };
+    auto store = [&] {
+#pragma unroll
+      for (int n = 0; n < XN; ++n) {
+        const int e = threadIdx.x + n * kThreads, row = e / (kShrinkK / XV), k = (e % (kShrinkK / XV)) * XV;
+#pragma unroll
+        for (int v = 0; v < XV; ++v) xs[row][k + v] = static_cast<float>(xr[n].v[v]);
+      }
+#pragma unroll
+      for (int n = 0; n < AN; ++n) {
+        const int e = threadIdx.x + n * kThreads, col = e / (kShrinkK / AV), k = (e % (kShrinkK / AV)) * AV;
+#pragma unroll
+        for (int v = 0; v < AV; ++v) as[col][k + v] = ar[n].v[v];
+      }
+    };
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (chunk_begin < chunk_end) load(chunk_begin);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      __syncthreads();  // the previous chunk is consumed
+      store();
+      __syncthreads();
+      if (chunk + 1 < chunk_end) load(chunk + 1);  // in flight while this chunk computes
+      if (c < ncols) {
+#pragma unroll 8
+        for (int k = 0; k < kShrinkK; k += 4) {
+          const float4 a4 = *reinterpret_cast<const float4*>(&as[c][k]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const float4 x4 = *reinterpret_cast<const float4*>(&xs[4 * rq + r][k]);
+            acc[r] += x4.x * a4.x;
+            acc[r] += x4.y * a4.y;
+            acc[r] += x4.z * a4.z;
+            acc[r] += x4.w * a4.w;
+          }
         }
       }
     }
+    if (c < ncols) {
+      float* dst = splits == 1 ? t : part + static_cast<int64_t>(blockIdx.x) * S * R;
 #pragma unroll
-    for (int r = 0; r < kShrinkTile; ++r) {
-      if (r >= rows) break;
-      const Vec<T, VEC> xv = load_vec<T, VEC>(xs + r * D + d);
-#pragma unroll
-      for (int c = 0; c < C; ++c)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[r][c] += static_cast<float>(xv.v[v]) * av[c][v];
+      for (int r = 0; r < 4; ++r)
+        if (4 * rq + r < rows) dst[(s0 + 4 * rq + r) * R + p0 + c] = acc[r];
     }
   }
-  __shared__ float part[kWarps][kShrinkTile * C];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int r = 0; r < kShrinkTile; ++r)
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const float v = warp_sum(acc[r][c]);
-      if (lane == 0) part[warp][r * C + c] = v;
-    }
+  if (splits == 1) return;
+  __threadfence();  // this block's partials are visible device-wide before it is counted
   __syncthreads();
-  if (threadIdx.x < kShrinkTile * C) {
-    const int r = threadIdx.x / C, c = threadIdx.x % C;
-    if (r < rows && col0 + c < R) {
-      float sum = 0.0f;
-      for (int w = 0; w < kWarps; ++w) sum += part[w][threadIdx.x];
-      t[(s0 + r) * R + col0 + c] = sum;
+  if (threadIdx.x == 0) last = atomicAdd(&g_shrink_done[tile], 1u) == static_cast<unsigned>(splits - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int o = threadIdx.x; o < rows * R; o += kThreads) {
+    const int64_t i = (s0 + o / R) * R + o % R;
+    float sum = 0.0f;
+    for (int z = 0; z < splits; ++z) sum += __ldcg(part + static_cast<int64_t>(z) * S * R + i);  // from L2
+    t[i] = sum;
+  }
+  if (threadIdx.x == 0) g_shrink_done[tile] = 0;  // ready for the next launch (stream order)
+}
+
+// Shared memory of an expand block: B's rows for its columns and t's rows for its tile, one rank chunk at a time.
+// B rows padded to 20 floats: the 16-byte reads of 8 consecutive threads (one access phase) hit distinct banks.
+struct ExpandStage {
+  __align__(16) float b[kExpandCols][kRankChunk + 4];
+  __align__(16) float t[kExpandRows][kRankChunk];
+};
+
+// acc[s] += Σ_j ts[s · R + j] · b[o, j] for the block's columns o = o0 + threadIdx.x (< O) and tile rows s (< rows),
+// j in order over the rank r, float32 (only the chunk's real columns: the CPU reference's order, no padded terms).
+__device__ __forceinline__ void accumulate_update(const float* __restrict__ b, int64_t O, int64_t r,
+                                                  const float* __restrict__ ts, int64_t R, int rows, int64_t o0,
+                                                  ExpandStage& st, float (&acc)[kExpandRows]) {
+  for (int64_t j0 = 0; j0 < r; j0 += kRankChunk) {
+    __syncthreads();  // the previous chunk is consumed
+    for (int e = threadIdx.x; e < kExpandCols * kRankChunk; e += kExpandCols) {
+      const int row = e / kRankChunk, j = e % kRankChunk;  // consecutive threads: consecutive floats of B
+      st.b[row][j] = o0 + row < O && j0 + j < r ? b[(o0 + row) * r + j0 + j] : 0.0f;
+    }
+    for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
+      const int row = e / kRankChunk, j = e % kRankChunk;
+      st.t[row][j] = row < rows && j0 + j < r ? ts[row * R + j0 + j] : 0.0f;
+    }
+    __syncthreads();
+    float bv[kRankChunk];
+#pragma unroll
+    for (int j = 0; j < kRankChunk; j += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(&st.b[threadIdx.x][j]);
+      bv[j] = v.x, bv[j + 1] = v.y, bv[j + 2] = v.z, bv[j + 3] = v.w;
+    }
+    const int n = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r - j0));
+#pragma unroll
+    for (int s = 0; s < kExpandRows; ++s) {
+      if (s >= rows) break;
+#pragma unroll
+      for (int j = 0; j < kRankChunk; ++j)
+        if (j < n) acc[s] += st.t[s][j] * bv[j];
     }
   }
 }
@@ -114,13 +210,11 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* _
                                                                    ExpandArgs<T> args, const T* residual, int tile) {
   int i = 0;
   while (i + 1 < args.count && blockIdx.x >= args.first_block[i + 1]) ++i;
-  const int64_t O = args.rows[i], r = args.rank[i];
+  const int64_t O = args.rows[i];
   const int64_t o0 = (blockIdx.x - args.first_block[i]) * kExpandCols, o = o0 + threadIdx.x;
   const int64_t s0 = static_cast<int64_t>(blockIdx.y) * tile;
   const int rows = static_cast<int>(min(static_cast<int64_t>(tile), S - s0));
-  const float* b = args.b[i];
-  const float* ts = t + s0 * R + args.col[i];
-  // The tile's base outputs (and residual) requested first: their latency overlaps the staging below.
+  // The tile's base outputs (and residual) requested first: their latency overlaps the staging.
   const bool live = o < O;
   const T* y = args.y[i] + s0 * args.y_stride[i] + o;
   T yv[kExpandRows], hv[kExpandRows];
@@ -130,37 +224,9 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* _
     if (live) yv[s] = y[s * args.y_stride[i]];
     if (live && residual) hv[s] = residual[(s0 + s) * O + o];
   }
-  // Rows padded to 20 floats: the 16-byte reads of 8 consecutive threads (one access phase) hit distinct banks.
-  __shared__ __align__(16) float b_s[kExpandCols][kRankChunk + 4];
-  __shared__ __align__(16) float t_s[kExpandRows][kRankChunk];
+  __shared__ ExpandStage st;
   float acc[kExpandRows] = {};
-  for (int64_t j0 = 0; j0 < r; j0 += kRankChunk) {
-    __syncthreads();  // the previous chunk is consumed
-    for (int e = threadIdx.x; e < kExpandCols * kRankChunk; e += kExpandCols) {
-      const int row = e / kRankChunk, j = e % kRankChunk;  // consecutive threads: consecutive floats of B
-      b_s[row][j] = o0 + row < O && j0 + j < r ? b[(o0 + row) * r + j0 + j] : 0.0f;
-    }
-    for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
-      const int row = e / kRankChunk, j = e % kRankChunk;
-      t_s[row][j] = row < rows && j0 + j < r ? ts[row * R + j0 + j] : 0.0f;
-    }
-    __syncthreads();
-    float bv[kRankChunk];
-#pragma unroll
-    for (int j = 0; j < kRankChunk; j += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(&b_s[threadIdx.x][j]);
-      bv[j] = v.x, bv[j + 1] = v.y, bv[j + 2] = v.z, bv[j + 3] = v.w;
-    }
-    // Only the chunk's real columns: the sum runs over j in the CPU reference's order, no padded terms.
-    const int n = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r - j0));
-#pragma unroll
-    for (int s = 0; s < kExpandRows; ++s) {
-      if (s >= rows) break;
-#pragma unroll
-      for (int j = 0; j < kRankChunk; ++j)
-        if (j < n) acc[s] += t_s[s][j] * bv[j];
-    }
-  }
+  accumulate_update(args.b[i], O, args.rank[i], t + s0 * R + args.col[i], R, rows, o0, st, acc);
   if (!live) return;
   const float scale = args.scale[i];
   T* out = args.out[i] + s0 * args.out_stride[i] + o;
@@ -171,6 +237,40 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* _
     T v = to<T>(static_cast<float>(yv[s]) + static_cast<float>(delta));
     if (residual) v = to<T>(static_cast<float>(hv[s]) + static_cast<float>(v));
     out[s * args.out_stride[i]] = v;
+  }
+}
+
+// Block (column tile, row tile), thread = column f of gate and up (adapters 0 and 1 of args): out[s, f] =
+// silu_mul(to(g + to(scale_0 · t_0 · b_0[f])), to(u + to(scale_1 · t_1 · b_1[f]))) — the expand's rounding, then
+// silu_mul's (kernels/cpu/silu_mul.h). Saves the gate/up expand's write and silu_mul's read of [S, 2F].
+template <typename T>
+__global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const float* __restrict__ t, int64_t S,
+                                                                        int64_t R, ExpandArgs<T> args, T* out,
+                                                                        int tile) {
+  const int64_t F = args.rows[0];
+  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kExpandCols, o = o0 + threadIdx.x;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * tile;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(tile), S - s0));
+  const bool live = o < F;
+  T gv[kExpandRows], uv[kExpandRows];
+#pragma unroll
+  for (int s = 0; s < kExpandRows; ++s) {
+    if (s >= rows) break;
+    if (live) gv[s] = args.y[0][(s0 + s) * args.y_stride[0] + o];
+    if (live) uv[s] = args.y[1][(s0 + s) * args.y_stride[1] + o];
+  }
+  __shared__ ExpandStage st;
+  float acc_g[kExpandRows] = {}, acc_u[kExpandRows] = {};
+  accumulate_update(args.b[0], F, args.rank[0], t + s0 * R, R, rows, o0, st, acc_g);
+  accumulate_update(args.b[1], F, args.rank[1], t + s0 * R + args.col[1], R, rows, o0, st, acc_u);
+  if (!live) return;
+#pragma unroll
+  for (int s = 0; s < kExpandRows; ++s) {
+    if (s >= rows) break;
+    const float g = static_cast<float>(to<T>(static_cast<float>(gv[s]) + static_cast<float>(to<T>(acc_g[s] * args.scale[0]))));
+    const T u = to<T>(static_cast<float>(uv[s]) + static_cast<float>(to<T>(acc_u[s] * args.scale[1])));
+    const T silu = to<T>(g / (1.0f + expf(-g)));
+    out[(s0 + s) * F + o] = to<T>(static_cast<float>(silu) * static_cast<float>(u));
   }
 }
 
@@ -185,49 +285,42 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   }
   args.count = static_cast<int>(a.size());
   const c10::cuda::CUDAGuard guard(x.device());
-  // Four columns and 8 rows a block (x read once per 4 columns, A once per 8 rows); fewer columns, then fewer rows,
-  // while the grid would have fewer blocks than a third of the SMs (the reads come from L2: fewer, larger blocks
-  // move fewer bytes; batch 64: q/k/v 4 columns, gate/up 4, o and down 2).
+  // K split until the grid has about one block per SM (batch 64: 4 row tiles; q/k/v 16 splits of one chunk, down
+  // 29 splits of 3 chunks); no split once the row tiles fill the GPU (prefill).
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int tile = kShrinkTile, C = 4;
-  auto blocks = [&] { return ((R + C - 1) / C) * ((S + tile - 1) / tile); };
-  while (C > 1 && 3 * blocks() < sms) C /= 2;
-  while (tile > 2 && 3 * blocks() < sms) tile /= 2;
-  const dim3 grid(static_cast<unsigned>((R + C - 1) / C), static_cast<unsigned>((S + tile - 1) / tile));
-  constexpr int kVec = 16 / sizeof(T);
-  bool vec = D % kVec == 0 && aligned16(x.data_ptr());
+  const int64_t tiles = (S + kShrinkRows - 1) / kShrinkRows, chunks = (D + kShrinkK - 1) / kShrinkK;
+  int64_t splits = tiles > kMaxShrinkTiles ? 1 : std::clamp((sms + tiles - 1) / tiles, int64_t{1}, chunks);
+  const int64_t per_split = (chunks + splits - 1) / splits;
+  splits = (chunks + per_split - 1) / per_split;
+  const at::Tensor part = splits > 1 ? at::empty({splits, S, R}, t.options()) : at::Tensor();
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(tiles));
+  bool vec = D % kVec<T> == 0 && aligned16(x.data_ptr());
   for (const auto& ai : a) vec = vec && aligned16(ai.data_ptr());  // rows of D floats: aligned when D % 4 == 0
   auto* stream = at::cuda::getCurrentCUDAStream().stream();
-  auto run = [&](auto vec_c, auto cols_c) {
-    constexpr int V = decltype(vec_c)::value, CC = decltype(cols_c)::value;
-    lora_shrink_kernel<T, V, CC><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, t.data_ptr<float>(), R,
-                                                               tile);
+  auto run = [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, R, static_cast<int>(per_split),
+                                          part.defined() ? part.data_ptr<float>() : nullptr, t.data_ptr<float>());
   };
-  auto with_cols = [&](auto vec_c) {
-    if (C == 4) run(vec_c, std::integral_constant<int, 4>{});
-    else if (C == 2) run(vec_c, std::integral_constant<int, 2>{});
-    else run(vec_c, std::integral_constant<int, 1>{});
-  };
-  if (vec) with_cols(std::integral_constant<int, kVec>{});
-  else with_cols(std::integral_constant<int, 1>{});
+  if (vec) run(lora_shrink_kernel<T, true>);
+  else run(lora_shrink_kernel<T, false>);
   check_launch("lora_shrink_kernel");
 }
 
+// The expand's kernel arguments for adapters b (columns of t in order) and a block per 128 columns of each.
 template <typename T>
-void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
-            const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
-  const int64_t S = t.size(0), R = t.size(1);
+ExpandArgs<T> expand_args(const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                          const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& outs) {
   ExpandArgs<T> args{};
   int64_t col = 0, blocks = 0;
   for (size_t i = 0; i < b.size(); ++i) {
     args.b[i] = b[i].data_ptr<float>();
     args.y[i] = ys[i].data_ptr<T>();
-    args.out[i] = outs[i].data_ptr<T>();
+    args.out[i] = outs.empty() ? nullptr : outs[i].data_ptr<T>();
     args.rows[i] = b[i].size(0);
     args.rank[i] = b[i].size(1);
     args.col[i] = col;
     args.y_stride[i] = ys[i].stride(0);
-    args.out_stride[i] = outs[i].stride(0);
+    args.out_stride[i] = outs.empty() ? 0 : outs[i].stride(0);
     args.scale[i] = static_cast<float>(scales[i]);
     args.first_block[i] = blocks;
     col += b[i].size(1);
@@ -235,16 +328,45 @@ void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::ve
   }
   args.first_block[b.size()] = blocks;
   args.count = static_cast<int>(b.size());
-  if (blocks == 0 || S == 0) return;
-  const c10::cuda::CUDAGuard guard(t.device());
-  // Up to 16 rows a block (B staged once for them); fewer while the grid would leave SMs idle.
+  return args;
+}
+
+// Up to 16 rows a block (B staged once for them); fewer while the grid would leave SMs idle.
+int expand_tile(int64_t blocks, int64_t S) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int tile = kExpandRows;
   while (tile > 1 && blocks * ((S + tile - 1) / tile) < 2 * sms) tile /= 2;
+  return tile;
+}
+
+template <typename T>
+void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+            const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  const int64_t S = t.size(0), R = t.size(1);
+  const ExpandArgs<T> args = expand_args<T>(b, scales, ys, outs);
+  const int64_t blocks = args.first_block[b.size()];
+  if (blocks == 0 || S == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const int tile = expand_tile(blocks, S);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
   lora_expand_kernel<T><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
       t.data_ptr<float>(), S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
   check_launch("lora_expand_kernel");
+}
+
+template <typename T>
+void expand_silu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                 const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  const int64_t S = t.size(0), R = t.size(1), F = gate.size(1);
+  const ExpandArgs<T> args = expand_args<T>(b, scales, {gate, up}, {});
+  const int64_t blocks = (F + kExpandCols - 1) / kExpandCols;
+  if (blocks == 0 || S == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const int tile = expand_tile(blocks, S);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
+  lora_expand_silu_kernel<T><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
+      t.data_ptr<float>(), S, R, args, out.data_ptr<T>(), tile);
+  check_launch("lora_expand_silu_kernel");
 }
 
 }  // namespace
@@ -258,6 +380,12 @@ void lora_expand_cuda(const at::Tensor& t, const std::vector<at::Tensor>& b, con
                       const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
   if (ys[0].scalar_type() == at::kFloat) expand<float>(t, b, scales, ys, residual, outs);
   else expand<at::BFloat16>(t, b, scales, ys, residual, outs);
+}
+
+void lora_expand_silu_mul_cuda(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                               const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  if (gate.scalar_type() == at::kFloat) expand_silu<float>(t, b, scales, gate, up, out);
+  else expand_silu<at::BFloat16>(t, b, scales, gate, up, out);
 }
 
 }  // namespace rlaif::kernels

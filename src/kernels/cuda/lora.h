@@ -10,5 +10,7 @@ namespace rlaif::kernels {
 void lora_shrink_cuda(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t);
 void lora_expand_cuda(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                       const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs);
+void lora_expand_silu_mul_cuda(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
+                               const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out);
 
 }  // namespace rlaif::kernels

@@ -26,6 +26,7 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.sample_cuda = &sample_cuda;
   r.lora_shrink_cuda = &lora_shrink_cuda;
   r.lora_expand_cuda = &lora_expand_cuda;
+  r.lora_expand_silu_mul_cuda = &lora_expand_silu_mul_cuda;
   r.quantize_affine_cuda = &quantize_affine_cuda;
   r.dequantize_affine_cuda = &dequantize_affine_cuda;
   r.quant_linear_cuda = &quant_linear_cuda;
