@@ -22,6 +22,7 @@ constexpr int kShrinkRows = 16;  // rows of a shrink tile
 constexpr int kShrinkK = 128;    // input columns a shrink block stages at a time
 constexpr int kShrinkCols = 64;  // rank columns a shrink pass covers (kThreads / kShrinkCols threads a column)
 constexpr int kMaxShrinkTiles = 1024;  // row tiles that may split K (one counter each)
+constexpr int64_t kMaxSplits = 32;
 static_assert(kThreads == kShrinkCols * kShrinkRows / 4, "a shrink thread owns one column and 4 rows");
 
 // Splits of row tile i finished so far in the running shrink launch; its last block resets it to 0. Launches on
@@ -154,51 +155,85 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restri
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // Eight splits' partials requested at a time (from L2), then added in order: one dependent round trip per 8
+  // splits, not per split (session 9's first version summed one load at a time: the q/k/v shrink took 10 µs).
   for (int o = threadIdx.x; o < rows * R; o += kThreads) {
-    const int64_t i = (s0 + o / R) * R + o % R;
+    const float* p = part + (s0 + o / R) * R + o % R;
+    const int64_t stride = S * R;
     float sum = 0.0f;
-    for (int z = 0; z < splits; ++z) sum += __ldcg(part + static_cast<int64_t>(z) * S * R + i);  // from L2
-    t[i] = sum;
+    for (int z0 = 0; z0 < splits; z0 += 8) {
+      float v[8];
+#pragma unroll
+      for (int z = 0; z < 8; ++z) v[z] = z0 + z < splits ? __ldcg(p + (z0 + z) * stride) : 0.0f;
+#pragma unroll
+      for (int z = 0; z < 8; ++z)
+        if (z0 + z < splits) sum += v[z];
+    }
+    t[(s0 + o / R) * R + o % R] = sum;
   }
   if (threadIdx.x == 0) g_shrink_done[tile] = 0;  // ready for the next launch (stream order)
 }
 
-// Shared memory of an expand block: B's rows for its columns and t's rows for its tile, one rank chunk at a time.
-// B rows padded to 20 floats: the 16-byte reads of 8 consecutive threads (one access phase) hit distinct banks.
+// Shared memory of an expand block over N adapters: B's rows for its columns and t's rows for its tile, one rank
+// chunk at a time. B rows padded to 20 floats: the 16-byte reads of 8 consecutive threads (one access phase) hit
+// distinct banks.
+template <int N>
 struct ExpandStage {
-  __align__(16) float b[kExpandCols][kRankChunk + 4];
-  __align__(16) float t[kExpandRows][kRankChunk];
+  __align__(16) float b[N][kExpandCols][kRankChunk + 4];
+  __align__(16) float t[N][kExpandRows][kRankChunk];
 };
 
-// acc[s] += Σ_j ts[s · R + j] · b[o, j] for the block's columns o = o0 + threadIdx.x (< O) and tile rows s (< rows),
-// j in order over the rank r, float32 (only the chunk's real columns: the CPU reference's order, no padded terms).
-__device__ __forceinline__ void accumulate_update(const float* __restrict__ b, int64_t O, int64_t r,
-                                                  const float* __restrict__ ts, int64_t R, int rows, int64_t o0,
-                                                  ExpandStage& st, float (&acc)[kExpandRows]) {
-  for (int64_t j0 = 0; j0 < r; j0 += kRankChunk) {
+// For each adapter n: acc[n][s] += Σ_j ts[n][s · R + j] · b[n][o, j] for the block's columns o = o0 + threadIdx.x
+// (< O) and tile rows s (< rows), j in order over its rank r[n], float32 (only the chunk's real columns: the CPU
+// reference's order, no padded terms). The N adapters' chunks are staged together (one barrier pair a chunk),
+// B in 16-byte loads when its rows allow.
+template <int N>
+__device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], const int64_t (&r)[N],
+                                                   const float* const (&ts)[N], int64_t O, int64_t R, int rows,
+                                                   int64_t o0, ExpandStage<N>& st, float (&acc)[N][kExpandRows]) {
+  int64_t r_max = 0;
+#pragma unroll
+  for (int n = 0; n < N; ++n) r_max = max(r_max, r[n]);
+  for (int64_t j0 = 0; j0 < r_max; j0 += kRankChunk) {
     __syncthreads();  // the previous chunk is consumed
-    for (int e = threadIdx.x; e < kExpandCols * kRankChunk; e += kExpandCols) {
-      const int row = e / kRankChunk, j = e % kRankChunk;  // consecutive threads: consecutive floats of B
-      st.b[row][j] = o0 + row < O && j0 + j < r ? b[(o0 + row) * r + j0 + j] : 0.0f;
-    }
-    for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
-      const int row = e / kRankChunk, j = e % kRankChunk;
-      st.t[row][j] = row < rows && j0 + j < r ? ts[row * R + j0 + j] : 0.0f;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      if (r[n] % 4 == 0 && reinterpret_cast<uintptr_t>(b[n]) % 16 == 0) {
+        for (int e = threadIdx.x; e < kExpandCols * kRankChunk / 4; e += kExpandCols) {
+          const int row = e / (kRankChunk / 4), j = e % (kRankChunk / 4) * 4;  // j0 + j < r: all 4 are inside
+          const float4 v = o0 + row < O && j0 + j < r[n]
+                               ? *reinterpret_cast<const float4*>(b[n] + (o0 + row) * r[n] + j0 + j)
+                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          *reinterpret_cast<float4*>(&st.b[n][row][j]) = v;
+        }
+      } else {
+        for (int e = threadIdx.x; e < kExpandCols * kRankChunk; e += kExpandCols) {
+          const int row = e / kRankChunk, j = e % kRankChunk;  // consecutive threads: consecutive floats of B
+          st.b[n][row][j] = o0 + row < O && j0 + j < r[n] ? b[n][(o0 + row) * r[n] + j0 + j] : 0.0f;
+        }
+      }
+      for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
+        const int row = e / kRankChunk, j = e % kRankChunk;
+        st.t[n][row][j] = row < rows && j0 + j < r[n] ? ts[n][row * R + j0 + j] : 0.0f;
+      }
     }
     __syncthreads();
-    float bv[kRankChunk];
 #pragma unroll
-    for (int j = 0; j < kRankChunk; j += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(&st.b[threadIdx.x][j]);
-      bv[j] = v.x, bv[j + 1] = v.y, bv[j + 2] = v.z, bv[j + 3] = v.w;
-    }
-    const int n = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r - j0));
+    for (int n = 0; n < N; ++n) {
+      float bv[kRankChunk];
 #pragma unroll
-    for (int s = 0; s < kExpandRows; ++s) {
-      if (s >= rows) break;
+      for (int j = 0; j < kRankChunk; j += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&st.b[n][threadIdx.x][j]);
+        bv[j] = v.x, bv[j + 1] = v.y, bv[j + 2] = v.z, bv[j + 3] = v.w;
+      }
+      const int m = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r[n] - j0));  // ≤ 0: none left
 #pragma unroll
-      for (int j = 0; j < kRankChunk; ++j)
-        if (j < n) acc[s] += st.t[s][j] * bv[j];
+      for (int s = 0; s < kExpandRows; ++s) {
+        if (s >= rows) break;
+#pragma unroll
+        for (int j = 0; j < kRankChunk; ++j)
+          if (j < m) acc[n][s] += st.t[n][s][j] * bv[j];
+      }
     }
   }
 }
@@ -224,16 +259,16 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* _
     if (live) yv[s] = y[s * args.y_stride[i]];
     if (live && residual) hv[s] = residual[(s0 + s) * O + o];
   }
-  __shared__ ExpandStage st;
-  float acc[kExpandRows] = {};
-  accumulate_update(args.b[i], O, args.rank[i], t + s0 * R + args.col[i], R, rows, o0, st, acc);
+  __shared__ ExpandStage<1> st;
+  float acc[1][kExpandRows] = {};
+  accumulate_updates<1>({args.b[i]}, {args.rank[i]}, {t + s0 * R + args.col[i]}, O, R, rows, o0, st, acc);
   if (!live) return;
   const float scale = args.scale[i];
   T* out = args.out[i] + s0 * args.out_stride[i] + o;
 #pragma unroll
   for (int s = 0; s < kExpandRows; ++s) {
     if (s >= rows) break;
-    const T delta = to<T>(acc[s] * scale);
+    const T delta = to<T>(acc[0][s] * scale);
     T v = to<T>(static_cast<float>(yv[s]) + static_cast<float>(delta));
     if (residual) v = to<T>(static_cast<float>(hv[s]) + static_cast<float>(v));
     out[s * args.out_stride[i]] = v;
@@ -259,16 +294,16 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const flo
     if (live) gv[s] = args.y[0][(s0 + s) * args.y_stride[0] + o];
     if (live) uv[s] = args.y[1][(s0 + s) * args.y_stride[1] + o];
   }
-  __shared__ ExpandStage st;
-  float acc_g[kExpandRows] = {}, acc_u[kExpandRows] = {};
-  accumulate_update(args.b[0], F, args.rank[0], t + s0 * R, R, rows, o0, st, acc_g);
-  accumulate_update(args.b[1], F, args.rank[1], t + s0 * R + args.col[1], R, rows, o0, st, acc_u);
+  __shared__ ExpandStage<2> st;
+  float acc[2][kExpandRows] = {};
+  accumulate_updates<2>({args.b[0], args.b[1]}, {args.rank[0], args.rank[1]}, {t + s0 * R, t + s0 * R + args.col[1]},
+                        F, R, rows, o0, st, acc);
   if (!live) return;
 #pragma unroll
   for (int s = 0; s < kExpandRows; ++s) {
     if (s >= rows) break;
-    const float g = static_cast<float>(to<T>(static_cast<float>(gv[s]) + static_cast<float>(to<T>(acc_g[s] * args.scale[0]))));
-    const T u = to<T>(static_cast<float>(uv[s]) + static_cast<float>(to<T>(acc_u[s] * args.scale[1])));
+    const float g = static_cast<float>(to<T>(static_cast<float>(gv[s]) + static_cast<float>(to<T>(acc[0][s] * args.scale[0]))));
+    const T u = to<T>(static_cast<float>(uv[s]) + static_cast<float>(to<T>(acc[1][s] * args.scale[1])));
     const T silu = to<T>(g / (1.0f + expf(-g)));
     out[(s0 + s) * F + o] = to<T>(static_cast<float>(silu) * static_cast<float>(u));
   }
@@ -286,10 +321,11 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   args.count = static_cast<int>(a.size());
   const c10::cuda::CUDAGuard guard(x.device());
   // K split until the grid has about one block per SM (batch 64: 4 row tiles; q/k/v 16 splits of one chunk, down
-  // 29 splits of 3 chunks); no split once the row tiles fill the GPU (prefill).
+  // 29 splits of 3 chunks; batch 8: down 29 splits too); no split once the row tiles fill the GPU (prefill).
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = (S + kShrinkRows - 1) / kShrinkRows, chunks = (D + kShrinkK - 1) / kShrinkK;
-  int64_t splits = tiles > kMaxShrinkTiles ? 1 : std::clamp((sms + tiles - 1) / tiles, int64_t{1}, chunks);
+  // At most 32 splits: the last block's sum over them is the launch's serial tail.
+  int64_t splits = tiles > kMaxShrinkTiles ? 1 : std::clamp((sms + tiles - 1) / tiles, int64_t{1}, std::min<int64_t>(chunks, kMaxSplits));
   const int64_t per_split = (chunks + splits - 1) / splits;
   splits = (chunks + per_split - 1) / per_split;
   const at::Tensor part = splits > 1 ? at::empty({splits, S, R}, t.options()) : at::Tensor();
