@@ -167,14 +167,15 @@ TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
   }
 }
 
-// The shrink splits K across blocks at decode batches (the last block of a row tile adds the partial sums) and not
-// at prefill lengths, and covers more than 64 rank columns in passes: CUDA equals the CPU reference in each case,
-// and a second launch reproduces the first bit for bit (the per-tile counters were reset; the sum order is fixed).
+// The shrink's two kernels: K split across blocks for long inputs at batch (64 × 11008, 32 × 4096; the last block
+// of a row tile adds the partial sums, more than 64 rank columns in passes), column groups elsewhere (one row,
+// a prefill length): CUDA equals the CPU reference in each case, and a second launch reproduces the first bit for
+// bit (the per-tile counters were reset; the sum order is fixed).
 TEST(LoraKernel, CudaShrinkSplitsPassesAndRepeats) {
   RLAIF_REQUIRE_CUDA_KERNELS();
   SCOPED_TRACE(test::seed_fresh());
   for (at::ScalarType dt : test::activation_dtypes()) {
-    for (const auto& [S, D] : std::vector<std::pair<int64_t, int64_t>>{{1, 2048}, {64, 11008}, {17, 136}, {2200, 256}}) {
+    for (const auto& [S, D] : std::vector<std::pair<int64_t, int64_t>>{{1, 2048}, {64, 11008}, {32, 4096}, {17, 136}, {2200, 256}}) {
       SCOPED_TRACE(fmt::format("{} S={} D={}", c10::toString(dt), S, D));
       const std::vector<int64_t> ranks = {64, 32, 16};  // 112 columns: two passes
       std::vector<at::Tensor> a, a_gpu;

@@ -1,6 +1,7 @@
-// LoRA shrink and expand, up to three adapters that share an input per launch. Shrink: a block per (K split, tile of
-// up to 16 rows) staging x and A through shared memory, the splits' partial sums added in order by the last block
-// of each tile (one launch, deterministic).
+// LoRA shrink and expand, up to three adapters that share an input per launch. Shrink, two kernels: a block per
+// (group of up to 4 rank columns, row tile), or for long inputs at batch a block per (K split, tile of up to 16
+// rows) staging x and A through shared memory, the splits' partial sums added in order by the last block of each
+// tile (one launch, deterministic).
 // Expand: a block per (128 output columns of one adapter, tile of up to 16 rows), a thread per column; B's rows for
 // the block and t's rows for the tile go through shared memory in rank chunks of 16 (B rows are rank-strided:
 // read directly, a warp's loads would touch 32 rows each), each thread keeping its column's chunk in registers
@@ -23,6 +24,8 @@ constexpr int kShrinkK = 128;    // input columns a shrink block stages at a tim
 constexpr int kShrinkCols = 64;  // rank columns a shrink pass covers (kThreads / kShrinkCols threads a column)
 constexpr int kMaxShrinkTiles = 1024;  // row tiles that may split K (one counter each)
 constexpr int64_t kMaxSplits = 32;
+constexpr int64_t kSplitMinInputs = 4096, kSplitMinRows = 32;  // where the split shrink runs (split_wins)
+constexpr int kColsTile = 8;  // rows a column-group shrink block serves, at most
 static_assert(kThreads == kShrinkCols * kShrinkRows / 4, "a shrink thread owns one column and 4 rows");
 
 // Splits of row tile i finished so far in the running shrink launch; its last block resets it to 0. Launches on
@@ -49,6 +52,73 @@ struct ExpandArgs {
   int count;
 };
 
+// Block (column group, row tile): t[s, c] = Σ_d x[s, d] · a_c[d] for the group's C columns c (which may belong
+// to different adapters) and the tile's rows s, float32 sums: each thread over its VEC-wide vectors of d (VEC = 1
+// when rows or A are not 16-byte aligned), then warp and block sums in a fixed order. C columns a block read x
+// once for all of them: at batch 64 the down projection's shrink (16 columns of 11008 inputs) re-read x from L2 once
+// per column and A once per row tile, 45 MB for 2 MB of data (11.4 µs, H100, session 8 profile).
+template <typename T, int VEC, int C>
+__global__ void __launch_bounds__(kThreads) lora_shrink_cols_kernel(const T* __restrict__ x, int64_t S, int64_t D,
+                                                                ShrinkArgs args, float* t, int64_t R, int tile) {
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * C, s0 = static_cast<int64_t>(blockIdx.y) * tile;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(tile), S - s0));
+  const float* a[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {  // column col0 + c: row j of adapter i's A (nullptr past R)
+    int64_t j = col0 + c;
+    int i = 0;
+    while (i + 1 < args.count && j >= args.rank[i]) j -= args.rank[i++];
+    a[c] = col0 + c < R ? args.a[i] + j * D : nullptr;
+  }
+  const T* xs = x + s0 * D;
+  float acc[kColsTile][C] = {};
+  for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += kThreads * VEC) {
+    float av[C][VEC];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (a[c] == nullptr) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) av[c][v] = 0.0f;
+      } else if constexpr (VEC == 1) {
+        av[c][0] = a[c][d];
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; v += 4) {
+          const float4 f = *reinterpret_cast<const float4*>(a[c] + d + v);
+          av[c][v] = f.x, av[c][v + 1] = f.y, av[c][v + 2] = f.z, av[c][v + 3] = f.w;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kColsTile; ++r) {
+      if (r >= rows) break;
+      const Vec<T, VEC> xv = load_vec<T, VEC>(xs + r * D + d);
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[r][c] += static_cast<float>(xv.v[v]) * av[c][v];
+    }
+  }
+  __shared__ float part[kThreads / 32][kColsTile * C];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < kColsTile; ++r)
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const float v = warp_sum(acc[r][c]);
+      if (lane == 0) part[warp][r * C + c] = v;
+    }
+  __syncthreads();
+  if (threadIdx.x < kColsTile * C) {
+    const int r = threadIdx.x / C, c = threadIdx.x % C;
+    if (r < rows && col0 + c < R) {
+      float sum = 0.0f;
+      for (int w = 0; w < kThreads / 32; ++w) sum += part[w][threadIdx.x];
+      t[(s0 + r) * R + col0 + c] = sum;
+    }
+  }
+}
+
 // Block (K split z, row tile): the partial sums t_z[s, c] = Σ_{d in split z} x[s, d] · a_c[d] of its up-to-16 rows
 // for every rank column c, float32. Each 128-wide chunk of d is staged in shared memory (x converted to float32,
 // A's rows for up to 64 columns a pass), the next chunk's loads in flight while the chunk computes; a thread owns
@@ -58,7 +128,7 @@ struct ExpandArgs {
 // blocks: session 8's kernel (a block per rank-column group and 8-row tile) ran the down projection's shrink
 // (11008 inputs) on 64 blocks in 23.5 µs.
 template <typename T, bool VECTOR>
-__global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restrict__ x, int64_t S, int64_t D,
+__global__ void __launch_bounds__(kThreads) lora_shrink_split_kernel(const T* __restrict__ x, int64_t S, int64_t D,
                                                                 ShrinkArgs args, int64_t R, int chunks_per_split,
                                                                 float* __restrict__ part, float* __restrict__ t) {
   constexpr int XV = VECTOR ? 16 / static_cast<int>(sizeof(T)) : 1, AV = VECTOR ? 4 : 1;
@@ -309,6 +379,64 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const flo
   }
 }
 
+// Session 8's shrink: a block per (group of up to 4 rank columns, tile of up to 8 rows).
+template <typename T>
+void shrink_cols(const at::Tensor& x, const ShrinkArgs& args, const at::Tensor& t, bool vec, cudaStream_t stream) {
+  const int64_t S = x.size(0), D = x.size(1), R = t.size(1);
+  // Four columns and 8 rows a block (x read once per 4 columns, A once per 8 rows); fewer columns, then fewer rows,
+  // while the grid would have fewer blocks than a third of the SMs (the reads come from L2: fewer, larger blocks
+  // move fewer bytes; batch 64: q/k/v 4 columns, gate/up 4, o 2).
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int tile = kColsTile, C = 4;
+  auto blocks = [&] { return ((R + C - 1) / C) * ((S + tile - 1) / tile); };
+  while (C > 1 && 3 * blocks() < sms) C /= 2;
+  while (tile > 2 && 3 * blocks() < sms) tile /= 2;
+  const dim3 grid(static_cast<unsigned>((R + C - 1) / C), static_cast<unsigned>((S + tile - 1) / tile));
+  auto run = [&](auto vec_c, auto cols_c) {
+    constexpr int V = decltype(vec_c)::value, CC = decltype(cols_c)::value;
+    lora_shrink_cols_kernel<T, V, CC><<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args,
+                                                                    t.data_ptr<float>(), R, tile);
+  };
+  auto with_cols = [&](auto vec_c) {
+    if (C == 4) run(vec_c, std::integral_constant<int, 4>{});
+    else if (C == 2) run(vec_c, std::integral_constant<int, 2>{});
+    else run(vec_c, std::integral_constant<int, 1>{});
+  };
+  if (vec) with_cols(std::integral_constant<int, kVec<T>>{});
+  else with_cols(std::integral_constant<int, 1>{});
+  check_launch("lora_shrink_cols_kernel");
+}
+
+// K split across blocks (lora_shrink_split_kernel).
+template <typename T>
+void shrink_split(const at::Tensor& x, const ShrinkArgs& args, const at::Tensor& t, bool vec, cudaStream_t stream) {
+  const int64_t S = x.size(0), D = x.size(1), R = t.size(1);
+  // K split until the grid has about one block per SM (batch 64: 4 row tiles; down 29 splits of 3 chunks), at
+  // most 32 splits (the last block's sum over them is the launch's serial tail); none once the row tiles fill the
+  // GPU.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t tiles = (S + kShrinkRows - 1) / kShrinkRows, chunks = (D + kShrinkK - 1) / kShrinkK;
+  int64_t splits = tiles > kMaxShrinkTiles
+                       ? 1
+                       : std::clamp((sms + tiles - 1) / tiles, int64_t{1}, std::min<int64_t>(chunks, kMaxSplits));
+  const int64_t per_split = (chunks + splits - 1) / splits;
+  splits = (chunks + per_split - 1) / per_split;
+  const at::Tensor part = splits > 1 ? at::empty({splits, S, R}, t.options()) : at::Tensor();
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(tiles));
+  auto run = [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, R, static_cast<int>(per_split),
+                                          part.defined() ? part.data_ptr<float>() : nullptr, t.data_ptr<float>());
+  };
+  if (vec) run(lora_shrink_split_kernel<T, true>);
+  else run(lora_shrink_split_kernel<T, false>);
+  check_launch("lora_shrink_split_kernel");
+}
+
+// The split kernel where it measured faster (H100, batch 64, session 9: the down projection's shrink over 11008
+// inputs 12.6 µs against 23.5); elsewhere its extra round trips (partials, counter, the last block's sum) cost
+// more than they save (q/k/v 10.0 µs against 7.6; batch 8 decode 1,564 tok/s against 1,750).
+bool split_wins(int64_t S, int64_t D) { return D >= kSplitMinInputs && S >= kSplitMinRows; }
+
 template <typename T>
 void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
   const int64_t S = x.size(0), D = x.size(1), R = t.size(1);
@@ -320,26 +448,11 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   }
   args.count = static_cast<int>(a.size());
   const c10::cuda::CUDAGuard guard(x.device());
-  // K split until the grid has about one block per SM (batch 64: 4 row tiles; q/k/v 16 splits of one chunk, down
-  // 29 splits of 3 chunks; batch 8: down 29 splits too); no split once the row tiles fill the GPU (prefill).
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t tiles = (S + kShrinkRows - 1) / kShrinkRows, chunks = (D + kShrinkK - 1) / kShrinkK;
-  // At most 32 splits: the last block's sum over them is the launch's serial tail.
-  int64_t splits = tiles > kMaxShrinkTiles ? 1 : std::clamp((sms + tiles - 1) / tiles, int64_t{1}, std::min<int64_t>(chunks, kMaxSplits));
-  const int64_t per_split = (chunks + splits - 1) / splits;
-  splits = (chunks + per_split - 1) / per_split;
-  const at::Tensor part = splits > 1 ? at::empty({splits, S, R}, t.options()) : at::Tensor();
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(tiles));
   bool vec = D % kVec<T> == 0 && aligned16(x.data_ptr());
   for (const auto& ai : a) vec = vec && aligned16(ai.data_ptr());  // rows of D floats: aligned when D % 4 == 0
-  auto* stream = at::cuda::getCurrentCUDAStream().stream();
-  auto run = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<T>(), S, D, args, R, static_cast<int>(per_split),
-                                          part.defined() ? part.data_ptr<float>() : nullptr, t.data_ptr<float>());
-  };
-  if (vec) run(lora_shrink_kernel<T, true>);
-  else run(lora_shrink_kernel<T, false>);
-  check_launch("lora_shrink_kernel");
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  if (split_wins(S, D)) shrink_split<T>(x, args, t, vec, stream);
+  else shrink_cols<T>(x, args, t, vec, stream);
 }
 
 // The expand's kernel arguments for adapters b (columns of t in order) and a block per 128 columns of each.
