@@ -129,6 +129,11 @@ if has lora; then
       --out "$OUT/rlaif_generate_3b_lora$l.json" > "$OUT/rlaif_generate_3b_lora$l.log" 2>&1 || log "bench_generate 3b lora $l failed"
     sed "s/^/3b new 512 /" "$OUT/rlaif_generate_3b_lora$l.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
+  # The same adapters with x·Aᵀ as extra columns of the base GEMMs (EngineOptions::lora_shrink_in_gemm), same run.
+  "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --batches ${RLAIF_LORA_BATCHES:-8,64} --new 512 --lora 16 \
+    --lora-shrink-gemm --out "$OUT/rlaif_generate_3b_lora16_gemm.json" > "$OUT/rlaif_generate_3b_lora16_gemm.log" 2>&1 \
+    || log "bench_generate 3b lora 16 shrink-in-gemm failed"
+  sed "s/^/3b new 512 /" "$OUT/rlaif_generate_3b_lora16_gemm.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
 fi
 
 if [[ " $STAGES " == *" profile "* ]]; then
@@ -169,6 +174,8 @@ if has train; then
   save_model 3b
   "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --out "$OUT/rlaif_train_3b.json" \
     > "$OUT/rlaif_train_3b.log" 2>&1 || log "bench_train failed"
+  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --lora-shrink-gemm --steps 2 \
+    --out "$OUT/rlaif_train_3b_gemm.json" > "$OUT/rlaif_train_3b_gemm.log" 2>&1 || log "bench_train shrink-in-gemm failed"
   "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --micro-batch 8 --checkpointing --steps 2 \
     --out "$OUT/rlaif_train_3b_ckpt.json" > "$OUT/rlaif_train_3b_ckpt.log" 2>&1 || log "bench_train ckpt failed"
   $PY bench/hf_train_step.py --model "$MD/qwen2.5-3b-random" --out "$OUT/hf_train_3b.json" > "$OUT/hf_train_3b.log" 2>&1 \

@@ -24,6 +24,7 @@
 #include "kernels/cpu/silu_mul.h"
 #include "kernels/cpu/small_linear.h"
 #include "models/layers.h"
+#include "models/lora.h"
 
 namespace rlaif {
 
@@ -225,7 +226,8 @@ std::vector<const QuantizedTensor*> quant_parts(const LayerWeights& L, const std
 struct LoraGroup {
   std::vector<at::Tensor> a, b, outs;
   std::vector<double> scales;
-  bool kernels_fit = true;
+  bool expand_fits = true;  // float32 contiguous adapters: kernels::lora_expand takes them (CPU or GPU)
+  bool kernels_fit = true;  // and on the GPU: the shrink kernel too
   // t [S, Σr] = x·[A_1; A_2; …]ᵀ (kernels/cpu/lora.h).
   at::Tensor shrink(const at::Tensor& x) const {
     int64_t rank = 0;
@@ -242,26 +244,33 @@ LoraGroup lora_group(const at::Tensor& x, const LayerWeights& L, const std::vect
   for (size_t i = 0; i < ps.size(); ++i) {
     const LoraAdapter& ad = adapter(L, ps[i]);
     if (!ad.defined()) continue;
-    g.kernels_fit = g.kernels_fit && ad.a.scalar_type() == at::kFloat && ad.b.scalar_type() == at::kFloat &&
+    g.expand_fits = g.expand_fits && ad.a.scalar_type() == at::kFloat && ad.b.scalar_type() == at::kFloat &&
                     ad.a.is_contiguous() && ad.b.is_contiguous();
     g.a.push_back(ad.a);
     g.b.push_back(ad.b);
     g.scales.push_back(ad.scale);
     g.outs.push_back(ys[i]);
   }
-  g.kernels_fit = g.kernels_fit && !g.a.empty() && x.is_cuda();
+  g.expand_fits = g.expand_fits && !g.a.empty();
+  g.kernels_fit = g.expand_fits && x.is_cuda();
   return g;
 }
 
 // Adds the LoRA updates of projections `ps` (sharing input x) to their base outputs `ys` in place (they may be
 // column slices of one packed output): on the GPU one shrink and one expand launch for the group
-// (kernels/cpu/lora.h), on the CPU ATen ops. With `residual` (one
-// projection): residual = residual + (y + update), in place.
+// (kernels/cpu/lora.h), on the CPU ATen ops; with `t` (x·Aᵀ from the base GEMM, EngineOptions::
+// lora_shrink_in_gemm) the expand alone, on either device. With `residual` (one projection): residual = residual +
+// (y + update), in place.
 void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vector<Proj>& ps, std::vector<at::Tensor>& ys,
-                    const at::Tensor& residual = {}) {
+                    const at::Tensor& residual = {}, const at::Tensor& t = {}) {
   const LoraGroup g = lora_group(x, L, ps, ys);
   if (g.a.empty()) {  // x is not read (it may be undefined)
     if (residual.defined()) residual.add_(ys[0]);
+    return;
+  }
+  if (t.defined() && g.expand_fits) {
+    if (residual.defined()) kernels::lora_expand(t, g.b, g.scales, g.outs, residual, {residual});
+    else kernels::lora_expand(t, g.b, g.scales, g.outs, {}, g.outs);
     return;
   }
   if (!g.kernels_fit) {
@@ -270,18 +279,21 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
     if (residual.defined()) residual.copy_(residual + ys[0]);
     return;
   }
-  const at::Tensor t = g.shrink(x);                                                     // [S, Σr]
-  if (residual.defined()) kernels::lora_expand(t, g.b, g.scales, g.outs, residual, {residual});
-  else kernels::lora_expand(t, g.b, g.scales, g.outs, {}, g.outs);
+  const at::Tensor shrunk = g.shrink(x);                                                // [S, Σr]
+  if (residual.defined()) kernels::lora_expand(shrunk, g.b, g.scales, g.outs, residual, {residual});
+  else kernels::lora_expand(shrunk, g.b, g.scales, g.outs, {}, g.outs);
 }
 
 // act = silu(gate + update) · (up + update) for the base outputs gu = {gate, up} of x: with adapters on both and
-// the GPU kernels, the expand and SwiGLU are one launch (kernels::lora_expand_silu_mul); else the expand, then
-// silu_mul.
-void lora_swiglu(const at::Tensor& x, const LayerWeights& L, std::vector<at::Tensor>& gu, const at::Tensor& act) {
+// the GPU kernels (or `t`, x·Aᵀ from the base GEMM), the expand and SwiGLU are one launch
+// (kernels::lora_expand_silu_mul); else the expand, then silu_mul.
+void lora_swiglu(const at::Tensor& x, const LayerWeights& L, std::vector<at::Tensor>& gu, const at::Tensor& act,
+                 const at::Tensor& t = {}) {
   const LoraGroup g = lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
+  if (g.a.size() == 2 && t.defined() && g.expand_fits)
+    return kernels::lora_expand_silu_mul(t, g.b, g.scales, gu[0], gu[1], act);
   if (g.a.size() == 2 && g.kernels_fit) return kernels::lora_expand_silu_mul(g.shrink(x), g.b, g.scales, gu[0], gu[1], act);
-  add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
+  add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu, {}, t);
   kernels::silu_mul(gu[0], gu[1], act);
 }
 
@@ -345,6 +357,33 @@ std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std:
   const std::optional<at::Tensor> b = packed_bias(L, ps);
   if (!b) return {};
   return {w, *b};
+}
+
+ProjGroup group_of(const std::vector<Proj>& ps) {
+  for (int g = 0; g < kNumProjGroups; ++g)
+    if (group_projs(static_cast<ProjGroup>(g)) == ps) return static_cast<ProjGroup>(g);
+  RLAIF_CHECK(false, "engine: projections that share no group");
+  return ProjGroup::kQkv;
+}
+
+// A group's packed weight and bias followed by its LoRA rows (models/lora.h pack_lora_rows; zeros for their bias):
+// one GEMM gives the base outputs, then x·Aᵀ in the last Σ r columns. Undefined unless laid out so for x.
+std::pair<at::Tensor, at::Tensor> packed_group_lora(const LayerWeights& L, const std::vector<Proj>& ps,
+                                                    const at::Tensor& x) {
+  const int g = static_cast<int>(group_of(ps));
+  if (!L.lora_rows[g].defined()) return {};
+  std::vector<const at::Tensor*> ws, bs;
+  for (Proj p : ps) {
+    ws.push_back(&L.weight(p));
+    bs.push_back(&L.bias(p));
+  }
+  ws.push_back(&L.lora_rows[g]);
+  bs.push_back(&L.lora_bias_rows[g]);
+  const at::Tensor w = packed_rows(ws);
+  if (!w.defined() || w.scalar_type() != x.scalar_type() || w.device() != x.device()) return {};
+  if (!bs[0]->defined()) return {w, at::Tensor()};
+  const at::Tensor b = packed_rows(bs);
+  return b.defined() ? std::pair{w, b} : std::pair<at::Tensor, at::Tensor>{};
 }
 
 // Sampling the device sampler covers: temperature or greedy, no filter, no penalty.
@@ -478,8 +517,18 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // The base outputs of projections sharing in_x: one few-row launch when it can; else one GEMM over the group's
   // packed weights (models/weights.h; outputs are column slices of its result, which add_lora_group updates in
   // place); else layers::project each.
-  auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small) {
+  auto project_group = [&](const at::Tensor& in_x, const LayerWeights& L, const std::vector<Proj>& ps, bool small,
+                           at::Tensor* lora_t = nullptr) {
     if (few_row_fits(in_x, L, ps, small)) return few_row(in_x, L, ps, {});
+    // With the group's LoRA rows: x·Aᵀ comes out of the same GEMM, after the base outputs.
+    if (lora_t != nullptr && options_.lora_shrink_in_gemm) {
+      if (const auto [w, b] = packed_group_lora(L, ps, in_x); w.defined()) {
+        const at::Tensor y = at::linear(in_x, w, b);                                   // [S, Σ O + Σ r]
+        const int64_t r = L.lora_rows[static_cast<int>(group_of(ps))].size(0);
+        *lora_t = y.narrow(1, y.size(1) - r, r);                                       // [S, Σ r]
+        return column_slices(y, L, ps);
+      }
+    }
     if (const auto [w, b] = packed_group(L, ps, in_x); w.defined())
       return column_slices(at::linear(in_x, w, b), L, ps);                             // [S, Σ O] sliced
     // Quantized: one GEMM over the group's packed words (its biases packed too, or none).
@@ -493,7 +542,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   // The base outputs of projections reading x = rms_norm(h, norm_w): the norm fused into their launch when it can,
   // x materialised (written by that launch) only for the adapters that need it; else x = rms_norm, then project_group.
   auto normed_group = [&](const at::Tensor& norm_w, const LayerWeights& L, const std::vector<Proj>& ps, bool small,
-                          at::Tensor& x) {
+                          at::Tensor& x, at::Tensor* lora_t) {
     bool lora = false;
     for (Proj p : ps) lora = lora || adapter(L, p).defined();
     if (std::vector<K::QuantMatrix> qs; quant_group(L, ps, qs)) {  // the quantized kernels stage the norm themselves
@@ -508,7 +557,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     }
     if (!norm_fuses || !few_row_fits(h, L, ps, small)) {
       x = K::rms_norm(h, norm_w, eps);
-      return project_group(x, L, ps, small);
+      return project_group(x, L, ps, small, lora_t);
     }
     x = lora ? at::empty_like(h) : at::Tensor();
     return few_row(h, L, ps, {norm_w, eps, x});
@@ -533,6 +582,15 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
       if (dense(L.weight(p), in_x) && !L.bias(p).defined()) return h.addmm_(in_x, L.weight(p).t());
       return h + layers::project(in_x, L, p, base);
     }
+    if (options_.lora_shrink_in_gemm && !small_residual) {  // h += y + update, x·Aᵀ out of the base GEMM
+      if (const auto [w, b] = packed_group_lora(L, {p}, in_x); w.defined()) {
+        const at::Tensor y = at::linear(in_x, w, b);                                   // [S, O + r]
+        const int64_t O = out_features(L, p);
+        std::vector<at::Tensor> ys{y.narrow(1, 0, O)};
+        add_lora_group(in_x, L, {p}, ys, h, y.narrow(1, O, y.size(1) - O));
+        return h;
+      }
+    }
     if (!in_x.is_cuda()) {
       const at::Tensor y = project_group(in_x, L, {p}, small_residual)[0];
       return h + layers::add_lora(y, in_x, adapter(L, p), /*training=*/false);
@@ -550,8 +608,9 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = W.layers[l];
     at::Tensor x;                                                                       // [S, D] normalised h
-    std::vector<at::Tensor> qkv = normed_group(L.input_norm, L, {Proj::kQ, Proj::kK, Proj::kV}, small_qkv, x);  // [S, (H+2KV)·hd]
-    add_lora_group(x, L, {Proj::kQ, Proj::kK, Proj::kV}, qkv);
+    at::Tensor t;                                                                       // [S, Σ r] x·Aᵀ, if from the GEMM
+    std::vector<at::Tensor> qkv = normed_group(L.input_norm, L, {Proj::kQ, Proj::kK, Proj::kV}, small_qkv, x, &t);  // [S, (H+2KV)·hd]
+    add_lora_group(x, L, {Proj::kQ, Proj::kK, Proj::kV}, qkv, {}, t);
     const at::Tensor q = qkv[0].view({S, H, hd});                                       // [S, H, hd]
     const at::Tensor k = qkv[1].view({S, KV, hd});                                      // [S, KV, hd]
     const at::Tensor v = qkv[2].view({S, KV, hd});
@@ -572,8 +631,9 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
       K::small_linear_silu_mul(in_x, L.w_gate, L.w_up, act, norm);
     } else {
       x = K::rms_norm(h, L.post_norm, eps);
-      std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp}, small_gate_up);  // [S, F] each
-      lora_swiglu(x, L, gu, act);
+      at::Tensor t_gu;
+      std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp}, small_gate_up, &t_gu);  // [S, F] each
+      lora_swiglu(x, L, gu, act, t_gu);
     }
     h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
   }
@@ -708,6 +768,9 @@ std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationReques
                                         options_.max_batch));
   }
   ensure_cache(requests);
+  // LoRA's A rows for the shrink inside the base GEMM, refreshed from the adapters the trainer updates; a new layout
+  // moves the weights, so graphs captured on the old addresses go.
+  if (options_.lora_shrink_in_gemm && pack_lora_rows(model_->weights()) > 0) drop_graphs();
   at::NoGradGuard no_grad;
   std::vector<int64_t> offset(requests.size() + 1, 0);
   for (size_t i = 0; i < requests.size(); ++i) offset[i + 1] = offset[i] + requests[i].num_samples;

@@ -43,6 +43,11 @@ struct EngineOptions {
     int64_t residual = 0;  // o and down, residual add fused (cuBLAS: addmm_ into h)
     int64_t lm_head = 0;   // final norm fused
   } few_row_rows;
+  // Above the few-row batch, LoRA's x·Aᵀ as extra columns of each group's base GEMM (models/lora.h
+  // pack_lora_rows: a copy of A in the weights' dtype after the group's weight rows, refreshed at every generate())
+  // instead of a shrink launch. Opt-in until measured on the GPU (docs/KERNELS.md); in bf16, x·Aᵀ is rounded to
+  // bf16 before the expand, as the training forward's autocast does, where the shrink kernel keeps float32.
+  bool lora_shrink_in_gemm = false;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

@@ -48,6 +48,84 @@ void attach_lora(DecoderModel& model, const LoraConfig& cfg, uint64_t seed) {
   }
 }
 
+namespace {
+
+// Σ r of group g's adapters when every projection of it has one and a plain weight the layout may re-bind; else 0.
+int64_t lora_group_rank(const LayerWeights& L, ProjGroup g) {
+  int64_t r = 0;
+  const at::Tensor& first = L.weight(group_projs(g)[0]);
+  for (Proj p : group_projs(g)) {
+    const at::Tensor& w = L.weight(p);
+    const LoraAdapter& ad = L.lora[static_cast<int>(p)];
+    if (!ad.defined() || !w.defined() || w.requires_grad() || w.scalar_type() != first.scalar_type() ||
+        w.device() != first.device() || w.size(1) != first.size(1) ||
+        L.bias(p).defined() != L.bias(group_projs(g)[0]).defined())
+      return 0;
+    r += ad.a.size(0);
+  }
+  return r;
+}
+
+}  // namespace
+
+int64_t pack_lora_rows(ModelWeights& w) {
+  at::NoGradGuard no_grad;
+  int64_t laid_out = 0;
+  for (LayerWeights& L : w.layers) {
+    for (int gi = 0; gi < kNumProjGroups; ++gi) {
+      const auto g = static_cast<ProjGroup>(gi);
+      const std::vector<Proj>& ps = group_projs(g);
+      const int64_t r = lora_group_rank(L, g);
+      if (r == 0) {
+        L.lora_rows[gi] = L.lora_bias_rows[gi] = at::Tensor();
+        continue;
+      }
+      std::vector<const at::Tensor*> parts;
+      for (Proj p : ps) parts.push_back(&L.weight(p));
+      parts.push_back(&L.lora_rows[gi]);
+      if (L.lora_rows[gi].defined() && L.lora_rows[gi].size(0) == r && packed_rows(parts).defined()) continue;
+      const at::Tensor& first = L.weight(ps[0]);
+      int64_t rows = 0;
+      for (Proj p : ps) rows += L.weight(p).size(0);
+      const at::Tensor buf = at::empty({rows + r, first.size(1)}, first.options());
+      const bool biased = L.bias(ps[0]).defined();
+      const at::Tensor bias_buf = biased ? at::zeros({rows + r}, L.bias(ps[0]).options()) : at::Tensor();
+      int64_t row = 0;
+      for (Proj p : ps) {
+        at::Tensor& wt = L.weight(p);
+        const int64_t n = wt.size(0);
+        buf.narrow(0, row, n).copy_(wt);
+        wt = buf.narrow(0, row, n);
+        if (biased) {
+          at::Tensor& bt = L.bias(p);
+          bias_buf.narrow(0, row, n).copy_(bt);
+          bt = bias_buf.narrow(0, row, n);
+        }
+        row += n;
+      }
+      L.lora_rows[gi] = buf.narrow(0, rows, r);
+      L.lora_bias_rows[gi] = biased ? bias_buf.narrow(0, rows, r) : at::Tensor();
+      ++laid_out;
+    }
+  }
+  refresh_lora_rows(w);
+  return laid_out;
+}
+
+void refresh_lora_rows(ModelWeights& w) {
+  at::NoGradGuard no_grad;
+  for (LayerWeights& L : w.layers)
+    for (int gi = 0; gi < kNumProjGroups; ++gi) {
+      if (!L.lora_rows[gi].defined()) continue;
+      int64_t row = 0;
+      for (Proj p : group_projs(static_cast<ProjGroup>(gi))) {
+        const at::Tensor& a = L.lora[static_cast<int>(p)].a;
+        L.lora_rows[gi].narrow(0, row, a.size(0)).copy_(a);
+        row += a.size(0);
+      }
+    }
+}
+
 bool has_lora(const DecoderModel& model) {
   for (const auto& L : model.weights().layers)
     for (const auto& a : L.lora)

@@ -394,6 +394,12 @@ const at::Tensor& LayerWeights::weight(Proj p) const {
   return *w[static_cast<int>(p)];
 }
 
+const std::vector<Proj>& group_projs(ProjGroup g) {
+  static const std::vector<Proj> groups[kNumProjGroups] = {
+      {Proj::kQ, Proj::kK, Proj::kV}, {Proj::kO}, {Proj::kGate, Proj::kUp}, {Proj::kDown}};
+  return groups[static_cast<int>(g)];
+}
+
 const at::Tensor& LayerWeights::bias(Proj p) const {
   const at::Tensor* b[kNumProj] = {&bq, &bk, &bv, &bo, &b_gate, &b_up, &b_down};
   return *b[static_cast<int>(p)];

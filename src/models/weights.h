@@ -29,6 +29,11 @@ enum class Proj { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
 constexpr int kNumProj = 7;
 constexpr const char* kProjNames[kNumProj] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 
+// Projections that share an input in the decode step, each group's in packing order (group_projs).
+enum class ProjGroup { kQkv = 0, kO, kGateUp, kDown };
+constexpr int kNumProjGroups = 4;
+const std::vector<Proj>& group_projs(ProjGroup g);
+
 // How adapters apply in a forward: off computes the frozen base model (the KL reference under LoRA, with no
 // second copy of the weights); dropout only while training.
 struct AdapterMode {
@@ -47,9 +52,15 @@ struct LayerWeights {
   // Projections loaded quantized (MLX format) hold their weight here and leave the plain tensor undefined;
   // layers::project dispatches on which one is set.
   QuantizedTensor quant[kNumProj];
+  // Per group, when pack_lora_rows (models/lora.h) laid it out: the rows right after the group's packed weight
+  // holding its adapters' A in the weights' dtype ([Σ r, D]), and the zeros after its packed bias ([Σ r]; undefined
+  // when the group has no bias).
+  at::Tensor lora_rows[kNumProjGroups], lora_bias_rows[kNumProjGroups];
 
   const at::Tensor& weight(Proj p) const;
   const at::Tensor& bias(Proj p) const;
+  at::Tensor& weight(Proj p) { return const_cast<at::Tensor&>(std::as_const(*this).weight(p)); }
+  at::Tensor& bias(Proj p) { return const_cast<at::Tensor&>(std::as_const(*this).bias(p)); }
 };
 
 struct ModelWeights {

@@ -237,3 +237,43 @@ TEST(LoraKernel, ExpandSiluMulEqualsExpandThenSwiGLU) {
     }
   }
 }
+
+// x·Aᵀ taken from a base GEMM's last columns (EngineOptions::lora_shrink_in_gemm): t in the outputs' dtype with the
+// GEMM's row stride. The CPU reference equals itself on t converted to float32 (exact), and CUDA's expand, with and
+// without the residual, and its SwiGLU expand equal the CPU reference.
+TEST(LoraKernel, ExpandTakesTOfTheOutputsDtypeInAGemmsColumns) {
+  SCOPED_TRACE(test::seed_fresh());
+  const bool cuda = at::hasCUDA() && kernels::cuda_kernels_available();
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t S : {3, 64}) {
+      SCOPED_TRACE(fmt::format("{} S={}", c10::toString(dt), S));
+      const int64_t O = 200, r = 12;
+      const at::Tensor b = at::randn({O, r}) * 0.1, b2 = at::randn({O, r}) * 0.1;
+      const at::Tensor gemm = at::randn({S, 2 * O + 2 * r}).to(dt);  // [gate | up | t_gate | t_up]
+      const at::Tensor t = gemm.narrow(1, 2 * O, 2 * r), t1 = gemm.narrow(1, 2 * O, r);
+      const at::Tensor y = gemm.narrow(1, 0, O), h = at::randn({S, O}).to(dt);
+      at::Tensor h_ref = h.clone(), h_float = h.clone();
+      kernels::lora_expand_cpu(t1, {b}, {1.5}, {y}, h_ref, {h_ref});
+      kernels::lora_expand_cpu(t1.to(at::kFloat).contiguous(), {b}, {1.5}, {y}, h_float, {h_float});
+      EXPECT_TRUE(h_ref.equal(h_float)) << "CPU: t of the outputs' dtype, strided rows";
+      at::Tensor act = at::empty({S, O}, y.options());
+      kernels::lora_expand_silu_mul_cpu(t, {b, b2}, {1.5, 0.5}, gemm.narrow(1, 0, O), gemm.narrow(1, O, O), act);
+      if (!cuda) continue;
+      const at::Tensor gemm_gpu = gemm.cuda();
+      at::Tensor h_gpu = h.cuda();
+      kernels::lora_expand(gemm_gpu.narrow(1, 2 * O, r), {b.cuda()}, {1.5}, {gemm_gpu.narrow(1, 0, O)}, h_gpu, {h_gpu});
+      EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "CUDA expand with the residual";
+      at::Tensor ys_gpu = gemm_gpu.narrow(1, 0, O).clone();
+      at::Tensor ys_ref = y.clone();
+      std::vector<at::Tensor> outs_gpu{ys_gpu}, outs_ref{ys_ref};
+      kernels::lora_expand(gemm_gpu.narrow(1, 2 * O, r), {b.cuda()}, {1.5}, outs_gpu, {}, outs_gpu);
+      kernels::lora_expand_cpu(t1, {b}, {1.5}, outs_ref, {}, outs_ref);
+      EXPECT_LE(test::rel_err(ys_gpu, ys_ref), test::tolerance(dt)) << "CUDA expand";
+      at::Tensor act_gpu = at::empty({S, O}, gemm_gpu.options());
+      test::poison(act_gpu);
+      kernels::lora_expand_silu_mul(gemm_gpu.narrow(1, 2 * O, 2 * r), {b.cuda(), b2.cuda()}, {1.5, 0.5},
+                                    gemm_gpu.narrow(1, 0, O), gemm_gpu.narrow(1, O, O), act_gpu);
+      EXPECT_LE(test::rel_err(act_gpu, act), test::tolerance(dt)) << "CUDA SwiGLU expand";
+    }
+  }
+}

@@ -126,7 +126,8 @@ TEST(Engine, LogprobsEqualTrainingForward) {
 
 // LoRA on every projection (B randomised so the update is not zero): the engine's decode (on CUDA: the few-row
 // GEMVs and the LoRA shrink/expand kernels; on the CPU: ATen) gives the training forward's log-probs, at a batch
-// of 6 rows (the few-row path) and of 16 (cuBLAS + LoRA kernels).
+// of 6 rows (the few-row path) and of 16 (cuBLAS + LoRA kernels); also with x·Aᵀ out of the base GEMMs
+// (lora_shrink_in_gemm: the expand kernels or their CPU references take it).
 TEST(Engine, LoraLogprobsEqualTrainingForward) {
   const fs::path dir = test::reference_dir() / "qwen2_untied";
   auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
@@ -137,8 +138,11 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
     for (auto& [name, t] : lora_parameters(*model))
       if (name.find("lora_B") != std::string::npos) t.copy_(at::randn(t.sizes()) * 0.05);
   }
+  EngineOptions in_gemm;  // x·Aᵀ as extra columns of the base GEMMs (pack_lora_rows), last: it moves the weights
+  in_gemm.lora_shrink_in_gemm = true;
   for (const auto& [requests, opt] : {std::pair{int64_t{2}, EngineOptions{}}, std::pair{int64_t{2}, every_few_row()},
-                                      std::pair{int64_t{4}, EngineOptions{}}}) {
+                                      std::pair{int64_t{4}, EngineOptions{}}, std::pair{int64_t{4}, in_gemm},
+                                      std::pair{int64_t{2}, in_gemm}}) {
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(requests);
     for (int64_t i = 0; i < requests; ++i) {
@@ -149,8 +153,9 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
       reqs[i].params.seed = 9;
     }
     const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
-    std::printf("[engine lora fp32 %s] %ld rows: engine vs training forward over %ld tokens: mean abs %.2e, max %.2e\n",
-                test::test_device().str().c_str(), static_cast<long>(requests == 2 ? 6 : 16),
+    std::printf("[engine lora%s fp32 %s] %ld rows: engine vs training forward over %ld tokens: mean abs %.2e, max %.2e\n",
+                opt.lora_shrink_in_gemm ? " shrink-in-gemm" : "", test::test_device().str().c_str(),
+                static_cast<long>(requests == 2 ? 6 : 16),
                 static_cast<long>(g.tokens), g.mean, g.max);
     EXPECT_LE(g.mean, 1e-5) << requests << " requests";
   }
@@ -225,6 +230,33 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
                 "mean abs %.2e, max %.2e\n",
                 test::test_device().str().c_str(), requests * 4, static_cast<long>(g.tokens), g.mean, g.max);
     EXPECT_LE(g.mean, 5e-2) << requests * 4 << " rows";
+  }
+}
+
+// bf16 weights with float32 LoRA adapters at 16 rows: the shrink kernel (x·Aᵀ in float32) and x·Aᵀ out of the base
+// GEMM (lora_shrink_in_gemm: rounded to bf16, as the training forward's autocast rounds it) both stay within bf16's
+// error of the training forward.
+TEST(Engine, Bf16LoraShrinkKernelAndInGemmOnGpu) {
+  if (test::test_device().is_cpu()) GTEST_SKIP() << "the bf16 figure is measured on the GPU (RLAIF_TEST_DEVICE=cuda)";
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kBFloat16, test::test_device()});
+  attach_lora(*model, LoraConfig{8, 16, 0.0}, 5);
+  {
+    at::NoGradGuard ng;
+    at::manual_seed(4);
+    for (auto& [name, t] : lora_parameters(*model))
+      if (name.find("lora_B") != std::string::npos) t.copy_(at::randn(t.sizes()) * 0.05);
+  }
+  for (bool in_gemm : {false, true}) {
+    EngineOptions opt;
+    opt.lora_shrink_in_gemm = in_gemm;
+    Engine engine(model, opt);
+    const std::vector<GenerationRequest> reqs = sampled_requests(4, 32, 7);
+    const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
+    std::printf("[engine lora bf16 %s, %s] 16 rows: engine vs training forward over %ld tokens: mean abs %.2e, "
+                "max %.2e\n",
+                test::test_device().str().c_str(), in_gemm ? "shrink in the GEMM" : "shrink kernel",
+                static_cast<long>(g.tokens), g.mean, g.max);
+    EXPECT_LE(g.mean, 5e-2);
   }
 }
 

@@ -86,3 +86,41 @@ TEST(Lora, FreshAdapterIsIdentityAndOnlyAdaptersGetGradients) {
     EXPECT_NE(std::string(e.what()).find("qkv"), std::string::npos);
   }
 }
+
+// The engine's shrink inside the base GEMM lays each fully adapted group out as [W; A] in one buffer: the weights
+// and biases keep their values (the forward's logits are unchanged), A follows the group's rows (zeros after its
+// biases), only complete groups are laid out, a second call moves nothing, and it copies A again after an update.
+TEST(Lora, PackLoraRowsLaysAOutAfterTheGroupsWeights) {
+  auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied");  // q/k/v with biases
+  auto batch = load_safetensors(test::reference_dir() / "qwen2_untied" / "expected_fp32.safetensors");
+  const at::Tensor &ids = batch["input_ids"], &mask = batch["attention_mask"];
+  LoraConfig cfg{4, 8, 0.0};
+  cfg.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"};  // no up_proj
+  attach_lora(*model, cfg, 3);
+  {
+    at::NoGradGuard ng;
+    for (auto& [name, t] : lora_parameters(*model))
+      if (name.find("lora_B") != std::string::npos) t.copy_(at::randn(t.sizes()) * 0.05);
+  }
+  at::NoGradGuard ng;
+  const at::Tensor before = model->forward(ids, mask);
+  LayerWeights& L = model->weights().layers[1];
+  const at::Tensor wq = L.wq.clone(), bv = L.bv.clone(), wo = L.wo.clone(), wd = L.w_down.clone();
+  // q/k/v, o and down in each of the 3 layers; gate/up lacks up's adapter.
+  EXPECT_EQ(pack_lora_rows(model->weights()), 3 * 3);
+  EXPECT_TRUE(L.wq.equal(wq) && L.bv.equal(bv) && L.wo.equal(wo) && L.w_down.equal(wd));
+  EXPECT_TRUE(model->forward(ids, mask).equal(before));
+  const int qkv = static_cast<int>(ProjGroup::kQkv), o = static_cast<int>(ProjGroup::kO);
+  const at::Tensor a_qkv = at::cat({L.lora[0].a, L.lora[1].a, L.lora[2].a}, 0);
+  EXPECT_TRUE(L.lora_rows[qkv].equal(a_qkv));
+  EXPECT_TRUE(packed_rows({&L.wq, &L.wk, &L.wv, &L.lora_rows[qkv]}).defined()) << "A right after v's rows";
+  EXPECT_TRUE(packed_rows({&L.bq, &L.bk, &L.bv, &L.lora_bias_rows[qkv]}).defined());
+  EXPECT_TRUE(L.lora_bias_rows[qkv].eq(0).all().item<bool>());
+  EXPECT_TRUE(packed_rows({&L.wo, &L.lora_rows[o]}).defined());
+  EXPECT_FALSE(L.lora_bias_rows[o].defined()) << "o has no bias";
+  EXPECT_FALSE(L.lora_rows[static_cast<int>(ProjGroup::kGateUp)].defined());
+  // An optimizer step updates A in place: the next call copies it, moving nothing.
+  L.lora[static_cast<int>(Proj::kO)].a.add_(1.0);
+  EXPECT_EQ(pack_lora_rows(model->weights()), 0);
+  EXPECT_TRUE(L.lora_rows[o].equal(L.lora[static_cast<int>(Proj::kO)].a));
+}

@@ -31,7 +31,9 @@ void check_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const s
   RLAIF_CHECK(!b.empty() && b.size() <= 3 && scales.size() == b.size() && ys.size() == b.size() &&
                   outs.size() == b.size(),
               "lora_expand: 1-3 adapters, each with a scale, a base output and an out");
-  RLAIF_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous(), "lora_expand: t must be float32 [S, R]");
+  RLAIF_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == ys[0].scalar_type()) && t.dim() == 2 &&
+                  t.stride(1) == 1,
+              "lora_expand: t must be [S, R] float32 or of the outputs' dtype, with contiguous rows");
   int64_t r = 0;
   for (size_t i = 0; i < b.size(); ++i) {
     check_activation(ys[i], "lora_expand", "y");
@@ -76,17 +78,18 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   }
 }
 
-template <typename T>
+template <typename T, typename TT>
 void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
             const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
-  const int64_t S = t.size(0), R = t.size(1);
+  const int64_t S = t.size(0), R = t.stride(0);
+  const TT* tp = t.data_ptr<TT>();
   int64_t col = 0;
   for (size_t i = 0; i < b.size(); ++i) {
     const int64_t O = b[i].size(0), r = b[i].size(1);
     for (int64_t s = 0; s < S; ++s)
       for (int64_t o = 0; o < O; ++o) {
         float d = 0.0f;
-        for (int64_t j = 0; j < r; ++j) d += t.data_ptr<float>()[s * R + col + j] * b[i].data_ptr<float>()[o * r + j];
+        for (int64_t j = 0; j < r; ++j) d += static_cast<float>(tp[s * R + col + j]) * b[i].data_ptr<float>()[o * r + j];
         const T delta = static_cast<T>(d * static_cast<float>(scales[i]));
         T y = static_cast<T>(static_cast<float>(ys[i].data_ptr<T>()[s * ys[i].stride(0) + o]) +
                              static_cast<float>(delta));
@@ -116,8 +119,9 @@ void lora_expand_cpu(const at::Tensor& t, const std::vector<at::Tensor>& b, cons
                      const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
   check_expand(t, b, scales, ys, residual, outs);
   RLAIF_CHECK(t.is_cpu(), "lora_expand_cpu: tensors must be on the CPU");
-  if (ys[0].scalar_type() == at::kFloat) expand<float>(t, b, scales, ys, residual, outs);
-  else expand<at::BFloat16>(t, b, scales, ys, residual, outs);
+  if (ys[0].scalar_type() == at::kFloat) expand<float, float>(t, b, scales, ys, residual, outs);
+  else if (t.scalar_type() == at::kFloat) expand<at::BFloat16, float>(t, b, scales, ys, residual, outs);
+  else expand<at::BFloat16, at::BFloat16>(t, b, scales, ys, residual, outs);
 }
 
 void lora_expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,

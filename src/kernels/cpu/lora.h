@@ -16,7 +16,8 @@ namespace rlaif::kernels {
 void lora_shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t);
 void lora_shrink_cpu(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t);
 
-// For adapter i (columns of t in order): outs_i = to(y_i + to(scale_i · t_i · B_iᵀ)), B_i [O_i, r_i] float32,
+// For adapter i (columns of t in order): outs_i = to(y_i + to(scale_i · t_i · B_iᵀ)), B_i [O_i, r_i] float32;
+// t [S, Σ r_i] float32 (lora_shrink's) or of the outputs' dtype (x·Aᵀ columns of a base GEMM), rows of any stride;
 // y_i and outs_i [S, O_i] of the activation dtype with contiguous rows, any row stride (column slices of one
 // packed GEMM's output; outs_i may alias y_i). With `residual` [S, O] (one adapter
 // only; outs_0 may alias it): outs_0 = to(residual + to(y_0 + to(scale_0 · t · B_0ᵀ))) — `h + project(x)`.

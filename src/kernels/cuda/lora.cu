@@ -253,13 +253,13 @@ struct ExpandStage {
   __align__(16) float t[N][kExpandRows][kRankChunk];
 };
 
-// For each adapter n: acc[n][s] += Σ_j ts[n][s · R + j] · b[n][o, j] for the block's columns o = o0 + threadIdx.x
+// For each adapter n: acc[n][s] += Σ_j ts[n][s · R + j] · b[n][o, j] (t float32 or bf16, rows R apart) for the block's columns o = o0 + threadIdx.x
 // (< O) and tile rows s (< rows), j in order over its rank r[n], float32 (only the chunk's real columns: the CPU
 // reference's order, no padded terms). The N adapters' chunks are staged together (one barrier pair a chunk),
 // B in 16-byte loads when its rows allow.
-template <int N>
+template <int N, typename TT>
 __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], const int64_t (&r)[N],
-                                                   const float* const (&ts)[N], int64_t O, int64_t R, int rows,
+                                                   const TT* const (&ts)[N], int64_t O, int64_t R, int rows,
                                                    int64_t o0, ExpandStage<N>& st, float (&acc)[N][kExpandRows]) {
   int64_t r_max = 0;
 #pragma unroll
@@ -284,7 +284,7 @@ __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], c
       }
       for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
         const int row = e / kRankChunk, j = e % kRankChunk;
-        st.t[n][row][j] = row < rows && j0 + j < r[n] ? ts[n][row * R + j0 + j] : 0.0f;
+        st.t[n][row][j] = row < rows && j0 + j < r[n] ? static_cast<float>(ts[n][row * R + j0 + j]) : 0.0f;
       }
     }
     __syncthreads();
@@ -310,8 +310,8 @@ __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], c
 
 // Block (column tile of adapter i, row tile), thread = output column o: out[s, o] = to(y[s, o] + to(scale ·
 // Σ_j t[s, col_i + j] · b_i[o, j])) (j in order, float32), plus the residual (contiguous [S, O]) when given.
-template <typename T>
-__global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* __restrict__ t, int64_t S, int64_t R,
+template <typename T, typename TT>
+__global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const TT* __restrict__ t, int64_t S, int64_t R,
                                                                    ExpandArgs<T> args, const T* residual, int tile) {
   int i = 0;
   while (i + 1 < args.count && blockIdx.x >= args.first_block[i + 1]) ++i;
@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* _
   }
   __shared__ ExpandStage<1> st;
   float acc[1][kExpandRows] = {};
-  accumulate_updates<1>({args.b[i]}, {args.rank[i]}, {t + s0 * R + args.col[i]}, O, R, rows, o0, st, acc);
+  accumulate_updates<1, TT>({args.b[i]}, {args.rank[i]}, {t + s0 * R + args.col[i]}, O, R, rows, o0, st, acc);
   if (!live) return;
   const float scale = args.scale[i];
   T* out = args.out[i] + s0 * args.out_stride[i] + o;
@@ -348,8 +348,8 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const float* _
 // Block (column tile, row tile), thread = column f of gate and up (adapters 0 and 1 of args): out[s, f] =
 // silu_mul(to(g + to(scale_0 · t_0 · b_0[f])), to(u + to(scale_1 · t_1 · b_1[f]))) — the expand's rounding, then
 // silu_mul's (kernels/cpu/silu_mul.h). Saves the gate/up expand's write and silu_mul's read of [S, 2F].
-template <typename T>
-__global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const float* __restrict__ t, int64_t S,
+template <typename T, typename TT>
+__global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const TT* __restrict__ t, int64_t S,
                                                                         int64_t R, ExpandArgs<T> args, T* out,
                                                                         int tile) {
   const int64_t F = args.rows[0];
@@ -366,8 +366,8 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const flo
   }
   __shared__ ExpandStage<2> st;
   float acc[2][kExpandRows] = {};
-  accumulate_updates<2>({args.b[0], args.b[1]}, {args.rank[0], args.rank[1]}, {t + s0 * R, t + s0 * R + args.col[1]},
-                        F, R, rows, o0, st, acc);
+  accumulate_updates<2, TT>({args.b[0], args.b[1]}, {args.rank[0], args.rank[1]}, {t + s0 * R, t + s0 * R + args.col[1]},
+                            F, R, rows, o0, st, acc);
   if (!live) return;
 #pragma unroll
   for (int s = 0; s < kExpandRows; ++s) {
@@ -488,33 +488,46 @@ int expand_tile(int64_t blocks, int64_t S) {
   return tile;
 }
 
+// t's element type: float32 (lora_shrink's) or the outputs' (columns of a base GEMM's output).
+template <typename T, typename F>
+void with_t_type(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kFloat) f(static_cast<const float*>(t.data_ptr()));
+  else f(static_cast<const T*>(t.data_ptr()));
+}
+
 template <typename T>
 void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
             const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
-  const int64_t S = t.size(0), R = t.size(1);
+  const int64_t S = t.size(0), R = t.stride(0);
   const ExpandArgs<T> args = expand_args<T>(b, scales, ys, outs);
   const int64_t blocks = args.first_block[b.size()];
   if (blocks == 0 || S == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
   const int tile = expand_tile(blocks, S);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
-  lora_expand_kernel<T><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
-      t.data_ptr<float>(), S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
+  with_t_type<T>(t, [&](auto* tp) {
+    using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
+    lora_expand_kernel<T, TT><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
+        tp, S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
+  });
   check_launch("lora_expand_kernel");
 }
 
 template <typename T>
 void expand_silu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                  const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
-  const int64_t S = t.size(0), R = t.size(1), F = gate.size(1);
+  const int64_t S = t.size(0), R = t.stride(0), F = gate.size(1);
   const ExpandArgs<T> args = expand_args<T>(b, scales, {gate, up}, {});
   const int64_t blocks = (F + kExpandCols - 1) / kExpandCols;
   if (blocks == 0 || S == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
   const int tile = expand_tile(blocks, S);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
-  lora_expand_silu_kernel<T><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
-      t.data_ptr<float>(), S, R, args, out.data_ptr<T>(), tile);
+  with_t_type<T>(t, [&](auto* tp) {
+    using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
+    lora_expand_silu_kernel<T, TT><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
+        tp, S, R, args, out.data_ptr<T>(), tile);
+  });
   check_launch("lora_expand_silu_kernel");
 }
 
