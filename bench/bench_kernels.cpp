@@ -5,7 +5,9 @@
 // RoPE + attention op is compared with our two unfused kernels. The few-row GEMVs (small_linear) are timed at the
 // 0.5B and 3B decode projections for each kernel, warp split and programmatic launch, against cuBLAS (at::linear
 // with ATen's norm/add/SwiGLU) in the same run. CPU builds print "no CUDA".
+// The decode GEMMs above the few-row batch (S = 16, 64) through tuned cuBLASLt algorithms against at::linear.
 // Usage: bench_kernels [--out results.json] [--batch S (one batch size only, e.g. under ncu)] [--few-row-only]
+//   [--gemm-only]
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -23,6 +25,7 @@
 #include "kernels/cpu/rope_kv_write.h"
 #include "kernels/cpu/silu_mul.h"
 #include "kernels/cpu/small_linear.h"
+#include "kernels/cpu/tuned_linear.h"
 #include "models/layers.h"
 
 namespace {
@@ -292,17 +295,47 @@ void bench_few_row(const FewRowShape& sh, int64_t N, std::vector<Row>& rows) {
 
 }  // namespace
 
+// The decode step's dense GEMMs above the few-row batch (3B shapes: packed q/k/v with its bias, o and down adding
+// into h, packed gate/up) through the cuBLASLt algorithm timed fastest for the shape (kernels::linear_tuned, tuned
+// in the warm-up launches before the capture) against ATen's at::linear / addmm_ (the heuristic's first choice).
+void bench_gemm(int64_t S, std::vector<Row>& rows) {
+  struct Gemm {
+    const char* name;
+    int64_t N, K;
+    bool bias, accumulate;
+  };
+  for (const Gemm& g : {Gemm{"gemm qkv", 2560, kD, true, false}, Gemm{"gemm o (+h)", kD, kD, false, true},
+                        Gemm{"gemm gate_up", 2 * kF, kD, false, false}, Gemm{"gemm down (+h)", kD, kF, false, true}}) {
+    const double bytes = 2.0 * (g.N * g.K + S * g.K + S * g.N * (g.accumulate ? 2 : 1));
+    const int sets = sets_for(static_cast<int64_t>(bytes), 32);
+    std::vector<at::Tensor> x, w, b, out;
+    for (int i = 0; i < sets; ++i) {
+      x.push_back(randn({S, g.K}));
+      w.push_back(randn({g.N, g.K}) * 0.02);
+      b.push_back(g.bias ? randn({g.N}) : at::Tensor());
+      out.push_back(randn({S, g.N}));
+    }
+    const double tuned = median_us([&](int i) { kernels::linear_tuned(x[i], w[i], b[i], out[i], g.accumulate); }, sets);
+    const double aten = median_us([&](int i) {
+      if (g.accumulate) out[i].addmm_(x[i], w[i].t());
+      else out[i] = at::linear(x[i], w[i], b[i]);
+    }, sets);
+    rows.push_back({std::string(g.name) + " tuned", S, 0, bytes, tuned, aten, "at::linear / addmm_"});
+  }
+}
+
 int main(int argc, char** argv) {
   std::string out_path;
   std::vector<int64_t> batches = {1, 16, 64};
-  bool few_row_only = false;
+  bool few_row_only = false, gemm_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--batch" && i + 1 < argc) batches = {std::stoll(argv[++i])};
     else if (a == "--few-row-only") few_row_only = true;
+    else if (a == "--gemm-only") gemm_only = true;
     else {
-      fmt::print(stderr, "usage: bench_kernels [--out results.json] [--batch S] [--few-row-only]\n");
+      fmt::print(stderr, "usage: bench_kernels [--out results.json] [--batch S] [--few-row-only] [--gemm-only]\n");
       return 2;
     }
   }
@@ -313,12 +346,15 @@ int main(int argc, char** argv) {
   at::manual_seed(0);
   std::vector<Row> rows;
   for (int64_t S : batches) {
-    if (few_row_only) break;
+    if (few_row_only || gemm_only) break;
     for (Row& r : bench_pointwise(S)) rows.push_back(r);
     for (int64_t ctx : {512, 2048}) bench_attention(S, ctx, rows);
   }
-  for (const FewRowShape& sh : few_row_shapes())
-    for (int64_t N : {1, 2, 4, 8}) bench_few_row(sh, N, rows);
+  if (!gemm_only)
+    for (const FewRowShape& sh : few_row_shapes())
+      for (int64_t N : {1, 2, 4, 8}) bench_few_row(sh, N, rows);
+  if (!few_row_only)
+    for (int64_t S : {16, 64}) bench_gemm(S, rows);
   nlohmann::json j = nlohmann::json::array();
   fmt::print("{:<40} {:>4} {:>6} {:>10} {:>9} {:>8} {:>10} {:>8}\n", "kernel (bf16)", "S", "ctx", "MB moved", "us", "GB/s",
              "base us", "speedup");

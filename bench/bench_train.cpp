@@ -35,7 +35,7 @@ struct Options {
   int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 4, steps = 3, lora_r = 16;
   double lr = 1e-5, kl_beta = 0.05;
   bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false, phase_times = false;
-  bool eager_norm = false, lora_in_gemm = false;
+  bool eager_norm = false, lora_in_gemm = false, tuned_gemm = false;
 };
 
 constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
@@ -93,6 +93,7 @@ class Bench {
     EngineOptions eo;
     eo.max_batch = o.prompts * o.samples;  // eos_ids empty: every sample runs its full --new tokens
     eo.lora_shrink_in_gemm = o.lora_in_gemm;
+    eo.tuned_gemm = o.tuned_gemm;
     engine_ = std::make_unique<Engine>(model_, eo);
     std::mt19937 g(0);
     std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(model_->config().vocab_size - 1));
@@ -234,6 +235,7 @@ int main(int argc, char** argv) {
   app.add_flag("--full-head", o.full_head, "LM head on every position, not only the completion's");
   app.add_flag("--no-fused-lora", o.no_fused_lora, "LoRA through PEFT's op sequence (layers::project)");
   app.add_flag("--lora-shrink-gemm", o.lora_in_gemm, "the engine's LoRA x·Aᵀ as extra columns of the base GEMMs");
+  app.add_flag("--tuned-gemm", o.tuned_gemm, "the engine's GEMMs through timed cuBLASLt algorithms");
   app.add_flag("--eager-norm", o.eager_norm, "RMSNorm through transformers' op sequence (not the fused kernel)");
   app.add_flag("--phase-times", o.phase_times, "split the training time (policy forward / reference forward / "
                "backward / optimizer; syncs after each)");
@@ -272,6 +274,7 @@ int main(int argc, char** argv) {
       {"gradient_checkpointing", o.checkpointing}, {"attention", o.attention},
       {"lm_head_rows", o.full_head ? "all" : "completion"}, {"fused_lora", !o.no_fused_lora},
       {"fused_rms_norm", !o.eager_norm && o.device == "cuda"}, {"lora_shrink_in_gemm", o.lora_in_gemm},
+      {"tuned_gemm", o.tuned_gemm},
       {"steps", o.steps},
       {"step_s", total / o.steps}, {"generate_s", sum.gen_s / o.steps}, {"score_s", sum.score_s / o.steps},
       {"train_s", sum.train_s / o.steps}, {"generate_fraction", sum.gen_s / total},

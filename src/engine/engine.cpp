@@ -23,6 +23,7 @@
 #include "kernels/cpu/sample.h"
 #include "kernels/cpu/silu_mul.h"
 #include "kernels/cpu/small_linear.h"
+#include "kernels/cpu/tuned_linear.h"
 #include "models/layers.h"
 #include "models/lora.h"
 
@@ -514,6 +515,20 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     K::small_linear(in_x, ws, bs, at::Tensor(), ys, norm);
     return ys;
   };
+  // The step's dense GEMMs: with EngineOptions::tuned_gemm on the GPU through the cuBLASLt algorithm timed for
+  // their shape (kernels/cpu/tuned_linear.h), else ATen's (the heuristic's choice).
+  const bool tuned = gpu && options_.tuned_gemm;
+  auto linear = [&](const at::Tensor& in_x, const at::Tensor& w, const at::Tensor& b) {
+    if (!tuned) return at::linear(in_x, w, b);
+    at::Tensor y = at::empty({in_x.size(0), w.size(0)}, in_x.options());
+    K::linear_tuned(in_x, w, b, y, /*accumulate=*/false);
+    return y;
+  };
+  auto add_linear = [&](const at::Tensor& in_x, const at::Tensor& w) -> at::Tensor {  // h += x·wᵀ in the epilogue
+    if (!tuned) return h.addmm_(in_x, w.t());
+    K::linear_tuned(in_x, w, {}, h, /*accumulate=*/true);
+    return h;
+  };
   // The base outputs of projections sharing in_x: one few-row launch when it can; else one GEMM over the group's
   // packed weights (models/weights.h; outputs are column slices of its result, which add_lora_group updates in
   // place); else layers::project each.
@@ -523,14 +538,14 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     // With the group's LoRA rows: x·Aᵀ comes out of the same GEMM, after the base outputs.
     if (lora_t != nullptr && options_.lora_shrink_in_gemm) {
       if (const auto [w, b] = packed_group_lora(L, ps, in_x); w.defined()) {
-        const at::Tensor y = at::linear(in_x, w, b);                                   // [S, Σ O + Σ r]
+        const at::Tensor y = linear(in_x, w, b);                                       // [S, Σ O + Σ r]
         const int64_t r = L.lora_rows[static_cast<int>(group_of(ps))].size(0);
         *lora_t = y.narrow(1, y.size(1) - r, r);                                       // [S, Σ r]
         return column_slices(y, L, ps);
       }
     }
     if (const auto [w, b] = packed_group(L, ps, in_x); w.defined())
-      return column_slices(at::linear(in_x, w, b), L, ps);                             // [S, Σ O] sliced
+      return column_slices(linear(in_x, w, b), L, ps);                                 // [S, Σ O] sliced
     // Quantized: one GEMM over the group's packed words (its biases packed too, or none).
     if (const QuantizedTensor q = packed_quant(quant_parts(L, ps)); q.defined()) {
       if (const auto b = packed_bias(L, ps)) return column_slices(quant_linear(in_x, q, *b), L, ps);
@@ -579,12 +594,12 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
         return h;
       }
       // h += x·Wᵀ in the GEMM's epilogue (beta = 1): no separate add over [S, D].
-      if (dense(L.weight(p), in_x) && !L.bias(p).defined()) return h.addmm_(in_x, L.weight(p).t());
+      if (dense(L.weight(p), in_x) && !L.bias(p).defined()) return add_linear(in_x, L.weight(p));
       return h + layers::project(in_x, L, p, base);
     }
     if (options_.lora_shrink_in_gemm && !small_residual) {  // h += y + update, x·Aᵀ out of the base GEMM
       if (const auto [w, b] = packed_group_lora(L, {p}, in_x); w.defined()) {
-        const at::Tensor y = at::linear(in_x, w, b);                                   // [S, O + r]
+        const at::Tensor y = linear(in_x, w, b);                                       // [S, O + r]
         const int64_t O = out_features(L, p);
         std::vector<at::Tensor> ys{y.narrow(1, 0, O)};
         add_lora_group(in_x, L, {p}, ys, h, y.narrow(1, O, y.size(1) - O));
@@ -597,7 +612,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     }
     if (!small_residual && dense(L.weight(p), in_x) && !L.bias(p).defined()) {
       // h += x·Wᵀ in the GEMM's epilogue, then h += the update (the expand kernel, in place).
-      std::vector<at::Tensor> hs{h.addmm_(in_x, L.weight(p).t())};
+      std::vector<at::Tensor> hs{add_linear(in_x, L.weight(p))};
       add_lora_group(in_x, L, {p}, hs);
       return h;
     }

@@ -48,6 +48,10 @@ struct EngineOptions {
   // instead of a shrink launch. Opt-in until measured on the GPU (docs/KERNELS.md); in bf16, x·Aᵀ is rounded to
   // bf16 before the expand, as the training forward's autocast does, where the shrink kernel keeps float32.
   bool lora_shrink_in_gemm = false;
+  // Above the few-row batch on CUDA, the projections' GEMMs through the cuBLASLt algorithm measured fastest for
+  // each shape (kernels/cpu/tuned_linear.h; timed once, in the bucket's eager warm-up step) instead of the
+  // heuristic's first choice. Opt-in until measured (docs/KERNELS.md).
+  bool tuned_gemm = false;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

@@ -11,6 +11,7 @@
 #include "kernels/cuda/silu_mul.h"
 #include "kernels/cuda/sample.h"
 #include "kernels/cuda/small_linear.h"
+#include "kernels/cuda/tuned_linear.h"
 
 extern "C" bool rlaif_register_cuda_kernels() {
   using namespace rlaif::kernels;
@@ -27,6 +28,7 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.lora_shrink_cuda = &lora_shrink_cuda;
   r.lora_expand_cuda = &lora_expand_cuda;
   r.lora_expand_silu_mul_cuda = &lora_expand_silu_mul_cuda;
+  r.linear_tuned_cuda = &linear_tuned_cuda;
   r.quantize_affine_cuda = &quantize_affine_cuda;
   r.dequantize_affine_cuda = &dequantize_affine_cuda;
   r.quant_linear_cuda = &quant_linear_cuda;
