@@ -129,11 +129,16 @@ if has lora; then
       --out "$OUT/rlaif_generate_3b_lora$l.json" > "$OUT/rlaif_generate_3b_lora$l.log" 2>&1 || log "bench_generate 3b lora $l failed"
     sed "s/^/3b new 512 /" "$OUT/rlaif_generate_3b_lora$l.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
-  # The same adapters with x·Aᵀ as extra columns of the base GEMMs (EngineOptions::lora_shrink_in_gemm), same run.
-  "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --batches ${RLAIF_LORA_BATCHES:-8,64} --new 512 --lora 16 \
-    --lora-shrink-gemm --out "$OUT/rlaif_generate_3b_lora16_gemm.json" > "$OUT/rlaif_generate_3b_lora16_gemm.log" 2>&1 \
-    || log "bench_generate 3b lora 16 shrink-in-gemm failed"
-  sed "s/^/3b new 512 /" "$OUT/rlaif_generate_3b_lora16_gemm.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+  # The same adapters under the opt-in engine variants of RLAIF_LORA_VARIANTS ("name=bench_generate arguments;..."),
+  # same run: x·Aᵀ as extra columns of the base GEMMs, and with the GEMMs' cuBLASLt algorithms timed per shape.
+  IFS=';' read -ra variants <<< "${RLAIF_LORA_VARIANTS:-gemm=--lora-shrink-gemm;gemm_tuned=--lora-shrink-gemm --tuned-gemm}"
+  for v in "${variants[@]}"; do
+    name=${v%%=*}; args=${v#*=}
+    "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --batches ${RLAIF_LORA_BATCHES:-8,64} --new 512 --lora 16 \
+      $args --out "$OUT/rlaif_generate_3b_lora16_$name.json" > "$OUT/rlaif_generate_3b_lora16_$name.log" 2>&1 \
+      || log "bench_generate 3b lora 16 $name failed"
+    sed "s/^/3b new 512 /" "$OUT/rlaif_generate_3b_lora16_$name.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+  done
 fi
 
 if [[ " $STAGES " == *" profile "* ]]; then
