@@ -387,6 +387,17 @@ std::pair<at::Tensor, at::Tensor> packed_group_lora(const LayerWeights& L, const
   return b.defined() ? std::pair{w, b} : std::pair<at::Tensor, at::Tensor>{};
 }
 
+// The projection weights' addresses, hashed: what the decode graphs replay.
+size_t weights_address_hash(const ModelWeights& W) {
+  size_t h = 0;
+  for (const LayerWeights& L : W.layers)
+    for (int p = 0; p < kNumProj; ++p) {
+      const at::Tensor& w = L.weight(static_cast<Proj>(p));
+      h = h * 1000003u ^ std::hash<const void*>{}(w.defined() ? w.data_ptr() : nullptr);
+    }
+  return h;
+}
+
 // Sampling the device sampler covers: temperature or greedy, no filter, no penalty.
 bool plain_sampling(const SamplingParams& p, int64_t vocab) {
   return p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && (p.top_k <= 0 || p.top_k >= vocab) &&
@@ -783,9 +794,13 @@ std::vector<GeneratedSample> Engine::generate(const std::vector<GenerationReques
                                         options_.max_batch));
   }
   ensure_cache(requests);
-  // LoRA's A rows for the shrink inside the base GEMM, refreshed from the adapters the trainer updates; a new layout
-  // moves the weights, so graphs captured on the old addresses go.
-  if (options_.lora_shrink_in_gemm && pack_lora_rows(model_->weights()) > 0) drop_graphs();
+  // LoRA's A rows for the shrink inside the base GEMM, refreshed from the adapters the trainer updates. A new layout
+  // moves the weights: graphs captured on the old addresses (this engine's or another's) go.
+  if (options_.lora_shrink_in_gemm) pack_lora_rows(model_->weights());
+  if (const size_t where = weights_address_hash(model_->weights()); where != weights_at_) {
+    drop_graphs();
+    weights_at_ = where;
+  }
   at::NoGradGuard no_grad;
   std::vector<int64_t> offset(requests.size() + 1, 0);
   for (size_t i = 0; i < requests.size(); ++i) offset[i + 1] = offset[i] + requests[i].num_samples;

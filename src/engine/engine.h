@@ -151,6 +151,9 @@ class Engine {
     at::Tensor logits;
   };
   std::map<int64_t, DecodeGraph> graphs_;  // by batch-size bucket
+  // Where the projection weights were when the graphs were captured: a graph replays those addresses, so a moved
+  // weight (pack_lora_rows, by this engine or another on the same model) drops them.
+  size_t weights_at_ = 0;
 };
 
 }  // namespace rlaif
