@@ -58,8 +58,14 @@ struct Problem {
   Problem& operator=(const Problem&) = delete;
 };
 
-// Shape, strides, dtype, epilogue and accumulation: what the chosen algorithm depends on.
-using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, bool>;
+// Shape, strides, dtype, epilogue, accumulation and the pointers' 16-byte alignment: what the chosen algorithm
+// depends on (cuBLASLt's kernels may require aligned operands).
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, bool, int>;
+
+int alignment_bits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out) {
+  auto aligned = [](const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  return aligned(x) | aligned(w) << 1 | aligned(bias) << 2 | aligned(out) << 3;
+}
 
 std::mutex& cache_mutex() {
   static std::mutex m;
@@ -94,9 +100,10 @@ cublasLtMatmulAlgo_t tune(const Problem& p, const at::Tensor& x, const at::Tenso
   cublasLtMatmulPreferenceDestroy(pref);
   check_lt(st, "heuristic");
   if (found == 0) throw InternalError("[kernels] cuBLASLt has no algorithm for this GEMM");
-  // A scratch output with out's row stride (the layout's ld), zeros: only the time is wanted.
+  // A scratch output with out's row stride (the layout's ld) and 16-byte alignment, zeros: only the time is wanted.
   const int64_t S = out.size(0), N = out.size(1), ld = out.stride(0);
-  const at::Tensor target = at::zeros({(S - 1) * ld + N}, out.options()).as_strided({S, N}, {ld, 1});
+  const int64_t shift = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16) / out.element_size();
+  const at::Tensor target = at::zeros({shift + (S - 1) * ld + N}, out.options()).as_strided({S, N}, {ld, 1}, shift);
   float best_ms = 0.0f;
   int best = -1;
   for (int i = 0; i < found; ++i) {
@@ -128,7 +135,7 @@ void linear_tuned_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   const Problem p(x, w, bias, out);
   const Key key{x.get_device(), x.size(0), x.size(1), w.size(0), x.stride(0), w.stride(0), out.stride(0),
-                static_cast<int>(x.scalar_type()), bias.defined(), accumulate};
+                static_cast<int>(x.scalar_type()), bias.defined(), accumulate, alignment_bits(x, w, bias, out)};
   cublasLtMatmulAlgo_t algo;
   {
     std::lock_guard<std::mutex> lock(cache_mutex());
