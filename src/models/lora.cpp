@@ -80,31 +80,21 @@ int64_t pack_lora_rows(ModelWeights& w) {
         L.lora_rows[gi] = L.lora_bias_rows[gi] = at::Tensor();
         continue;
       }
-      std::vector<const at::Tensor*> parts;
-      for (Proj p : ps) parts.push_back(&L.weight(p));
-      parts.push_back(&L.lora_rows[gi]);
-      if (L.lora_rows[gi].defined() && L.lora_rows[gi].size(0) == r && packed_rows(parts).defined()) continue;
-      const at::Tensor& first = L.weight(ps[0]);
-      int64_t rows = 0;
-      for (Proj p : ps) rows += L.weight(p).size(0);
-      const at::Tensor buf = at::empty({rows + r, first.size(1)}, first.options());
-      const bool biased = L.bias(ps[0]).defined();
-      const at::Tensor bias_buf = biased ? at::zeros({rows + r}, L.bias(ps[0]).options()) : at::Tensor();
-      int64_t row = 0;
+      std::vector<at::Tensor*> ws, bs;
       for (Proj p : ps) {
-        at::Tensor& wt = L.weight(p);
-        const int64_t n = wt.size(0);
-        buf.narrow(0, row, n).copy_(wt);
-        wt = buf.narrow(0, row, n);
-        if (biased) {
-          at::Tensor& bt = L.bias(p);
-          bias_buf.narrow(0, row, n).copy_(bt);
-          bt = bias_buf.narrow(0, row, n);
-        }
-        row += n;
+        ws.push_back(&L.weight(p));
+        bs.push_back(&L.bias(p));
       }
-      L.lora_rows[gi] = buf.narrow(0, rows, r);
-      L.lora_bias_rows[gi] = biased ? bias_buf.narrow(0, rows, r) : at::Tensor();
+      ws.push_back(&L.lora_rows[gi]);
+      bs.push_back(&L.lora_bias_rows[gi]);
+      if (L.lora_rows[gi].defined() && L.lora_rows[gi].size(0) == r && packed_rows({ws.begin(), ws.end()}).defined())
+        continue;
+      const at::Tensor& first = L.weight(ps[0]);
+      L.lora_rows[gi] = at::empty({r, first.size(1)}, first.options());  // A's copy: refresh_lora_rows fills it
+      pack_rows(ws);
+      const bool biased = L.bias(ps[0]).defined();
+      L.lora_bias_rows[gi] = biased ? at::zeros({r}, L.bias(ps[0]).options()) : at::Tensor();
+      if (biased) pack_rows(bs);
       ++laid_out;
     }
   }

@@ -271,9 +271,6 @@ ModelWeights load_hf_weights(const fs::path& dir, const ModelConfig& c, const Lo
   return w;
 }
 
-namespace {
-
-// Replaces `parts` by views of one buffer holding their rows in order (see pack_projection_groups).
 void pack_rows(const std::vector<at::Tensor*>& parts) {
   std::vector<at::Tensor> ts;
   for (at::Tensor* t : parts) {
@@ -291,8 +288,6 @@ void pack_rows(const std::vector<at::Tensor*>& parts) {
     row += rows;
   }
 }
-
-}  // namespace
 
 void pack_projection_groups(ModelWeights& w) {
   at::NoGradGuard no_grad;

@@ -114,6 +114,9 @@ ModelWeights load_hf_weights(const std::filesystem::path& dir, const ModelConfig
 // its packed words, scales and biases laid out the same way (packed_quant). Groups mixed in quantization, dtype or
 // device, or partly missing, are left as they are.
 void pack_projection_groups(ModelWeights& w);
+// Replaces `parts` by views of one buffer holding their rows in order, values unchanged; nothing when they already
+// are (packed_rows) or differ in dtype, device or row shape.
+void pack_rows(const std::vector<at::Tensor*>& parts);
 // The rows of `parts` as one [Σ rows, cols] tensor when they are consecutive rows of one buffer (as
 // pack_projection_groups lays them out), else undefined; every part undefined gives undefined too.
 at::Tensor packed_rows(const std::vector<const at::Tensor*>& parts);

@@ -157,6 +157,23 @@ __device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
+// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with one launch attribute; a failure
+// throws naming `what` (e.g. "programmatic launch"). Followed by check_launch.
+template <typename... Params, typename... Args>
+void launch_with(const cudaLaunchAttribute& attr, const char* what, void (*kernel)(Params...), dim3 grid, dim3 block,
+                 size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute a = attr;
+  config.attrs = &a;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...);
+  if (err != cudaSuccess) throw InternalError(fmt::format("[kernels] {} failed: {}", what, cudaGetErrorString(err)));
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `programmatic` (the
 // caller's reading of kernels::programmatic_launch(), also passed to the kernel). Followed by check_launch.
 template <typename... Params, typename... Args>
@@ -166,19 +183,10 @@ void launch_kernel(bool programmatic, void (*kernel)(Params...), dim3 grid, dim3
     kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
     return;
   }
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...);
-  if (err != cudaSuccess)
-    throw InternalError(fmt::format("[kernels] programmatic launch failed: {}", cudaGetErrorString(err)));
+  launch_with(attr, "programmatic launch", kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 // Every launch is followed by this: a bad configuration surfaces at its own call, not at a later sync.

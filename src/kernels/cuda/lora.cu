@@ -480,55 +480,44 @@ ExpandArgs<T> expand_args(const std::vector<at::Tensor>& b, const std::vector<do
   return args;
 }
 
-// Up to 16 rows a block (B staged once for them); fewer while the grid would leave SMs idle.
-int expand_tile(int64_t blocks, int64_t S) {
+// The expand grid (`blocks` column tiles × row tiles of up to 16 rows: B staged once for them; fewer rows while
+// the grid would leave SMs idle) and t's element type — float32 (lora_shrink's) or the outputs' (columns of a base
+// GEMM's output): launch(tp, grid, tile) with tp typed accordingly, on t's device; nothing when empty.
+template <typename T, typename Launch>
+void launch_expand(const at::Tensor& t, int64_t blocks, Launch&& launch) {
+  const int64_t S = t.size(0);
+  if (blocks == 0 || S == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int tile = kExpandRows;
   while (tile > 1 && blocks * ((S + tile - 1) / tile) < 2 * sms) tile /= 2;
-  return tile;
-}
-
-// t's element type: float32 (lora_shrink's) or the outputs' (columns of a base GEMM's output).
-template <typename T, typename F>
-void with_t_type(const at::Tensor& t, F&& f) {
-  if (t.scalar_type() == at::kFloat) f(static_cast<const float*>(t.data_ptr()));
-  else f(static_cast<const T*>(t.data_ptr()));
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
+  if (t.scalar_type() == at::kFloat) launch(static_cast<const float*>(t.data_ptr()), grid, tile);
+  else launch(static_cast<const T*>(t.data_ptr()), grid, tile);
 }
 
 template <typename T>
 void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
             const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
-  const int64_t S = t.size(0), R = t.stride(0);
   const ExpandArgs<T> args = expand_args<T>(b, scales, ys, outs);
-  const int64_t blocks = args.first_block[b.size()];
-  if (blocks == 0 || S == 0) return;
-  const c10::cuda::CUDAGuard guard(t.device());
-  const int tile = expand_tile(blocks, S);
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
-  with_t_type<T>(t, [&](auto* tp) {
+  launch_expand<T>(t, args.first_block[b.size()], [&](auto* tp, dim3 grid, int tile) {
     using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
     lora_expand_kernel<T, TT><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
-        tp, S, R, args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
+        tp, t.size(0), t.stride(0), args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
+    check_launch("lora_expand_kernel");
   });
-  check_launch("lora_expand_kernel");
 }
 
 template <typename T>
 void expand_silu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                  const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
-  const int64_t S = t.size(0), R = t.stride(0), F = gate.size(1);
   const ExpandArgs<T> args = expand_args<T>(b, scales, {gate, up}, {});
-  const int64_t blocks = (F + kExpandCols - 1) / kExpandCols;
-  if (blocks == 0 || S == 0) return;
-  const c10::cuda::CUDAGuard guard(t.device());
-  const int tile = expand_tile(blocks, S);
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
-  with_t_type<T>(t, [&](auto* tp) {
+  launch_expand<T>(t, (gate.size(1) + kExpandCols - 1) / kExpandCols, [&](auto* tp, dim3 grid, int tile) {
     using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
     lora_expand_silu_kernel<T, TT><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
-        tp, S, R, args, out.data_ptr<T>(), tile);
+        tp, t.size(0), t.stride(0), args, out.data_ptr<T>(), tile);
+    check_launch("lora_expand_silu_kernel");
   });
-  check_launch("lora_expand_silu_kernel");
 }
 
 }  // namespace

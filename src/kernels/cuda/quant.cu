@@ -617,24 +617,14 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
     const S* sp = scales.data_ptr<S>();
     const S* bp = biases.data_ptr<S>();
     if (in_cluster) {  // the splits of a tile as one cluster along z
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = grid;
-      cfg.blockDim = dim3(kMmaThreads);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 1;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = static_cast<unsigned>(splits);
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      const cudaError_t err =
-          bits == 4 ? cudaLaunchKernelEx(&cfg, mma_kernel<S, 4, true>, xp, x.stride(0), w, sp, bp, O, N, K,
-                                         static_cast<int>(group_size), per_split, op, static_cast<float*>(nullptr))
-                    : cudaLaunchKernelEx(&cfg, mma_kernel<S, 8, true>, xp, x.stride(0), w, sp, bp, O, N, K,
-                                         static_cast<int>(group_size), per_split, op, static_cast<float*>(nullptr));
-      if (err != cudaSuccess)
-        throw InternalError(fmt::format("[kernels] cluster launch of mma_kernel failed: {}", cudaGetErrorString(err)));
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = 1;
+      attr.val.clusterDim.y = 1;
+      attr.val.clusterDim.z = static_cast<unsigned>(splits);
+      launch_with(attr, "cluster launch of mma_kernel", bits == 4 ? mma_kernel<S, 4, true> : mma_kernel<S, 8, true>,
+                  grid, dim3(kMmaThreads), 0, stream, xp, x.stride(0), w, sp, bp, O, N, K,
+                  static_cast<int>(group_size), per_split, op, pp);
       return;
     }
     if (bits == 4)

@@ -76,13 +76,18 @@ std::map<Key, cublasLtMatmulAlgo_t>& cache() {
   return c;
 }
 
+// One matmul with `algo` (nullptr: cuBLASLt's own heuristic choice); its status, for the tuning to skip on.
+cublasStatus_t matmul(const Problem& p, const cublasLtMatmulAlgo_t* algo, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& out, bool accumulate, cudaStream_t stream) {
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  return cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), p.op, &alpha, w.data_ptr(), p.a, x.data_ptr(), p.b,
+                        &beta, out.data_ptr(), p.c, out.data_ptr(), p.c, algo, at::cuda::getCUDABlasLtWorkspace(),
+                        at::cuda::getCUDABlasLtWorkspaceSize(), stream);
+}
+
 void run(const Problem& p, const cublasLtMatmulAlgo_t* algo, const at::Tensor& x, const at::Tensor& w,
          const at::Tensor& out, bool accumulate, cudaStream_t stream) {
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  check_lt(cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), p.op, &alpha, w.data_ptr(), p.a, x.data_ptr(), p.b,
-                          &beta, out.data_ptr(), p.c, out.data_ptr(), p.c, algo, at::cuda::getCUDABlasLtWorkspace(),
-                          at::cuda::getCUDABlasLtWorkspaceSize(), stream),
-           "matmul");
+  check_lt(matmul(p, algo, x, w, out, accumulate, stream), "matmul");
 }
 
 // The fastest candidate on a scratch copy of out (the real out is untouched: with accumulate it is the residual).
@@ -109,11 +114,7 @@ cublasLtMatmulAlgo_t tune(const Problem& p, const at::Tensor& x, const at::Tenso
   for (int i = 0; i < found; ++i) {
     if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
     // An algorithm this shape rejects at run time is skipped, not fatal.
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    if (cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), p.op, &alpha, w.data_ptr(), p.a, x.data_ptr(), p.b,
-                       &beta, target.data_ptr(), p.c, target.data_ptr(), p.c, &results[i].algo,
-                       at::cuda::getCUDABlasLtWorkspace(), ws, stream) != CUBLAS_STATUS_SUCCESS)
-      continue;
+    if (matmul(p, &results[i].algo, x, w, target, accumulate, stream) != CUBLAS_STATUS_SUCCESS) continue;
     at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
     start.record(at::cuda::getCurrentCUDAStream());
     for (int r = 0; r < kTimedRuns; ++r) run(p, &results[i].algo, x, w, target, accumulate, stream);
