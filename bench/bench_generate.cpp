@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
   CLI::App app{"rlaif generation benchmark"};
   std::string model_dir, out, batches = "1,16,64", device = "cuda", dtype = "bf16", quantize;
   int64_t prompt = 128, new_tokens = 128, lora_r = 0;
-  bool rollout = false, pdl = false, lora_in_gemm = false, tuned_gemm = false, quant_cluster = false;
+  bool rollout = false, pdl = false, lora_shrink_kernel = false, tuned_gemm = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
   app.add_option("--out", out, "JSON results file");
   app.add_option("--batches", batches);
@@ -77,10 +77,9 @@ int main(int argc, char** argv) {
   app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
       ->check(CLI::IsMember({"staged", "streaming"}));
   app.add_option("--lora", lora_r, "attach LoRA adapters of this rank to every projection (0: none)");
-  app.add_flag("--lora-shrink-gemm", lora_in_gemm, "LoRA's x·Aᵀ as extra columns of the base GEMMs (EngineOptions)");
+  app.add_flag("--lora-shrink-kernel", lora_shrink_kernel,
+               "LoRA's x·Aᵀ by its own shrink launch, not as extra columns of the base GEMMs (EngineOptions)");
   app.add_flag("--tuned-gemm", tuned_gemm, "the projections' GEMMs through timed cuBLASLt algorithms (EngineOptions)");
-  app.add_flag("--quant-cluster-reduce", quant_cluster,
-               "quantized GEMMs above 8 rows sum their K splits in a thread-block cluster (kernels/cpu/registry.h)");
   std::string attention = "tensor-core";
   app.add_option("--attention-kernel", attention, "CUDA paged attention: tensor-core (default) or simt")
       ->check(CLI::IsMember({"tensor-core", "simt"}));
@@ -104,7 +103,6 @@ int main(int argc, char** argv) {
   const std::string rows_text = fmt::format("{},{},{},{}", rows_policy.qkv, rows_policy.gate_up, rows_policy.residual,
                                             rows_policy.lm_head);
 
-  if (quant_cluster) kernels::set_quant_split_reduce(kernels::QuantSplitReduce::kCluster);
   kernels::set_attention_kernel(attention == "simt" ? kernels::AttentionKernel::kSimt
                                                    : kernels::AttentionKernel::kTensorCore);
   const at::Device dev = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
@@ -135,7 +133,7 @@ int main(int argc, char** argv) {
     opt.programmatic_launch = pdl;
     opt.few_row_kernel = few_row == "staged" ? kernels::FewRowKernel::kStaged : kernels::FewRowKernel::kStreaming;
     opt.few_row_rows = rows_policy;
-    opt.lora_shrink_in_gemm = lora_in_gemm;
+    opt.lora_shrink_in_gemm = !lora_shrink_kernel;
     opt.tuned_gemm = tuned_gemm;
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(B);
@@ -153,8 +151,7 @@ int main(int argc, char** argv) {
     const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
                                 (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +
                                 (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
-                                (lora_in_gemm ? " shrink in gemm" : "") + (tuned_gemm ? " tuned gemm" : "") +
-                                (quant_cluster ? " cluster split-K" : "") +
+                                (lora_shrink_kernel ? " shrink kernel" : "") + (tuned_gemm ? " tuned gemm" : "") +
                                 (attention == "simt" ? " simt attention" : "");
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
@@ -162,8 +159,7 @@ int main(int argc, char** argv) {
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
                        {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row},
                        {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention},
-                       {"lora_shrink_in_gemm", lora_in_gemm}, {"tuned_gemm", tuned_gemm},
-                       {"quant_cluster_reduce", quant_cluster}});
+                       {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm}});
   }
   if (rollout) {
     EngineOptions opt;

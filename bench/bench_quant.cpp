@@ -136,18 +136,6 @@ int main(int argc, char** argv) {
                     "at::linear)\n", static_cast<long long>(n), static_cast<long long>(bits),
                     down_fits ? "" : ", down unfused", fused, bf16 / fused);
       }
-      if (n > kernels::kSmallLinearMaxRows) {
-        // The same projections with the K splits summed inside a thread-block cluster (opt-in, registry.h).
-        kernels::set_quant_split_reduce(kernels::QuantSplitReduce::kCluster);
-        const double cl = median_ms([&] {
-          for (size_t p = 0; p < w.size(); ++p)
-            kernels::quant_linear(input(p), q[p].wq, q[p].scales, q[p].biases, bits, kGroup, outs[p]);
-        });
-        kernels::set_quant_split_reduce(kernels::QuantSplitReduce::kKernel);
-        row[fmt::format("q{}_cluster_reduce_layer_ms", bits)] = cl;
-        std::printf("N=%lld: q%lld mma with the splits reduced in a cluster %.3f ms (%.2fx bf16; split_reduce_kernel "
-                    "%.3f ms)\n", static_cast<long long>(n), static_cast<long long>(bits), cl, bf16 / cl, ms);
-      }
       if (n > kernels::kSmallLinearMaxRows) {  // quant_linear's path here is quant_linear_mma; the older one beside it
         const double dq = median_ms([&] {
           for (size_t p = 0; p < w.size(); ++p) {

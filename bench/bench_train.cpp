@@ -35,7 +35,7 @@ struct Options {
   int64_t prompts = 8, samples = 8, prompt_len = 128, new_tokens = 512, micro_batch = 4, steps = 3, lora_r = 16;
   double lr = 1e-5, kl_beta = 0.05;
   bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false, phase_times = false;
-  bool eager_norm = false, lora_in_gemm = false, tuned_gemm = false;
+  bool eager_norm = false, lora_shrink_kernel = false, tuned_gemm = false;
 };
 
 constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
@@ -92,7 +92,7 @@ class Bench {
     opt_ = std::make_unique<train::AdamW>(lora_parameters(*model_), train::AdamWOptions{});
     EngineOptions eo;
     eo.max_batch = o.prompts * o.samples;  // eos_ids empty: every sample runs its full --new tokens
-    eo.lora_shrink_in_gemm = o.lora_in_gemm;
+    eo.lora_shrink_in_gemm = !o.lora_shrink_kernel;
     eo.tuned_gemm = o.tuned_gemm;
     engine_ = std::make_unique<Engine>(model_, eo);
     std::mt19937 g(0);
@@ -234,7 +234,8 @@ int main(int argc, char** argv) {
   app.add_option("--attention", o.attention, "training attention: auto (sdpa on CUDA), eager, sdpa");
   app.add_flag("--full-head", o.full_head, "LM head on every position, not only the completion's");
   app.add_flag("--no-fused-lora", o.no_fused_lora, "LoRA through PEFT's op sequence (layers::project)");
-  app.add_flag("--lora-shrink-gemm", o.lora_in_gemm, "the engine's LoRA x·Aᵀ as extra columns of the base GEMMs");
+  app.add_flag("--lora-shrink-kernel", o.lora_shrink_kernel,
+               "the engine's LoRA x·Aᵀ by its own shrink launch, not as extra columns of the base GEMMs");
   app.add_flag("--tuned-gemm", o.tuned_gemm, "the engine's GEMMs through timed cuBLASLt algorithms");
   app.add_flag("--eager-norm", o.eager_norm, "RMSNorm through transformers' op sequence (not the fused kernel)");
   app.add_flag("--phase-times", o.phase_times, "split the training time (policy forward / reference forward / "
@@ -273,7 +274,7 @@ int main(int argc, char** argv) {
       {"micro_batch", o.micro_batch}, {"lora_r", o.lora_r}, {"kl_beta", o.kl_beta}, {"autocast_bf16", !o.no_autocast},
       {"gradient_checkpointing", o.checkpointing}, {"attention", o.attention},
       {"lm_head_rows", o.full_head ? "all" : "completion"}, {"fused_lora", !o.no_fused_lora},
-      {"fused_rms_norm", !o.eager_norm && o.device == "cuda"}, {"lora_shrink_in_gemm", o.lora_in_gemm},
+      {"fused_rms_norm", !o.eager_norm && o.device == "cuda"}, {"lora_shrink_in_gemm", !o.lora_shrink_kernel},
       {"tuned_gemm", o.tuned_gemm},
       {"steps", o.steps},
       {"step_s", total / o.steps}, {"generate_s", sum.gen_s / o.steps}, {"score_s", sum.score_s / o.steps},

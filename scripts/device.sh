@@ -111,9 +111,8 @@ if has quant; then
   tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
   save_model 3b
   if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
-    for q in bf16 q4 q8 q4_cluster; do  # bf16: the same-run baseline; q4_cluster: K splits summed in a cluster
-      args=(); [ $q != bf16 ] && args=(--quantize ${q%_cluster})
-      [ $q = q4_cluster ] && args+=(--quant-cluster-reduce)
+    for q in bf16 q4 q8; do  # bf16: the same-run baseline
+      args=(); [ $q != bf16 ] && args=(--quantize $q)
       "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" "${args[@]}" \
         --out "$OUT/rlaif_generate_3b_$q.json" > "$OUT/rlaif_generate_3b_$q.log" 2>&1 || log "bench_generate 3b $q failed"
       sed "s/^/3b $q /" "$OUT/rlaif_generate_3b_$q.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
@@ -130,9 +129,10 @@ if has lora; then
       --out "$OUT/rlaif_generate_3b_lora$l.json" > "$OUT/rlaif_generate_3b_lora$l.log" 2>&1 || log "bench_generate 3b lora $l failed"
     sed "s/^/3b new 512 /" "$OUT/rlaif_generate_3b_lora$l.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
   done
-  # The same adapters under the opt-in engine variants of RLAIF_LORA_VARIANTS ("name=bench_generate arguments;..."),
-  # same run: x·Aᵀ as extra columns of the base GEMMs, and with the GEMMs' cuBLASLt algorithms timed per shape.
-  IFS=';' read -ra variants <<< "${RLAIF_LORA_VARIANTS:-gemm=--lora-shrink-gemm;gemm_tuned=--lora-shrink-gemm --tuned-gemm}"
+  # The same adapters under the engine variants of RLAIF_LORA_VARIANTS ("name=bench_generate arguments;..."), same
+  # run: x·Aᵀ by its own shrink launch (the default takes it from the base GEMMs), and the GEMMs' cuBLASLt
+  # algorithms timed per shape.
+  IFS=';' read -ra variants <<< "${RLAIF_LORA_VARIANTS:-kernel=--lora-shrink-kernel;tuned=--tuned-gemm}"
   for v in "${variants[@]}"; do
     name=${v%%=*}; args=${v#*=}
     "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --batches ${RLAIF_LORA_BATCHES:-8,64} --new 512 --lora 16 \
@@ -180,8 +180,8 @@ if has train; then
   save_model 3b
   "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --out "$OUT/rlaif_train_3b.json" \
     > "$OUT/rlaif_train_3b.log" 2>&1 || log "bench_train failed"
-  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --lora-shrink-gemm --steps 2 \
-    --out "$OUT/rlaif_train_3b_gemm.json" > "$OUT/rlaif_train_3b_gemm.log" 2>&1 || log "bench_train shrink-in-gemm failed"
+  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --lora-shrink-kernel --steps 2 \
+    --out "$OUT/rlaif_train_3b_kernel.json" > "$OUT/rlaif_train_3b_kernel.log" 2>&1 || log "bench_train shrink-kernel failed"
   "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --micro-batch 8 --checkpointing --steps 2 \
     --out "$OUT/rlaif_train_3b_ckpt.json" > "$OUT/rlaif_train_3b_ckpt.log" 2>&1 || log "bench_train ckpt failed"
   $PY bench/hf_train_step.py --model "$MD/qwen2.5-3b-random" --out "$OUT/hf_train_3b.json" > "$OUT/hf_train_3b.log" 2>&1 \

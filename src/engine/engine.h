@@ -45,12 +45,13 @@ struct EngineOptions {
   } few_row_rows;
   // Above the few-row batch, LoRA's x·Aᵀ as extra columns of each group's base GEMM (models/lora.h
   // pack_lora_rows: a copy of A in the weights' dtype after the group's weight rows, refreshed at every generate())
-  // instead of a shrink launch. Opt-in until measured on the GPU (docs/KERNELS.md); in bf16, x·Aᵀ is rounded to
-  // bf16 before the expand, as the training forward's autocast does, where the shrink kernel keeps float32.
-  bool lora_shrink_in_gemm = false;
+  // instead of a shrink launch: 3B rank-16 decode of 512 tokens on the H100 went 9,919 -> 11,841 tok/s at batch 64
+  // and 1,763 -> 1,952 at batch 8 (docs/PERFORMANCE.md, session 10). In bf16, x·Aᵀ is rounded to bf16 before the
+  // expand, as the training forward's autocast does, where the shrink kernel keeps float32.
+  bool lora_shrink_in_gemm = true;
   // Above the few-row batch on CUDA, the projections' GEMMs through the cuBLASLt algorithm measured fastest for
   // each shape (kernels/cpu/tuned_linear.h; timed once, in the bucket's eager warm-up step) instead of the
-  // heuristic's first choice. Opt-in until measured (docs/KERNELS.md).
+  // heuristic's first choice. Opt-in: on the H100 it measured within ±3% of the heuristic (docs/KERNELS.md).
   bool tuned_gemm = false;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };

@@ -103,14 +103,6 @@ FewRowKernel few_row_kernel();
 enum class AttentionKernel { kTensorCore, kSimt };
 void set_attention_kernel(AttentionKernel k);
 AttentionKernel attention_kernel();
-// How quant_linear_mma (the quantized GEMM above 8 rows) adds the partial sums of its K splits: kKernel (the
-// default: float32 partials in global memory, then split_reduce_kernel) or kCluster (opt-in, session 9, not yet
-// measured: the splits of a tile run as one thread-block cluster and sum through distributed shared memory, at
-// most 8 splits). Same sums in the same order either way. A process-wide setting read at launch, for A/B runs
-// (bench_quant, bench_generate --quant-cluster-reduce).
-enum class QuantSplitReduce { kKernel, kCluster };
-void set_quant_split_reduce(QuantSplitReduce r);
-QuantSplitReduce quant_split_reduce();
 // How many warps share one weight row in small_linear's CUDA GEMV (1, 2, 4 or 8): 0 (default) leaves it to the
 // kernel's rule for K. A tuning knob for bench_kernels, which measures every split at the decode shapes.
 void set_few_row_split(int warps);

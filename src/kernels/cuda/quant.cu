@@ -5,7 +5,6 @@
 // without contraction (__f*_rn), so they equal the CPU reference bit for bit.
 #include "kernels/cuda/quant.h"
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -311,13 +310,7 @@ __device__ __forceinline__ void slice_values(const WSlice<BITS>& s, float (&v)[1
 // Split z takes chunks [z·per_split, (z+1)·per_split) of K: with one split the block writes bf16 `out`, else its
 // float32 partial sums to part[z][n][r] (split_reduce_kernel adds them). Splitting K keeps every SM busy when
 // O/64 · N/64 blocks would not (a 2048-row projection at 64 rows is 32 blocks).
-// CLUSTER (kernels::QuantSplitReduce::kCluster): the splits of a tile are one thread-block cluster (grid.z =
-// cluster size ≤ 8); each block leaves its partial tile in its shared memory and every block sums a share of the
-// tile over the cluster's blocks in split order (distributed shared memory), writing bf16 `out` itself — no float32
-// partials in global memory and no split_reduce_kernel. At 64 rows those partials outweigh the q4 weights (a
-// 2048-row projection in 8 splits writes and reads 4 MB of them for 2.3 MB of weights; session 9 profile: four
-// reduce launches a layer, 6 µs each).
-template <typename S, int BITS, bool CLUSTER = false>
+template <typename S, int BITS>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const uint32_t* __restrict__ wq,
                const S* __restrict__ scales, const S* __restrict__ biases, int64_t O, int64_t N, int64_t K,
@@ -423,37 +416,14 @@ __global__ void __launch_bounds__(kMmaThreads)
     cur = next;
   }
   // C fragment: acc[j] = rows r0 (e 0, 1) and r1 (e 2, 3) of W for x rows 8j + 2t, 8j + 2t + 1.
-  if constexpr (CLUSTER) {
-    namespace cg = cooperative_groups;
-    const cg::cluster_group cluster = cg::this_cluster();
-    // The partial tile [x row][W row] in the x staging buffer (every warp is past its last read of it).
-    static_assert(sizeof(xs) >= sizeof(float) * kMmaCols * (kMmaRows + 1), "the partial tile fits the x buffer");
-    float* tile = reinterpret_cast<float*>(&xs[0][0][0]);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        tile[(j * 8 + 2 * t + (e & 1)) * (kMmaRows + 1) + warp * 16 + g + (e < 2 ? 0 : 8)] = acc[j][e];
-    cluster.sync();  // every block's partial tile is written
-    const int size = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
-    for (int i = rank * kMmaThreads + threadIdx.x; i < kMmaCols * kMmaRows; i += size * kMmaThreads) {
-      const int nl = i / kMmaRows, rl = i % kMmaRows;
-      float sum = 0.0f;
-      for (int q = 0; q < size; ++q) sum += cluster.map_shared_rank(tile, q)[nl * (kMmaRows + 1) + rl];
-      const int64_t n = n0 + nl, r = m0 + rl;
-      if (n < N && r < O) out[n * O + r] = __float2bfloat16_rn(sum);
-    }
-    cluster.sync();  // no block leaves (freeing its shared memory) while another still reads it
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t n = n0 + j * 8 + 2 * t + (e & 1), r = e < 2 ? r0 : r1;
-        if (n >= N || r >= O) continue;
-        if (part != nullptr) part[(blockIdx.z * N + n) * O + r] = acc[j][e];
-        else out[n * O + r] = __float2bfloat16_rn(acc[j][e]);
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int64_t n = n0 + j * 8 + 2 * t + (e & 1), r = e < 2 ? r0 : r1;
+      if (n >= N || r >= O) continue;
+      if (part != nullptr) part[(blockIdx.z * N + n) * O + r] = acc[j][e];
+      else out[n * O + r] = __float2bfloat16_rn(acc[j][e]);
     }
   }
 }
@@ -595,18 +565,14 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
               "16-byte aligned rows", K, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // Split K until the grid holds about three blocks per multiprocessor, each split at least 4 chunks of 64 (and
-  // at most 8 splits when a cluster of them reduces, the portable cluster size).
+  // Split K until the grid holds about three blocks per multiprocessor, each split at least 4 chunks of 64.
   const int64_t tiles = static_cast<int64_t>(blocks_for(O, kMmaRows)) * blocks_for(N, kMmaCols);
   const int64_t chunks = K / kMmaK, want = 3 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool cluster = quant_split_reduce() == QuantSplitReduce::kCluster;
   int64_t splits = std::max<int64_t>(1, std::min((want + tiles - 1) / tiles, chunks / 4));
-  if (cluster) splits = std::min<int64_t>(splits, 8);
   const int per_split = static_cast<int>((chunks + splits - 1) / splits);
   splits = (chunks + per_split - 1) / per_split;
-  const bool in_cluster = cluster && splits > 1;
   at::Tensor part;
-  if (splits > 1 && !in_cluster) part = at::empty({splits, N, O}, x.options().dtype(at::kFloat));
+  if (splits > 1) part = at::empty({splits, N, O}, x.options().dtype(at::kFloat));
   const dim3 grid(blocks_for(O, kMmaRows), blocks_for(N, kMmaCols), static_cast<unsigned>(splits));
   const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
   auto* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
@@ -616,17 +582,6 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
     using S = decltype(s_tag);
     const S* sp = scales.data_ptr<S>();
     const S* bp = biases.data_ptr<S>();
-    if (in_cluster) {  // the splits of a tile as one cluster along z
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = 1;
-      attr.val.clusterDim.y = 1;
-      attr.val.clusterDim.z = static_cast<unsigned>(splits);
-      launch_with(attr, "cluster launch of mma_kernel", bits == 4 ? mma_kernel<S, 4, true> : mma_kernel<S, 8, true>,
-                  grid, dim3(kMmaThreads), 0, stream, xp, x.stride(0), w, sp, bp, O, N, K,
-                  static_cast<int>(group_size), per_split, op, pp);
-      return;
-    }
     if (bits == 4)
       mma_kernel<S, 4><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
                                                          static_cast<int>(group_size), per_split, op, pp);
@@ -635,7 +590,7 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
                                                          static_cast<int>(group_size), per_split, op, pp);
   });
   check_launch("mma_kernel");
-  if (splits > 1 && !in_cluster) {
+  if (splits > 1) {
     split_reduce_kernel<<<blocks_for(N * O, kThreads), kThreads, 0, stream>>>(pp, N * O, static_cast<int>(splits),
                                                                               op);
     check_launch("split_reduce_kernel");
