@@ -2,12 +2,10 @@
 // (group of up to 4 rank columns, row tile), or for long inputs at batch a block per (K split, tile of up to 16
 // rows) staging x and A through shared memory, the splits' partial sums added in order by the last block of each
 // tile (one launch, deterministic).
-// Expand: a block per (128 output columns of one adapter, tile of up to 16 rows), a thread per column; B's rows for
-// the block and t's rows for the tile go through shared memory in rank chunks of 16 (B rows are rank-strided:
-// read directly, a warp's loads would touch 32 rows each), each thread keeping its column's chunk in registers
-// across the tile's rows (the tile's base outputs requested before the staging); scaled, rounded, added to the
-// base output (rows of any stride: column slices of a packed GEMM's output) and optionally to the residual — or,
-// for gate/up, followed by SwiGLU in the same thread.
+// Expand: a block per (128 output columns of one adapter, tile of up to 8 rows), a thread per column holding its
+// rank chunk of B (16 columns) in registers; t's rows for the tile go through shared memory; the tile's base outputs
+// are requested before the staging. Scaled, rounded, added to the base output (rows of any stride: column slices of
+// a packed GEMM's output) and optionally to the residual — or, for gate/up, followed by SwiGLU in the same thread.
 #include "kernels/cuda/lora.h"
 
 #include "kernels/cuda/common.cuh"
@@ -32,8 +30,10 @@ static_assert(kThreads == kShrinkCols * kShrinkRows / 4, "a shrink thread owns o
 // one device are stream-ordered (the decode step's single stream), so one set of counters serves them all.
 __device__ unsigned int g_shrink_done[kMaxShrinkTiles];
 constexpr int kExpandCols = 128; // output columns (threads) of an expand block
-constexpr int kExpandRows = 16;  // rows an expand block serves, at most
+constexpr int kExpandRows = 8;   // rows an expand block serves, at most
 constexpr int kRankChunk = 16;   // rank columns staged at a time
+// Resident expand blocks an SM is compiled for (≤ 80 registers): a batch-64 gate/up expand is 688 blocks.
+constexpr int kExpandBlocksPerSm = 6;
 
 struct ShrinkArgs {
   const float* a[3];
@@ -244,65 +244,61 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_split_kernel(const T* __
   if (threadIdx.x == 0) g_shrink_done[tile] = 0;  // ready for the next launch (stream order)
 }
 
-// Shared memory of an expand block over N adapters: B's rows for its columns and t's rows for its tile, one rank
-// chunk at a time. B rows padded to 20 floats: the 16-byte reads of 8 consecutive threads (one access phase) hit
-// distinct banks.
+// Shared memory of an expand block over N adapters: t's rows for its tile, one rank chunk at a time.
 template <int N>
 struct ExpandStage {
-  __align__(16) float b[N][kExpandCols][kRankChunk + 4];
   __align__(16) float t[N][kExpandRows][kRankChunk];
 };
 
-// For each adapter n: acc[n][s] += Σ_j ts[n][s · R + j] · b[n][o, j] (t float32 or bf16, rows R apart) for the block's columns o = o0 + threadIdx.x
-// (< O) and tile rows s (< rows), j in order over its rank r[n], float32 (only the chunk's real columns: the CPU
-// reference's order, no padded terms). The N adapters' chunks are staged together (one barrier pair a chunk),
-// B in 16-byte loads when its rows allow.
+// For each adapter n: acc[n][s] += Σ_j ts[n][s · R + j] · b[n][o, j] (t float32 or bf16, rows R apart) for this
+// thread's column o (< O) and the tile rows s (< rows), j in order over its rank r[n], float32 (only the chunk's
+// real columns: the CPU reference's order, no padded terms). The thread's chunk of its B row goes straight into
+// registers (16-byte loads when B's rows allow; the warp's loads cover 32 consecutive rows), requested before the
+// barrier so it overlaps the staging of t. Session 10 (H100, batch 64, Nsight Compute): with B staged in shared
+// memory as well, 20 KB a block allowed 5 blocks an SM and the gate/up expand ran 344 blocks at 16% achieved
+// occupancy in 16.0 µs.
 template <int N, typename TT>
 __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], const int64_t (&r)[N],
                                                    const TT* const (&ts)[N], int64_t O, int64_t R, int rows,
-                                                   int64_t o0, ExpandStage<N>& st, float (&acc)[N][kExpandRows]) {
+                                                   int64_t o, ExpandStage<N>& st, float (&acc)[N][kExpandRows]) {
   int64_t r_max = 0;
 #pragma unroll
   for (int n = 0; n < N; ++n) r_max = max(r_max, r[n]);
   for (int64_t j0 = 0; j0 < r_max; j0 += kRankChunk) {
-    __syncthreads();  // the previous chunk is consumed
+    float bv[N][kRankChunk];
+    int m[N];  // the chunk's real columns of adapter n (≤ 0: none left)
 #pragma unroll
     for (int n = 0; n < N; ++n) {
-      if (r[n] % 4 == 0 && reinterpret_cast<uintptr_t>(b[n]) % 16 == 0) {
-        for (int e = threadIdx.x; e < kExpandCols * kRankChunk / 4; e += kExpandCols) {
-          const int row = e / (kRankChunk / 4), j = e % (kRankChunk / 4) * 4;  // j0 + j < r: all 4 are inside
-          const float4 v = o0 + row < O && j0 + j < r[n]
-                               ? *reinterpret_cast<const float4*>(b[n] + (o0 + row) * r[n] + j0 + j)
-                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          *reinterpret_cast<float4*>(&st.b[n][row][j]) = v;
+      m[n] = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r[n] - j0));
+      const float* row = b[n] + o * r[n] + j0;
+      if (r[n] % 4 == 0 && reinterpret_cast<uintptr_t>(b[n]) % 16 == 0) {  // m[n] is a multiple of 4 then
+#pragma unroll
+        for (int j = 0; j < kRankChunk; j += 4) {
+          const float4 v = o < O && j < m[n] ? *reinterpret_cast<const float4*>(row + j)
+                                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          bv[n][j] = v.x, bv[n][j + 1] = v.y, bv[n][j + 2] = v.z, bv[n][j + 3] = v.w;
         }
       } else {
-        for (int e = threadIdx.x; e < kExpandCols * kRankChunk; e += kExpandCols) {
-          const int row = e / kRankChunk, j = e % kRankChunk;  // consecutive threads: consecutive floats of B
-          st.b[n][row][j] = o0 + row < O && j0 + j < r[n] ? b[n][(o0 + row) * r[n] + j0 + j] : 0.0f;
-        }
+#pragma unroll
+        for (int j = 0; j < kRankChunk; ++j) bv[n][j] = o < O && j < m[n] ? row[j] : 0.0f;
       }
+    }
+    __syncthreads();  // the previous chunk of t is consumed
+#pragma unroll
+    for (int n = 0; n < N; ++n)
       for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
         const int row = e / kRankChunk, j = e % kRankChunk;
         st.t[n][row][j] = row < rows && j0 + j < r[n] ? static_cast<float>(ts[n][row * R + j0 + j]) : 0.0f;
       }
-    }
     __syncthreads();
 #pragma unroll
     for (int n = 0; n < N; ++n) {
-      float bv[kRankChunk];
-#pragma unroll
-      for (int j = 0; j < kRankChunk; j += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(&st.b[n][threadIdx.x][j]);
-        bv[j] = v.x, bv[j + 1] = v.y, bv[j + 2] = v.z, bv[j + 3] = v.w;
-      }
-      const int m = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r[n] - j0));  // ≤ 0: none left
 #pragma unroll
       for (int s = 0; s < kExpandRows; ++s) {
         if (s >= rows) break;
 #pragma unroll
         for (int j = 0; j < kRankChunk; ++j)
-          if (j < m) acc[n][s] += st.t[n][s][j] * bv[j];
+          if (j < m[n]) acc[n][s] += st.t[n][s][j] * bv[n][j];
       }
     }
   }
@@ -311,7 +307,7 @@ __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], c
 // Block (column tile of adapter i, row tile), thread = output column o: out[s, o] = to(y[s, o] + to(scale ·
 // Σ_j t[s, col_i + j] · b_i[o, j])) (j in order, float32), plus the residual (contiguous [S, O]) when given.
 template <typename T, typename TT>
-__global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const TT* __restrict__ t, int64_t S, int64_t R,
+__global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm) lora_expand_kernel(const TT* __restrict__ t, int64_t S, int64_t R,
                                                                    ExpandArgs<T> args, const T* residual, int tile) {
   int i = 0;
   while (i + 1 < args.count && blockIdx.x >= args.first_block[i + 1]) ++i;
@@ -331,7 +327,7 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const TT* __re
   }
   __shared__ ExpandStage<1> st;
   float acc[1][kExpandRows] = {};
-  accumulate_updates<1, TT>({args.b[i]}, {args.rank[i]}, {t + s0 * R + args.col[i]}, O, R, rows, o0, st, acc);
+  accumulate_updates<1, TT>({args.b[i]}, {args.rank[i]}, {t + s0 * R + args.col[i]}, O, R, rows, o, st, acc);
   if (!live) return;
   const float scale = args.scale[i];
   T* out = args.out[i] + s0 * args.out_stride[i] + o;
@@ -349,7 +345,7 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_kernel(const TT* __re
 // silu_mul(to(g + to(scale_0 · t_0 · b_0[f])), to(u + to(scale_1 · t_1 · b_1[f]))) — the expand's rounding, then
 // silu_mul's (kernels/cpu/silu_mul.h). Saves the gate/up expand's write and silu_mul's read of [S, 2F].
 template <typename T, typename TT>
-__global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const TT* __restrict__ t, int64_t S,
+__global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm) lora_expand_silu_kernel(const TT* __restrict__ t, int64_t S,
                                                                         int64_t R, ExpandArgs<T> args, T* out,
                                                                         int tile) {
   const int64_t F = args.rows[0];
@@ -367,7 +363,7 @@ __global__ void __launch_bounds__(kExpandCols) lora_expand_silu_kernel(const TT*
   __shared__ ExpandStage<2> st;
   float acc[2][kExpandRows] = {};
   accumulate_updates<2, TT>({args.b[0], args.b[1]}, {args.rank[0], args.rank[1]}, {t + s0 * R, t + s0 * R + args.col[1]},
-                            F, R, rows, o0, st, acc);
+                            F, R, rows, o, st, acc);
   if (!live) return;
 #pragma unroll
   for (int s = 0; s < kExpandRows; ++s) {
