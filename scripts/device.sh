@@ -111,8 +111,9 @@ if has quant; then
   tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
   save_model 3b
   if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
-    for q in bf16 q4 q8; do  # bf16: the same-run baseline
-      args=(); [ $q != bf16 ] && args=(--quantize $q)
+    for q in bf16 q4 q8 q4_pipe; do  # bf16: the same-run baseline; q4_pipe: the opt-in pipelined mma kernel
+      args=(); [ $q != bf16 ] && args=(--quantize ${q%_pipe})
+      [ $q = q4_pipe ] && args+=(--quant-mma pipelined)
       "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" "${args[@]}" \
         --out "$OUT/rlaif_generate_3b_$q.json" > "$OUT/rlaif_generate_3b_$q.log" 2>&1 || log "bench_generate 3b $q failed"
       sed "s/^/3b $q /" "$OUT/rlaif_generate_3b_$q.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
@@ -176,20 +177,28 @@ if [[ " $STAGES " == *" profile "* ]]; then
 fi
 
 if has train; then
-  # Issue 7's end-to-end step, LoRA on the 3B shape, against transformers + peft on the same card.
+  # Issue 7's end-to-end step, LoRA on the 3B shape, against transformers + peft on the same card. RLAIF_TRAIN_RUNS
+  # picks the runs (default all): main, kernel (the LoRA shrink kernels), ckpt (checkpointing, micro-batch 8),
+  # hf (transformers + peft), old (the pre-optimisation training path: eager attention, full head, PEFT's LoRA
+  # ops, eager norm).
   save_model 3b
-  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --out "$OUT/rlaif_train_3b.json" \
-    > "$OUT/rlaif_train_3b.log" 2>&1 || log "bench_train failed"
-  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --lora-shrink-kernel --steps 2 \
-    --out "$OUT/rlaif_train_3b_kernel.json" > "$OUT/rlaif_train_3b_kernel.log" 2>&1 || log "bench_train shrink-kernel failed"
-  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --micro-batch 8 --checkpointing --steps 2 \
-    --out "$OUT/rlaif_train_3b_ckpt.json" > "$OUT/rlaif_train_3b_ckpt.log" 2>&1 || log "bench_train ckpt failed"
-  $PY bench/hf_train_step.py --model "$MD/qwen2.5-3b-random" --out "$OUT/hf_train_3b.json" > "$OUT/hf_train_3b.log" 2>&1 \
-    || log "hf_train_step failed"
-  # The same step on the pre-optimisation training path (eager attention, full head, PEFT's LoRA ops, eager norm).
-  "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" --attention eager --full-head --no-fused-lora --eager-norm \
-    --steps 2 --out "$OUT/rlaif_train_3b_old.json" > "$OUT/rlaif_train_3b_old.log" 2>&1 || log "bench_train old failed"
-  grep -E "^step" "$OUT"/rlaif_train_3b*.log "$OUT/hf_train_3b.log" | tee -a "$OUT/summary.txt"
-  grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" | head -8 | tee -a "$OUT/summary.txt"
+  runs=" ${RLAIF_TRAIN_RUNS:-main kernel ckpt hf old} "
+  train() {  # train NAME bench_train-arguments...
+    local name=$1; shift
+    [[ $runs == *" $name "* ]] || return 0
+    "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" "$@" --out "$OUT/rlaif_train_3b$suffix.json" \
+      > "$OUT/rlaif_train_3b$suffix.log" 2>&1 || log "bench_train $name failed"
+  }
+  suffix= train main
+  suffix=_kernel train kernel --lora-shrink-kernel --steps 2
+  suffix=_ckpt train ckpt --micro-batch 8 --checkpointing --steps 2
+  if [[ $runs == *" hf "* ]]; then
+    $PY bench/hf_train_step.py --model "$MD/qwen2.5-3b-random" --out "$OUT/hf_train_3b.json" > "$OUT/hf_train_3b.log" \
+      2>&1 || log "hf_train_step failed"
+  fi
+  suffix=_old train old --attention eager --full-head --no-fused-lora --eager-norm --steps 2
+  grep -E "^step" "$OUT"/rlaif_train_3b*.log "$OUT"/hf_train_3b.log 2>/dev/null | tee -a "$OUT/summary.txt"
+  grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" 2>/dev/null | head -8 | tee -a "$OUT/summary.txt"
 fi
+
 

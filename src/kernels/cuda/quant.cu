@@ -1,8 +1,9 @@
 // MLX affine quantization on the GPU: quantize (live re-quantization of trainer weights), dequantize, and
 // x · dequant(W)ᵀ — a GEMV kernel for ≤ 8 rows that streams the packed words once (16-byte loads, several in
-// flight, nibbles turned into floats by byte permutes) with float32 sums, and for more rows a dequantized scratch
-// matrix in x's dtype multiplied by cuBLAS (at::mm). Quantize and dequantize use round-to-nearest float32 ops
-// without contraction (__f*_rn), so they equal the CPU reference bit for bit.
+// flight, nibbles turned into floats by byte permutes) with float32 sums, and for more bf16 rows mma.sync on W
+// dequantized in registers, split over K (or, where that kernel cannot serve, a dequantized scratch matrix
+// multiplied by cuBLAS). Quantize and dequantize use round-to-nearest float32 ops without contraction (__f*_rn), so
+// they equal the CPU reference bit for bit.
 #include "kernels/cuda/quant.h"
 
 #include <cuda_bf16.h>
@@ -306,6 +307,62 @@ __device__ __forceinline__ void slice_values(const WSlice<BITS>& s, float (&v)[1
   }
 }
 
+// The A fragments of a chunk's 4 k-steps from this thread's slices of W rows g (w0) and g + 8 (w1): values 4s ..
+// 4s+3 of the slice for k-step s, dequantize_kernel's scale·q + bias rounded to bf16.
+template <int BITS>
+__device__ __forceinline__ void a_fragments(const WSlice<BITS>& w0, float s0, float b0, const WSlice<BITS>& w1,
+                                            float s1, float b1, uint32_t (&a)[4][4]) {
+  float q0[16], q1[16];
+  slice_values<BITS>(w0, q0);
+  slice_values<BITS>(w1, q1);
+#pragma unroll
+  for (int st = 0; st < 4; ++st) {
+    float v[2][4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      v[0][e] = __fadd_rn(__fmul_rn(s0, q0[4 * st + e]), b0);
+      v[1][e] = __fadd_rn(__fmul_rn(s1, q1[4 * st + e]), b1);
+    }
+    a[st][0] = pack_bf16(v[0][0], v[0][1]);  // row g, k 2t, 2t+1
+    a[st][1] = pack_bf16(v[1][0], v[1][1]);  // row g+8
+    a[st][2] = pack_bf16(v[0][2], v[0][3]);  // row g, k 2t+8, 2t+9
+    a[st][3] = pack_bf16(v[1][2], v[1][3]);  // row g+8
+  }
+}
+
+// acc[j] += the chunk's A · the x tile's rows 8j .. 8j+7 (xs: the chunk's [64][kXRow] x tile), for the N tiles
+// inside the rows.
+__device__ __forceinline__ void mma_chunk(const __nv_bfloat16 (*xs)[kXRow], const uint32_t (&a)[4][4], int g, int t,
+                                          int64_t n0, int64_t N, float (&acc)[8][4]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (n0 + j * 8 >= N) break;  // uniform: N tiles past the rows
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      // x row 8j + g, chunk columns 16t + 8u .. +7: the B fragments of k-steps 2u and 2u+1.
+      const uint4 xv = *reinterpret_cast<const uint4*>(&xs[j * 8 + g][16 * t + 8 * u]);
+      mma_bf16(acc[j], a[2 * u], xv.x, xv.y);
+      mma_bf16(acc[j], a[2 * u + 1], xv.z, xv.w);
+    }
+  }
+}
+
+// C fragment: acc[j] = W rows r0 (e 0, 1) and r1 (e 2, 3) for x rows n0 + 8j + 2t, + 1: bf16 into out, or float32
+// partial sums into part[split] when K is split.
+__device__ __forceinline__ void store_tile(const float (&acc)[8][4], int64_t r0, int64_t r1, int t, int64_t n0,
+                                          int64_t N, int64_t O, __nv_bfloat16* out, float* part) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t n = n0 + j * 8 + 2 * t + (e & 1), r = e < 2 ? r0 : r1;
+      if (n >= N || r >= O) continue;
+      if (part != nullptr) part[(blockIdx.z * N + n) * O + r] = acc[j][e];
+      else out[n * O + r] = __float2bfloat16_rn(acc[j][e]);
+    }
+  }
+}
+
 // grid (ceil(O / 64), ceil(N / 64), splits), 128 threads. K % 64 == 0, group % 16 == 0, x rows 16-byte aligned.
 // Split z takes chunks [z·per_split, (z+1)·per_split) of K: with one split the block writes bf16 `out`, else its
 // float32 partial sums to part[z][n][r] (split_reduce_kernel adds them). Splitting K keeps every SM busy when
@@ -376,56 +433,139 @@ __global__ void __launch_bounds__(kMmaThreads)
       load_x(buf ^ 1, chunk + 1);
       next = load_operand(chunk + 1);
     }
-    const WSlice<BITS>& w0 = cur.w0;
-    const WSlice<BITS>& w1 = cur.w1;
-    const float s0 = cur.s0, b0 = cur.b0, s1 = cur.s1, b1 = cur.b1;
-    // A fragments of the chunk's 4 k-steps: rows r0 / r1, values 4s .. 4s+3 of the slice (dequantize_kernel's
-    // scale·q + bias, rounded to bf16).
     uint32_t a[4][4];
-    float q0[16], q1[16];
-    slice_values<BITS>(w0, q0);
-    slice_values<BITS>(w1, q1);
-#pragma unroll
-    for (int st = 0; st < 4; ++st) {
-      float v[2][4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        v[0][e] = __fadd_rn(__fmul_rn(s0, q0[4 * st + e]), b0);
-        v[1][e] = __fadd_rn(__fmul_rn(s1, q1[4 * st + e]), b1);
-      }
-      a[st][0] = pack_bf16(v[0][0], v[0][1]);  // row g, k 2t, 2t+1
-      a[st][1] = pack_bf16(v[1][0], v[1][1]);  // row g+8
-      a[st][2] = pack_bf16(v[0][2], v[0][3]);  // row g, k 2t+8, 2t+9
-      a[st][3] = pack_bf16(v[1][2], v[1][3]);  // row g+8
-    }
+    a_fragments<BITS>(cur.w0, cur.s0, cur.b0, cur.w1, cur.s1, cur.b1, a);
     if (chunk + 1 < chunk_end) cp_async_wait<1>();
     else cp_async_wait<0>();
     __syncthreads();  // this chunk's x tile landed for every thread
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (n0 + j * 8 >= N) break;  // uniform: N tiles past the rows
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        // x row 8j + g, chunk columns 16t + 8u .. +7: the B fragments of k-steps 2u and 2u+1.
-        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[buf][j * 8 + g][16 * t + 8 * u]);
-        mma_bf16(acc[j], a[2 * u], xv.x, xv.y);
-        mma_bf16(acc[j], a[2 * u + 1], xv.z, xv.w);
-      }
-    }
+    mma_chunk(xs[buf], a, g, t, n0, N, acc);
     __syncthreads();  // every warp is done with buf before the next iteration's copy into it
     cur = next;
   }
-  // C fragment: acc[j] = rows r0 (e 0, 1) and r1 (e 2, 3) of W for x rows 8j + 2t, 8j + 2t + 1.
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t n = n0 + j * 8 + 2 * t + (e & 1), r = e < 2 ? r0 : r1;
-      if (n >= N || r >= O) continue;
-      if (part != nullptr) part[(blockIdx.z * N + n) * O + r] = acc[j][e];
-      else out[n * O + r] = __float2bfloat16_rn(acc[j][e]);
+  store_tile(acc, r0, r1, t, n0, N, O, out, part);
+}
+
+// ---- Pipelined variant (kernels::QuantMmaKernel::kPipelined, session 10; opt-in until measured) ----
+// mma_kernel's tile, fragments, k order and arithmetic (so bit-equal results), but W and x arrive through a ring of
+// kPipeStages chunks in shared memory: the W words and x rows by cp.async, issued kPipeStages − 1 chunks ahead; the
+// slices' scales and biases by plain loads issued as far ahead, held in registers over the current chunk's MMAs
+// and only then stored into the ring (their latency overlaps them). Why: mma_kernel holds one chunk of W in flight
+// (2 KB a block for q4) — Nsight Compute (sessions 9-10, batch 64) shows 6.8% of DRAM bandwidth, and the q4 gate/up
+// projection moves its 22 MB in 61 µs (0.37 TB/s). Session 8's pipeline attempt also doubled the tile to 128 W
+// rows and 8 warps and lost; this one keeps mma_kernel's 64 × 64 tile and 4 warps.
+template <int BITS>
+constexpr int kPipeStages = BITS == 4 ? 4 : 3;  // 53 KB (q4) and 46 KB (q8) of shared memory: 4 blocks an SM
+template <int BITS>
+constexpr int kWRowBytes = kMmaK * BITS / 8;  // one W row's words for one chunk
+constexpr int kXStageBytes = kMmaCols * kXRow * 2;
+constexpr int kSliceStageBytes = kMmaRows * 4 * 8;  // (scale, bias) floats for each W row and slice t
+
+template <int BITS>
+constexpr size_t pipe_smem_bytes() {
+  return static_cast<size_t>(kPipeStages<BITS>) * (kXStageBytes + kMmaRows * kWRowBytes<BITS> + kSliceStageBytes);
+}
+
+template <typename S, int BITS>
+__global__ void __launch_bounds__(kMmaThreads)
+    mma_pipe_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const uint32_t* __restrict__ wq,
+                    const S* __restrict__ scales, const S* __restrict__ biases, int64_t O, int64_t N, int64_t K,
+                    int group, int per_split, __nv_bfloat16* __restrict__ out, float* __restrict__ part) {
+  constexpr int kStages = kPipeStages<BITS>, kWB = kWRowBytes<BITS>;
+  extern __shared__ __align__(16) unsigned char pipe_smem[];
+  auto xs = reinterpret_cast<__nv_bfloat16(*)[kMmaCols][kXRow]>(pipe_smem);                      // [stage][n][k]
+  auto ws = reinterpret_cast<unsigned char(*)[kMmaRows][kWB]>(pipe_smem + kStages * kXStageBytes);  // [stage][row][byte]
+  auto sb = reinterpret_cast<float2(*)[kMmaRows][4]>(pipe_smem + kStages * (kXStageBytes + kMmaRows * kWB));
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMmaRows, n0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t words = K * BITS / 32, groups = K / group;
+  const int lr0 = warp * 16 + g, lr1 = lr0 + 8;  // this thread's two W rows within the tile
+  const int chunk_begin = static_cast<int>(blockIdx.z) * per_split;
+  const int count = min(static_cast<int>(K / kMmaK), chunk_begin + per_split) - chunk_begin;
+
+  // Local chunk i's x rows and W words into stage i % kStages; one commit group per i, empty past the split, so
+  // the wait count stays uniform.
+  auto issue = [&](int i) {
+    if (i < count) {
+      const int st = i % kStages;
+      const int64_t k0 = static_cast<int64_t>(chunk_begin + i) * kMmaK;
+      for (int e = threadIdx.x; e < kMmaCols * (kMmaK / 8); e += kMmaThreads) {
+        const int r = e / (kMmaK / 8), c = e % (kMmaK / 8);
+        __nv_bfloat16* dst = &xs[st][r][c * 8];
+        if (n0 + r < N) cp_async16(dst, x + (n0 + r) * x_stride + k0 + c * 8);
+        else *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
+      }
+      for (int e = threadIdx.x; e < kMmaRows * (kWB / 16); e += kMmaThreads) {
+        const int r = e / (kWB / 16), c = e % (kWB / 16);
+        unsigned char* dst = &ws[st][r][c * 16];
+        if (m0 + r < O) cp_async16(dst, reinterpret_cast<const unsigned char*>(wq + (m0 + r) * words) + k0 * BITS / 8 + c * 16);
+        else *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
+      }
     }
+    cp_async_commit();
+  };
+  // The scale and bias of (W row, slice t) pairs p = threadIdx.x and threadIdx.x + 128 for local chunk i.
+  struct Pending {
+    S s[2], b[2];
+  };
+  auto load_scales = [&](int i) {
+    Pending q;
+    if (i < count) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int pr = threadIdx.x + kMmaThreads * j, r = pr / 4, tt = pr % 4;
+        const int64_t row = min(m0 + r, O - 1);  // rows past O: any valid row; store_scales writes zeros
+        const int64_t gi = (static_cast<int64_t>(chunk_begin + i) * kMmaK + 16 * tt) / group;
+        q.s[j] = scales[row * groups + gi];
+        q.b[j] = biases[row * groups + gi];
+      }
+    }
+    return q;
+  };
+  auto store_scales = [&](int i, const Pending& q) {
+    if (i >= count) return;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int pr = threadIdx.x + kMmaThreads * j, r = pr / 4, tt = pr % 4;
+      sb[i % kStages][r][tt] = m0 + r < O ? make_float2(as_float(q.s[j]), as_float(q.b[j])) : make_float2(0.0f, 0.0f);
+    }
+  };
+
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue(i);
+    store_scales(i, load_scales(i));
   }
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+  for (int i = 0; i < count; ++i) {
+    cp_async_wait<kStages - 2>();
+    // Chunk i's copies (every thread's) have landed and its scales were stored before an earlier barrier; every
+    // warp is past chunk i − 1, whose stage the next issue refills.
+    __syncthreads();
+    issue(i + kStages - 1);
+    const Pending ahead = load_scales(i + kStages - 1);
+    const int st = i % kStages;
+    WSlice<BITS> w0, w1;
+    if constexpr (BITS == 4) {
+      const uint2 v0 = *reinterpret_cast<const uint2*>(&ws[st][lr0][8 * t]);
+      const uint2 v1 = *reinterpret_cast<const uint2*>(&ws[st][lr1][8 * t]);
+      w0.w[0] = v0.x, w0.w[1] = v0.y, w1.w[0] = v1.x, w1.w[1] = v1.y;
+    } else {
+      const uint4 v0 = *reinterpret_cast<const uint4*>(&ws[st][lr0][16 * t]);
+      const uint4 v1 = *reinterpret_cast<const uint4*>(&ws[st][lr1][16 * t]);
+      w0.w[0] = v0.x, w0.w[1] = v0.y, w0.w[2] = v0.z, w0.w[3] = v0.w;
+      w1.w[0] = v1.x, w1.w[1] = v1.y, w1.w[2] = v1.z, w1.w[3] = v1.w;
+    }
+    const float2 sb0 = sb[st][lr0][t], sb1 = sb[st][lr1][t];
+    uint32_t a[4][4];
+    a_fragments<BITS>(w0, sb0.x, sb0.y, w1, sb1.x, sb1.y, a);
+    mma_chunk(xs[st], a, g, t, n0, N, acc);
+    store_scales(i + kStages - 1, ahead);  // into chunk i − 1's stage: every warp is past it (the barrier above)
+  }
+  store_tile(acc, m0 + lr0, m0 + lr1, t, n0, N, O, out, part);
 }
 
 // out[i] = bf16(Σ_z part[z][i]) over `splits` partial sums of `count` elements.
@@ -582,12 +722,21 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
     using S = decltype(s_tag);
     const S* sp = scales.data_ptr<S>();
     const S* bp = biases.data_ptr<S>();
-    if (bits == 4)
+    if (quant_mma_kernel() == QuantMmaKernel::kPipelined) {
+      auto launch = [&](auto kernel, size_t smem) {
+        allow_dynamic_smem(kernel, smem, "quant_linear_mma");
+        kernel<<<grid, kMmaThreads, smem, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K, static_cast<int>(group_size),
+                                                    per_split, op, pp);
+      };
+      if (bits == 4) launch(mma_pipe_kernel<S, 4>, pipe_smem_bytes<4>());
+      else launch(mma_pipe_kernel<S, 8>, pipe_smem_bytes<8>());
+    } else if (bits == 4) {
       mma_kernel<S, 4><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
                                                          static_cast<int>(group_size), per_split, op, pp);
-    else
+    } else {
       mma_kernel<S, 8><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
                                                          static_cast<int>(group_size), per_split, op, pp);
+    }
   });
   check_launch("mma_kernel");
   if (splits > 1) {
