@@ -79,9 +79,6 @@ int main(int argc, char** argv) {
   app.add_option("--lora", lora_r, "attach LoRA adapters of this rank to every projection (0: none)");
   app.add_flag("--lora-shrink-kernel", lora_shrink_kernel,
                "LoRA's x·Aᵀ by its own shrink launch, not as extra columns of the base GEMMs (EngineOptions)");
-  std::string quant_mma = "register";
-  app.add_option("--quant-mma", quant_mma, "quantized GEMM kernel above 8 rows (registry.h QuantMmaKernel)")
-      ->check(CLI::IsMember({"register", "pipelined"}));
   app.add_flag("--tuned-gemm", tuned_gemm, "the projections' GEMMs through timed cuBLASLt algorithms (EngineOptions)");
   std::string attention = "tensor-core";
   app.add_option("--attention-kernel", attention, "CUDA paged attention: tensor-core (default) or simt")
@@ -106,7 +103,6 @@ int main(int argc, char** argv) {
   const std::string rows_text = fmt::format("{},{},{},{}", rows_policy.qkv, rows_policy.gate_up, rows_policy.residual,
                                             rows_policy.lm_head);
 
-  if (quant_mma == "pipelined") kernels::set_quant_mma_kernel(kernels::QuantMmaKernel::kPipelined);
   kernels::set_attention_kernel(attention == "simt" ? kernels::AttentionKernel::kSimt
                                                    : kernels::AttentionKernel::kTensorCore);
   const at::Device dev = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
@@ -156,7 +152,6 @@ int main(int argc, char** argv) {
                                 (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +
                                 (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
                                 (lora_shrink_kernel ? " shrink kernel" : "") + (tuned_gemm ? " tuned gemm" : "") +
-                                (quant_mma == "pipelined" ? " pipelined mma" : "") +
                                 (attention == "simt" ? " simt attention" : "");
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
@@ -164,8 +159,7 @@ int main(int argc, char** argv) {
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
                        {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row},
                        {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention},
-                       {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm},
-                       {"quant_mma", quant_mma}});
+                       {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm}});
   }
   if (rollout) {
     EngineOptions opt;

@@ -136,18 +136,6 @@ int main(int argc, char** argv) {
                     "at::linear)\n", static_cast<long long>(n), static_cast<long long>(bits),
                     down_fits ? "" : ", down unfused", fused, bf16 / fused);
       }
-      if (n > kernels::kSmallLinearMaxRows) {
-        // The same projections through the opt-in pipelined mma kernel (registry.h), beside the default's `ms`.
-        kernels::set_quant_mma_kernel(kernels::QuantMmaKernel::kPipelined);
-        const double pipe = median_ms([&] {
-          for (size_t p = 0; p < w.size(); ++p)
-            kernels::quant_linear(input(p), q[p].wq, q[p].scales, q[p].biases, bits, kGroup, outs[p]);
-        });
-        kernels::set_quant_mma_kernel(kernels::QuantMmaKernel::kRegister);
-        row[fmt::format("q{}_pipelined_mma_layer_ms", bits)] = pipe;
-        std::printf("N=%lld: q%lld pipelined mma %.3f ms (%.2fx bf16; register mma %.3f ms)\n",
-                    static_cast<long long>(n), static_cast<long long>(bits), pipe, bf16 / pipe, ms);
-      }
       if (n > kernels::kSmallLinearMaxRows) {  // quant_linear's path here is quant_linear_mma; the older one beside it
         const double dq = median_ms([&] {
           for (size_t p = 0; p < w.size(); ++p) {

@@ -111,9 +111,8 @@ if has quant; then
   tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
   save_model 3b
   if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
-    for q in bf16 q4 q8 q4_pipe; do  # bf16: the same-run baseline; q4_pipe: the opt-in pipelined mma kernel
-      args=(); [ $q != bf16 ] && args=(--quantize ${q%_pipe})
-      [ $q = q4_pipe ] && args+=(--quant-mma pipelined)
+    for q in bf16 q4 q8; do  # bf16: the same-run baseline
+      args=(); [ $q != bf16 ] && args=(--quantize $q)
       "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" "${args[@]}" \
         --out "$OUT/rlaif_generate_3b_$q.json" > "$OUT/rlaif_generate_3b_$q.log" 2>&1 || log "bench_generate 3b $q failed"
       sed "s/^/3b $q /" "$OUT/rlaif_generate_3b_$q.log" | grep "tok/s" | tee -a "$OUT/summary.txt"

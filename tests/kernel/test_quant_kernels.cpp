@@ -117,32 +117,3 @@ TEST(QuantKernel, MmaPathEqualsQuantLinearAndCudaEqualsCpu) {
     }
   }
 }
-
-// The opt-in pipelined mma kernel (kernels::QuantMmaKernel::kPipelined) keeps the register kernel's tile, k order
-// and arithmetic: bit-equal outputs, with splits of K (2048 and 11008 inputs), partial N and W-row tiles, groups of
-// 16 / 32 / 64 / 128, q4 and q8, bf16, fp16 and float32 scales.
-TEST(QuantKernel, CudaMmaPipelinedEqualsRegisterKernel) {
-  RLAIF_REQUIRE_CUDA_KERNELS();
-  SCOPED_TRACE(test::seed_fresh());
-  for (int64_t bits : {4, 8}) {
-    for (auto [O, K, group, sdt] : {std::tuple<int64_t, int64_t, int64_t, at::ScalarType>{2048, 2048, 64, at::kBFloat16},
-                                    {2560, 2048, 64, at::kBFloat16}, {2048, 11008, 64, at::kBFloat16},
-                                    {260, 4096, 128, at::kHalf}, {100, 128, 32, at::kFloat}, {64, 256, 16, at::kBFloat16}}) {
-      const kernels::QuantMatrix p = test::quantize_cpu(at::randn({O, K}) * 0.05, bits, group, sdt);
-      const at::Tensor wq = p.wq.cuda(), sc = p.scales.cuda(), bi = p.biases.cuda();
-      for (int64_t n : {9, 64, 100}) {
-        SCOPED_TRACE(fmt::format("bits {} N={} O={} K={} group {} scales {}", bits, n, O, K, group, c10::toString(sdt)));
-        const at::Tensor x = at::randn({n, K}, at::TensorOptions().device(at::kCUDA)).to(at::kBFloat16);
-        at::Tensor reg = at::empty({n, O}, x.options()), pipe = at::empty({n, O}, x.options());
-        test::poison(reg);
-        test::poison(pipe);
-        kernels::quant_linear_mma(x, wq, sc, bi, bits, group, reg);
-        kernels::set_quant_mma_kernel(kernels::QuantMmaKernel::kPipelined);
-        kernels::quant_linear_mma(x, wq, sc, bi, bits, group, pipe);
-        kernels::set_quant_mma_kernel(kernels::QuantMmaKernel::kRegister);
-        EXPECT_TRUE(pipe.equal(reg)) << "max abs difference " << (pipe.to(at::kFloat) - reg.to(at::kFloat)).abs().max().item<float>();
-      }
-    }
-  }
-}
-

@@ -25,7 +25,6 @@ std::atomic<bool> g_programmatic_launch{false};
 std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStreaming};
 std::atomic<int> g_few_row_split{0};
 std::atomic<AttentionKernel> g_attention_kernel{AttentionKernel::kTensorCore};
-std::atomic<QuantMmaKernel> g_quant_mma_kernel{QuantMmaKernel::kRegister};
 }  // namespace
 
 void set_few_row_split(int warps) {
@@ -39,8 +38,6 @@ void set_few_row_kernel(FewRowKernel k) { g_few_row_kernel.store(k); }
 FewRowKernel few_row_kernel() { return g_few_row_kernel.load(); }
 void set_attention_kernel(AttentionKernel k) { g_attention_kernel.store(k); }
 AttentionKernel attention_kernel() { return g_attention_kernel.load(); }
-void set_quant_mma_kernel(QuantMmaKernel k) { g_quant_mma_kernel.store(k); }
-QuantMmaKernel quant_mma_kernel() { return g_quant_mma_kernel.load(); }
 
 void set_programmatic_launch(bool on) { g_programmatic_launch.store(on); }
 bool programmatic_launch() { return g_programmatic_launch.load(); }

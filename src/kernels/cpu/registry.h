@@ -103,13 +103,6 @@ FewRowKernel few_row_kernel();
 enum class AttentionKernel { kTensorCore, kSimt };
 void set_attention_kernel(AttentionKernel k);
 AttentionKernel attention_kernel();
-// Which CUDA kernel quant_linear_mma (the quantized GEMM above 8 rows) launches: kRegister (the default: each
-// thread loads its W slices one chunk ahead into registers) or kPipelined (opt-in, session 10, not yet measured:
-// W, x, scales and biases through a multi-chunk ring in shared memory). Same tile, k order and arithmetic, so
-// bit-equal outputs. A process-wide setting read at launch, for A/B runs (bench_quant, bench_generate --quant-mma).
-enum class QuantMmaKernel { kRegister, kPipelined };
-void set_quant_mma_kernel(QuantMmaKernel k);
-QuantMmaKernel quant_mma_kernel();
 // How many warps share one weight row in small_linear's CUDA GEMV (1, 2, 4 or 8): 0 (default) leaves it to the
 // kernel's rule for K. A tuning knob for bench_kernels, which measures every split at the decode shapes.
 void set_few_row_split(int warps);

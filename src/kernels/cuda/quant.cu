@@ -445,129 +445,6 @@ __global__ void __launch_bounds__(kMmaThreads)
   store_tile(acc, r0, r1, t, n0, N, O, out, part);
 }
 
-// ---- Pipelined variant (kernels::QuantMmaKernel::kPipelined, session 10; opt-in until measured) ----
-// mma_kernel's tile, fragments, k order and arithmetic (so bit-equal results), but W and x arrive through a ring of
-// kPipeStages chunks in shared memory: the W words and x rows by cp.async, issued kPipeStages − 1 chunks ahead; the
-// slices' scales and biases by plain loads issued as far ahead, held in registers over the current chunk's MMAs
-// and only then stored into the ring (their latency overlaps them). Why: mma_kernel holds one chunk of W in flight
-// (2 KB a block for q4) — Nsight Compute (sessions 9-10, batch 64) shows 6.8% of DRAM bandwidth, and the q4 gate/up
-// projection moves its 22 MB in 61 µs (0.37 TB/s). Session 8's pipeline attempt also doubled the tile to 128 W
-// rows and 8 warps and lost; this one keeps mma_kernel's 64 × 64 tile and 4 warps.
-template <int BITS>
-constexpr int kPipeStages = BITS == 4 ? 4 : 3;  // 53 KB (q4) and 46 KB (q8) of shared memory: 4 blocks an SM
-template <int BITS>
-constexpr int kWRowBytes = kMmaK * BITS / 8;  // one W row's words for one chunk
-constexpr int kXStageBytes = kMmaCols * kXRow * 2;
-constexpr int kSliceStageBytes = kMmaRows * 4 * 8;  // (scale, bias) floats for each W row and slice t
-
-template <int BITS>
-constexpr size_t pipe_smem_bytes() {
-  return static_cast<size_t>(kPipeStages<BITS>) * (kXStageBytes + kMmaRows * kWRowBytes<BITS> + kSliceStageBytes);
-}
-
-template <typename S, int BITS>
-__global__ void __launch_bounds__(kMmaThreads)
-    mma_pipe_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const uint32_t* __restrict__ wq,
-                    const S* __restrict__ scales, const S* __restrict__ biases, int64_t O, int64_t N, int64_t K,
-                    int group, int per_split, __nv_bfloat16* __restrict__ out, float* __restrict__ part) {
-  constexpr int kStages = kPipeStages<BITS>, kWB = kWRowBytes<BITS>;
-  extern __shared__ __align__(16) unsigned char pipe_smem[];
-  auto xs = reinterpret_cast<__nv_bfloat16(*)[kMmaCols][kXRow]>(pipe_smem);                      // [stage][n][k]
-  auto ws = reinterpret_cast<unsigned char(*)[kMmaRows][kWB]>(pipe_smem + kStages * kXStageBytes);  // [stage][row][byte]
-  auto sb = reinterpret_cast<float2(*)[kMmaRows][4]>(pipe_smem + kStages * (kXStageBytes + kMmaRows * kWB));
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMmaRows, n0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t words = K * BITS / 32, groups = K / group;
-  const int lr0 = warp * 16 + g, lr1 = lr0 + 8;  // this thread's two W rows within the tile
-  const int chunk_begin = static_cast<int>(blockIdx.z) * per_split;
-  const int count = min(static_cast<int>(K / kMmaK), chunk_begin + per_split) - chunk_begin;
-
-  // Local chunk i's x rows and W words into stage i % kStages; one commit group per i, empty past the split, so
-  // the wait count stays uniform.
-  auto issue = [&](int i) {
-    if (i < count) {
-      const int st = i % kStages;
-      const int64_t k0 = static_cast<int64_t>(chunk_begin + i) * kMmaK;
-      for (int e = threadIdx.x; e < kMmaCols * (kMmaK / 8); e += kMmaThreads) {
-        const int r = e / (kMmaK / 8), c = e % (kMmaK / 8);
-        __nv_bfloat16* dst = &xs[st][r][c * 8];
-        if (n0 + r < N) cp_async16(dst, x + (n0 + r) * x_stride + k0 + c * 8);
-        else *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
-      }
-      for (int e = threadIdx.x; e < kMmaRows * (kWB / 16); e += kMmaThreads) {
-        const int r = e / (kWB / 16), c = e % (kWB / 16);
-        unsigned char* dst = &ws[st][r][c * 16];
-        if (m0 + r < O) cp_async16(dst, reinterpret_cast<const unsigned char*>(wq + (m0 + r) * words) + k0 * BITS / 8 + c * 16);
-        else *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
-      }
-    }
-    cp_async_commit();
-  };
-  // The scale and bias of (W row, slice t) pairs p = threadIdx.x and threadIdx.x + 128 for local chunk i.
-  struct Pending {
-    S s[2], b[2];
-  };
-  auto load_scales = [&](int i) {
-    Pending q;
-    if (i < count) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int pr = threadIdx.x + kMmaThreads * j, r = pr / 4, tt = pr % 4;
-        const int64_t row = min(m0 + r, O - 1);  // rows past O: any valid row; store_scales writes zeros
-        const int64_t gi = (static_cast<int64_t>(chunk_begin + i) * kMmaK + 16 * tt) / group;
-        q.s[j] = scales[row * groups + gi];
-        q.b[j] = biases[row * groups + gi];
-      }
-    }
-    return q;
-  };
-  auto store_scales = [&](int i, const Pending& q) {
-    if (i >= count) return;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int pr = threadIdx.x + kMmaThreads * j, r = pr / 4, tt = pr % 4;
-      sb[i % kStages][r][tt] = m0 + r < O ? make_float2(as_float(q.s[j]), as_float(q.b[j])) : make_float2(0.0f, 0.0f);
-    }
-  };
-
-  for (int i = 0; i < kStages - 1; ++i) {
-    issue(i);
-    store_scales(i, load_scales(i));
-  }
-  float acc[8][4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
-
-  for (int i = 0; i < count; ++i) {
-    cp_async_wait<kStages - 2>();
-    // Chunk i's copies (every thread's) have landed and its scales were stored before an earlier barrier; every
-    // warp is past chunk i − 1, whose stage the next issue refills.
-    __syncthreads();
-    issue(i + kStages - 1);
-    const Pending ahead = load_scales(i + kStages - 1);
-    const int st = i % kStages;
-    WSlice<BITS> w0, w1;
-    if constexpr (BITS == 4) {
-      const uint2 v0 = *reinterpret_cast<const uint2*>(&ws[st][lr0][8 * t]);
-      const uint2 v1 = *reinterpret_cast<const uint2*>(&ws[st][lr1][8 * t]);
-      w0.w[0] = v0.x, w0.w[1] = v0.y, w1.w[0] = v1.x, w1.w[1] = v1.y;
-    } else {
-      const uint4 v0 = *reinterpret_cast<const uint4*>(&ws[st][lr0][16 * t]);
-      const uint4 v1 = *reinterpret_cast<const uint4*>(&ws[st][lr1][16 * t]);
-      w0.w[0] = v0.x, w0.w[1] = v0.y, w0.w[2] = v0.z, w0.w[3] = v0.w;
-      w1.w[0] = v1.x, w1.w[1] = v1.y, w1.w[2] = v1.z, w1.w[3] = v1.w;
-    }
-    const float2 sb0 = sb[st][lr0][t], sb1 = sb[st][lr1][t];
-    uint32_t a[4][4];
-    a_fragments<BITS>(w0, sb0.x, sb0.y, w1, sb1.x, sb1.y, a);
-    mma_chunk(xs[st], a, g, t, n0, N, acc);
-    store_scales(i + kStages - 1, ahead);  // into chunk i − 1's stage: every warp is past it (the barrier above)
-  }
-  store_tile(acc, m0 + lr0, m0 + lr1, t, n0, N, O, out, part);
-}
-
 // out[i] = bf16(Σ_z part[z][i]) over `splits` partial sums of `count` elements.
 __global__ void split_reduce_kernel(const float* __restrict__ part, int64_t count, int splits,
                                     __nv_bfloat16* __restrict__ out) {
@@ -722,15 +599,7 @@ void quant_linear_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::
     using S = decltype(s_tag);
     const S* sp = scales.data_ptr<S>();
     const S* bp = biases.data_ptr<S>();
-    if (quant_mma_kernel() == QuantMmaKernel::kPipelined) {
-      auto launch = [&](auto kernel, size_t smem) {
-        allow_dynamic_smem(kernel, smem, "quant_linear_mma");
-        kernel<<<grid, kMmaThreads, smem, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K, static_cast<int>(group_size),
-                                                    per_split, op, pp);
-      };
-      if (bits == 4) launch(mma_pipe_kernel<S, 4>, pipe_smem_bytes<4>());
-      else launch(mma_pipe_kernel<S, 8>, pipe_smem_bytes<8>());
-    } else if (bits == 4) {
+    if (bits == 4) {
       mma_kernel<S, 4><<<grid, kMmaThreads, 0, stream>>>(xp, x.stride(0), w, sp, bp, O, N, K,
                                                          static_cast<int>(group_size), per_split, op, pp);
     } else {
