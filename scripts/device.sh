@@ -181,6 +181,11 @@ if has train; then
   # hf (transformers + peft), old (the pre-optimisation training path: eager attention, full head, PEFT's LoRA
   # ops, eager norm).
   save_model 3b
+  # The card's clocks, power and temperature every 0.5 s while the runs go: the training phase (compute-bound) took
+  # 2.6 s on one machine and 3.4-3.7 s on others with the same code, while the memory-bound generation did not move.
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu --format=csv \
+    -lms 500 > "$OUT/gpu_clocks_train.csv" 2>/dev/null &
+  clocks_pid=$!
   runs=" ${RLAIF_TRAIN_RUNS:-main kernel ckpt hf old} "
   train() {  # train NAME bench_train-arguments...
     local name=$1; shift
@@ -196,6 +201,9 @@ if has train; then
       2>&1 || log "hf_train_step failed"
   fi
   suffix=_old train old --attention eager --full-head --no-fused-lora --eager-norm --steps 2
+  kill $clocks_pid 2>/dev/null
+  log "SM clock during the train stage (MHz, min/median/max): $(awk -F', ' 'NR > 1 {print $2+0}' "$OUT/gpu_clocks_train.csv" \
+    | sort -n | awk '{a[NR]=$1} END {if (NR) print a[1] "/" a[int((NR+1)/2)] "/" a[NR]}')"
   grep -E "^step" "$OUT"/rlaif_train_3b*.log "$OUT"/hf_train_3b.log 2>/dev/null | tee -a "$OUT/summary.txt"
   grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" 2>/dev/null | head -8 | tee -a "$OUT/summary.txt"
 fi
