@@ -146,7 +146,11 @@ int main(int argc, char** argv) {
     auto warm = reqs;
     for (auto& r : warm) r.params.max_new_tokens = 8;
     engine.generate(warm);
+    // Only the timed generate is inside the profilers' capture range (device.sh's ncu runs start outside it).
+    auto* range = kernels::kernel_registry().profiler_range;
+    if (range) range(true);
     const auto [n, dt] = timed_generate(engine, reqs, dev);
+    if (range) range(false);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
     const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
                                 (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +

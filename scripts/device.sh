@@ -152,8 +152,10 @@ if [[ " $STAGES " == *" profile "* ]]; then
     save_model $s
     # RLAIF_PROFILE_KERNELS (a regex) profiles only the kernels it names, wherever they fall (e.g. the decode
     # step's kernels without a skip that depends on the prefill's launch count).
+    # --profile-from-start off: only bench_generate's timed generate (its cudaProfilerStart/Stop range) counts, so
+    # the skip starts at its prefill and set-up launches (adapters, quantization) never fill the window.
     timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum ${RLAIF_PROFILE_KERNELS:+-k "regex:$RLAIF_PROFILE_KERNELS"} \
-      --launch-skip ${skip:-${RLAIF_PROFILE_SKIP:-4000}} \
+      --profile-from-start off --launch-skip ${skip:-${RLAIF_PROFILE_SKIP:-2000}} \
       --launch-count ${RLAIF_PROFILE_COUNT:-600} "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" \
       --batches $b --new 64 $args > "$OUT/ncu_$tag.csv" 2> "$OUT/ncu_$tag.log" || log "ncu $spec failed"
     log "profile $s batch $b $args (ncu window):"
@@ -167,7 +169,8 @@ if [[ " $STAGES " == *" profile "* ]]; then
     tag=$(echo "${s}_b${b}_${k}_$extra" | tr -c 'a-zA-Z0-9\n' '_')
     save_model $s
     timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters -k "regex:$k" --launch-skip ${skip:-300} --launch-count 1 \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters -k "regex:$k" \
+      --profile-from-start off --launch-skip ${skip:-300} --launch-count 1 \
       "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-$s-random" --batches $b --new 64 $args \
       > "$OUT/ncu_detail_$tag.txt" 2>&1 || log "ncu detail $spec failed"
     log "detail $spec:"; grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Block Limit|Warp Cycles Per Issued|Grid Size|Stall|One or More|No Eligible|Compute \(SM\)|Waves|Dynamic Shared" \

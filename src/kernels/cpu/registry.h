@@ -74,6 +74,9 @@ struct KernelRegistry {
   void* (*graph_capture)(const std::function<void()>& body) = nullptr;
   void (*graph_replay)(void* graph) = nullptr;
   void (*graph_destroy)(void* graph) = nullptr;
+  // Start or stop the profilers' capture range (ncu --profile-from-start off), so a profile of a benchmark's timed
+  // region skips its set-up launches.
+  void (*profiler_range)(bool start) = nullptr;
 };
 
 KernelRegistry& kernel_registry();

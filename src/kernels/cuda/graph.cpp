@@ -5,7 +5,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <cuda_profiler_api.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <fmt/format.h>
+
+#include "core/error.h"
 
 namespace rlaif::kernels {
 
@@ -31,5 +35,11 @@ void* graph_capture_cuda(const std::function<void()>& body) {
 void graph_replay_cuda(void* graph) { static_cast<at::cuda::CUDAGraph*>(graph)->replay(); }
 
 void graph_destroy_cuda(void* graph) { delete static_cast<at::cuda::CUDAGraph*>(graph); }
+
+void profiler_range_cuda(bool start) {
+  const cudaError_t e = start ? cudaProfilerStart() : cudaProfilerStop();
+  if (e != cudaSuccess)
+    throw InternalError(fmt::format("[kernels] cudaProfiler{} failed: {}", start ? "Start" : "Stop", cudaGetErrorString(e)));
+}
 
 }  // namespace rlaif::kernels

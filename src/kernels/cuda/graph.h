@@ -9,5 +9,7 @@ namespace rlaif::kernels {
 void* graph_capture_cuda(const std::function<void()>& body);
 void graph_replay_cuda(void* graph);
 void graph_destroy_cuda(void* graph);
+// The profilers' capture range (Nsight Compute's --profile-from-start off): start or stop it.
+void profiler_range_cuda(bool start);
 
 }  // namespace rlaif::kernels

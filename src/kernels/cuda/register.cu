@@ -38,5 +38,6 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.graph_capture = &graph_capture_cuda;
   r.graph_replay = &graph_replay_cuda;
   r.graph_destroy = &graph_destroy_cuda;
+  r.profiler_range = &profiler_range_cuda;
   return true;
 }
