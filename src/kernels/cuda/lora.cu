@@ -476,9 +476,10 @@ ExpandArgs<T> expand_args(const std::vector<at::Tensor>& b, const std::vector<do
   return args;
 }
 
-// The expand grid (`blocks` column tiles × row tiles of up to 16 rows: B staged once for them; fewer rows while
-// the grid would leave SMs idle) and t's element type — float32 (lora_shrink's) or the outputs' (columns of a base
-// GEMM's output): launch(tp, grid, tile) with tp typed accordingly, on t's device; nothing when empty.
+// The expand grid (`blocks` column tiles × row tiles of up to kExpandRows rows, each thread reusing its B chunk
+// over them; fewer rows while the grid would leave SMs idle) and t's element type — float32 (lora_shrink's) or the
+// outputs' (columns of a base GEMM's output): launch(tp, grid, tile) with tp typed accordingly, on t's device;
+// nothing when empty.
 template <typename T, typename Launch>
 void launch_expand(const at::Tensor& t, int64_t blocks, Launch&& launch) {
   const int64_t S = t.size(0);
