@@ -237,6 +237,12 @@ struct LoraGroup {
     kernels::lora_shrink(x, a, t);
     return t;
   }
+  // What the expand kernels take: `t` (x·Aᵀ from the base GEMM) when given and they fit, else the shrink kernel's
+  // t on the GPU; undefined when neither serves (ATen's ops then).
+  at::Tensor expand_input(const at::Tensor& x, const at::Tensor& t) const {
+    if (t.defined() && expand_fits) return t;
+    return kernels_fit ? shrink(x) : at::Tensor();
+  }
 };
 
 LoraGroup lora_group(const at::Tensor& x, const LayerWeights& L, const std::vector<Proj>& ps,
@@ -269,20 +275,15 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
     if (residual.defined()) residual.add_(ys[0]);
     return;
   }
-  if (t.defined() && g.expand_fits) {
-    if (residual.defined()) kernels::lora_expand(t, g.b, g.scales, g.outs, residual, {residual});
-    else kernels::lora_expand(t, g.b, g.scales, g.outs, {}, g.outs);
-    return;
-  }
-  if (!g.kernels_fit) {
+  const at::Tensor xa = g.expand_input(x, t);                                           // [S, Σr]
+  if (!xa.defined()) {
     for (size_t i = 0; i < ps.size(); ++i)
       if (adapter(L, ps[i]).defined()) ys[i].copy_(layers::add_lora(ys[i], x, adapter(L, ps[i]), /*training=*/false));
     if (residual.defined()) residual.copy_(residual + ys[0]);
     return;
   }
-  const at::Tensor shrunk = g.shrink(x);                                                // [S, Σr]
-  if (residual.defined()) kernels::lora_expand(shrunk, g.b, g.scales, g.outs, residual, {residual});
-  else kernels::lora_expand(shrunk, g.b, g.scales, g.outs, {}, g.outs);
+  if (residual.defined()) kernels::lora_expand(xa, g.b, g.scales, g.outs, residual, {residual});
+  else kernels::lora_expand(xa, g.b, g.scales, g.outs, {}, g.outs);
 }
 
 // act = silu(gate + update) · (up + update) for the base outputs gu = {gate, up} of x: with adapters on both and
@@ -291,9 +292,9 @@ void add_lora_group(const at::Tensor& x, const LayerWeights& L, const std::vecto
 void lora_swiglu(const at::Tensor& x, const LayerWeights& L, std::vector<at::Tensor>& gu, const at::Tensor& act,
                  const at::Tensor& t = {}) {
   const LoraGroup g = lora_group(x, L, {Proj::kGate, Proj::kUp}, gu);
-  if (g.a.size() == 2 && t.defined() && g.expand_fits)
-    return kernels::lora_expand_silu_mul(t, g.b, g.scales, gu[0], gu[1], act);
-  if (g.a.size() == 2 && g.kernels_fit) return kernels::lora_expand_silu_mul(g.shrink(x), g.b, g.scales, gu[0], gu[1], act);
+  if (g.a.size() == 2)
+    if (const at::Tensor xa = g.expand_input(x, t); xa.defined())
+      return kernels::lora_expand_silu_mul(xa, g.b, g.scales, gu[0], gu[1], act);
   add_lora_group(x, L, {Proj::kGate, Proj::kUp}, gu, {}, t);
   kernels::silu_mul(gu[0], gu[1], act);
 }
@@ -318,9 +319,10 @@ int64_t out_features(const LayerWeights& L, Proj p) {
   return q.defined() ? q.out_features() : L.weight(p).size(0);
 }
 
-// The group's biases as one [Σ O] tensor (models/weights.h packed_rows): undefined when none has one; nullopt when
-// some have one but they are not consecutive rows of one buffer.
-std::optional<at::Tensor> packed_bias(const LayerWeights& L, const std::vector<Proj>& ps) {
+// The group's biases as one [Σ O] tensor (models/weights.h packed_rows), followed by `tail`'s rows when given:
+// undefined when none has one; nullopt when some have one but they are not consecutive rows of one buffer.
+std::optional<at::Tensor> packed_bias(const LayerWeights& L, const std::vector<Proj>& ps,
+                                      const at::Tensor* tail = nullptr) {
   std::vector<const at::Tensor*> bs;
   bool any_bias = false;
   for (Proj p : ps) {
@@ -328,6 +330,7 @@ std::optional<at::Tensor> packed_bias(const LayerWeights& L, const std::vector<P
     any_bias = any_bias || L.bias(p).defined();
   }
   if (!any_bias) return at::Tensor();
+  if (tail != nullptr) bs.push_back(tail);
   at::Tensor b = packed_rows(bs);
   if (!b.defined()) return std::nullopt;
   return b;
@@ -346,16 +349,19 @@ std::vector<at::Tensor> column_slices(const at::Tensor& y, const LayerWeights& L
 
 // A group's packed weight and bias (bias undefined when none has one) when the group's base projections can run as
 // one GEMM on x: plain weights in x's dtype and device (adapters are added to the output's column slices
-// afterwards). Else an undefined weight.
-std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std::vector<Proj>& ps, const at::Tensor& x) {
+// afterwards). Else an undefined weight. With `w_tail` / `b_tail`, rows that must follow the group's weights and
+// biases in the same buffer (packed_group_lora).
+std::pair<at::Tensor, at::Tensor> packed_group(const LayerWeights& L, const std::vector<Proj>& ps, const at::Tensor& x,
+                                               const at::Tensor* w_tail = nullptr, const at::Tensor* b_tail = nullptr) {
   std::vector<const at::Tensor*> ws;
   for (Proj p : ps) {
     if (L.quant[static_cast<int>(p)].defined()) return {};
     ws.push_back(&L.weight(p));
   }
+  if (w_tail != nullptr) ws.push_back(w_tail);
   at::Tensor w = packed_rows(ws);
   if (!w.defined() || w.scalar_type() != x.scalar_type() || w.device() != x.device()) return {};
-  const std::optional<at::Tensor> b = packed_bias(L, ps);
+  const std::optional<at::Tensor> b = packed_bias(L, ps, b_tail);
   if (!b) return {};
   return {w, *b};
 }
@@ -373,18 +379,7 @@ std::pair<at::Tensor, at::Tensor> packed_group_lora(const LayerWeights& L, const
                                                     const at::Tensor& x) {
   const int g = static_cast<int>(group_of(ps));
   if (!L.lora_rows[g].defined()) return {};
-  std::vector<const at::Tensor*> ws, bs;
-  for (Proj p : ps) {
-    ws.push_back(&L.weight(p));
-    bs.push_back(&L.bias(p));
-  }
-  ws.push_back(&L.lora_rows[g]);
-  bs.push_back(&L.lora_bias_rows[g]);
-  const at::Tensor w = packed_rows(ws);
-  if (!w.defined() || w.scalar_type() != x.scalar_type() || w.device() != x.device()) return {};
-  if (!bs[0]->defined()) return {w, at::Tensor()};
-  const at::Tensor b = packed_rows(bs);
-  return b.defined() ? std::pair{w, b} : std::pair<at::Tensor, at::Tensor>{};
+  return packed_group(L, ps, x, &L.lora_rows[g], &L.lora_bias_rows[g]);
 }
 
 // The projection weights' addresses, hashed: what the decode graphs replay.
