@@ -37,6 +37,12 @@ EngineOptions every_few_row() {
   return o;
 }
 
+// LoRA's x·Aᵀ by the shrink kernel (or ATen on the CPU), not out of the base GEMMs (the default since session 10).
+EngineOptions shrink_kernel(EngineOptions o = {}) {
+  o.lora_shrink_in_gemm = false;
+  return o;
+}
+
 class EngineParity : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
 
 // |engine log-prob − training forward log-prob| over every generated token: the trainer's view is one row
@@ -138,11 +144,12 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
     for (auto& [name, t] : lora_parameters(*model))
       if (name.find("lora_B") != std::string::npos) t.copy_(at::randn(t.sizes()) * 0.05);
   }
-  EngineOptions in_gemm;  // x·Aᵀ as extra columns of the base GEMMs (pack_lora_rows), last: it moves the weights
-  in_gemm.lora_shrink_in_gemm = true;
-  for (const auto& [requests, opt] : {std::pair{int64_t{2}, EngineOptions{}}, std::pair{int64_t{2}, every_few_row()},
-                                      std::pair{int64_t{4}, EngineOptions{}}, std::pair{int64_t{4}, in_gemm},
-                                      std::pair{int64_t{2}, in_gemm}}) {
+  // The shrink kernel first; x·Aᵀ as extra columns of the base GEMMs (pack_lora_rows, the default) last: it moves
+  // the weights.
+  for (const auto& [requests, opt] :
+       {std::pair{int64_t{2}, shrink_kernel()}, std::pair{int64_t{2}, shrink_kernel(every_few_row())},
+        std::pair{int64_t{4}, shrink_kernel()}, std::pair{int64_t{4}, EngineOptions{}},
+        std::pair{int64_t{2}, EngineOptions{}}}) {
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(requests);
     for (int64_t i = 0; i < requests; ++i) {
@@ -249,9 +256,7 @@ TEST(Engine, Bf16LoraShrinkKernelAndInGemmOnGpu) {
     for (auto& [name, t] : lora_parameters(*model))
       if (name.find("lora_B") != std::string::npos) t.copy_(at::randn(t.sizes()) * 0.05);
   }
-  EngineOptions in_gemm;
-  in_gemm.lora_shrink_in_gemm = true;
-  Engine plain(model, {}), packing(model, in_gemm);
+  Engine plain(model, shrink_kernel()), packing(model, EngineOptions{});
   const std::vector<GenerationRequest> reqs = sampled_requests(4, 32, 7);
   // The plain engine captures its graphs first; the packing one then moves the weights ([W; A]); the plain one's
   // next call must notice and capture again rather than replay the old addresses.
