@@ -190,25 +190,23 @@ if has train; then
     -lms 500 > "$OUT/gpu_clocks_train.csv" 2>/dev/null &
   clocks_pid=$!
   runs=" ${RLAIF_TRAIN_RUNS:-main kernel ckpt hf old} "
-  train() {  # train NAME bench_train-arguments...
-    local name=$1; shift
+  train() {  # train NAME FILE-SUFFIX bench_train-arguments...
+    local name=$1 suffix=$2; shift 2
     [[ $runs == *" $name "* ]] || return 0
     "$BUILD/bench/bench_train" --model "$MD/qwen2.5-3b-random" "$@" --out "$OUT/rlaif_train_3b$suffix.json" \
       > "$OUT/rlaif_train_3b$suffix.log" 2>&1 || log "bench_train $name failed"
   }
-  suffix= train main
-  suffix=_kernel train kernel --lora-shrink-kernel --steps 2
-  suffix=_ckpt train ckpt --micro-batch 8 --checkpointing --steps 2
+  train main ""
+  train kernel _kernel --lora-shrink-kernel --steps 2
+  train ckpt _ckpt --micro-batch 8 --checkpointing --steps 2
   if [[ $runs == *" hf "* ]]; then
     $PY bench/hf_train_step.py --model "$MD/qwen2.5-3b-random" --out "$OUT/hf_train_3b.json" > "$OUT/hf_train_3b.log" \
       2>&1 || log "hf_train_step failed"
   fi
-  suffix=_old train old --attention eager --full-head --no-fused-lora --eager-norm --steps 2
+  train old _old --attention eager --full-head --no-fused-lora --eager-norm --steps 2
   kill $clocks_pid 2>/dev/null
   log "SM clock during the train stage (MHz, min/median/max): $(awk -F', ' 'NR > 1 {print $2+0}' "$OUT/gpu_clocks_train.csv" \
     | sort -n | awk '{a[NR]=$1} END {if (NR) print a[1] "/" a[int((NR+1)/2)] "/" a[NR]}')"
   grep -E "^step" "$OUT"/rlaif_train_3b*.log "$OUT"/hf_train_3b.log 2>/dev/null | tee -a "$OUT/summary.txt"
   grep -iE "phase|attention:" "$OUT/rlaif_train_3b.log" 2>/dev/null | head -8 | tee -a "$OUT/summary.txt"
 fi
-
-
