@@ -1,11 +1,12 @@
-// Few-row projections with MLX affine-quantized weights: one warp per output row (a SwiGLU warp takes the gate and
-// the up row), lanes over the row's 16-byte chunks of packed words (32 values at 4 bits, 16 at 8; a chunk lies in
-// one group), four chunks a lane in flight (two from 4 rows on), the warp's row and its next one prefetched to L2
-// ahead (the first before the staging). Every block first stages the N ≤ 8 input rows in shared memory as
-// float32 — normalised by the fused RMSNorm when there is one — together with each chunk's sum of x, so a chunk
-// costs Σ x·q per row plus one s·Σx·q + b·Σx: the dequantization's scale and bias leave the inner loop. x is laid
-// out chunk-interleaved ([row][float4 of the chunk][chunk]), so the 32 lanes' reads of their chunks' x are
-// consecutive 16-byte words (no bank conflicts).
+// Few-row projections with MLX affine-quantized weights: a warp per task of M output rows (a SwiGLU task: P gate
+// rows and their up rows), lanes over the rows' 16-byte chunks of packed words (32 values at 4 bits, 16 at 8; a
+// chunk lies in one group). The task's rows' next chunks are all requested before any arithmetic (four a lane at
+// batch 1: a 2048-input q4 row is only two chunks a lane), and the next task's rows are prefetched to L2 (the first
+// before the staging). Every block first stages the N ≤ 8 input rows in shared memory as float32 — normalised by
+// the fused RMSNorm when there is one — together with each chunk's sum of x, so a chunk costs Σ x·q per row plus
+// one s·Σx·q + b·Σx: the dequantization's scale and bias leave the inner loop. x is laid out chunk-interleaved
+// ([row][float4 of the chunk][chunk]), so the 32 lanes' reads of their chunks' x are consecutive 16-byte words (no
+// bank conflicts), and each is read once for the task's M rows.
 #include "kernels/cuda/quant_small_linear.h"
 
 #include <algorithm>
@@ -137,154 +138,242 @@ __device__ __forceinline__ void prefetch_row(const void* w, int64_t bytes, const
   }
 }
 
-// acc[n] += Σ over row `w`'s chunks of s·Σ x·q + b·Σ x (this lane's chunks lane, lane + 32, ...), not warp-summed.
-template <typename S, int BITS, int N>
-__device__ __forceinline__ void dot_row(const Stage& st, const uint4* __restrict__ w, const S* __restrict__ scales,
-                                        const S* __restrict__ biases, int cpg_shift, float (&acc)[N]) {
-  constexpr int kPer = 32 / BITS, kF4 = 128 / BITS / 4;
-  constexpr int kUnroll = N >= 4 ? 2 : 4;  // chunks a lane has in flight (more rows: more work per chunk)
+// acc[m][n] += Σ over row w[m]'s chunks of s·Σ x·q + b·Σ x (this lane's chunks lane, lane + 32, ...), not
+// warp-summed. The M rows' next U chunks (and their scales and biases) are all requested before any arithmetic:
+// at batch 1 a 2048-input q4 row is only two chunks a lane, so one row alone keeps too few bytes in flight. Each
+// staged x float4 is read once for the M rows.
+template <typename S, int BITS, int N, int M, int U>
+__device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w)[M], const S* const (&scales)[M],
+                                         const S* const (&biases)[M], int cpg_shift, float (&acc)[M][N]) {
+  constexpr int kPer = 32 / BITS, kF4 = 128 / BITS / 4, kF4PerWord = kPer / 4;
   const int64_t C = st.C;
-  for (int64_t c0 = threadIdx.x % 32; c0 < C; c0 += kUnroll * 32) {
-    uint4 wv[kUnroll];
-    float s[kUnroll], b[kUnroll];
+  for (int64_t c0 = threadIdx.x % 32; c0 < C; c0 += U * 32) {
+    uint4 wv[U][M];
+    float s[U][M], b[U][M];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * 32;
-      if (c < C) wv[u] = __ldcs(w + c);
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        if (c < C) wv[u][m] = __ldcs(w[m] + c);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * 32;
-      if (c < C) {
-        s[u] = static_cast<float>(scales[c >> cpg_shift]);
-        b[u] = static_cast<float>(biases[c >> cpg_shift]);
-      }
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        if (c < C) {
+          s[u][m] = static_cast<float>(scales[m][c >> cpg_shift]);
+          b[u][m] = static_cast<float>(biases[m][c >> cpg_shift]);
+        }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * 32;
       if (c >= C) break;
-      const uint32_t words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
-      float dq[N];
+      float dq[M][N];
 #pragma unroll
-      for (int n = 0; n < N; ++n) dq[n] = 0.0f;
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int n = 0; n < N; ++n) dq[m][n] = 0.0f;
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        float q[kPer];
-        unpack_word<BITS>(words[t], q);
+        float4 xv[N][kF4PerWord];
 #pragma unroll
-        for (int f = 0; f < kPer / 4; ++f) {
+        for (int n = 0; n < N; ++n)
 #pragma unroll
-          for (int n = 0; n < N; ++n) {
-            const float4 xv = st.x[(n * kF4 + t * (kPer / 4) + f) * C + c];
-            dq[n] = fmaf(xv.x, q[4 * f], dq[n]);
-            dq[n] = fmaf(xv.y, q[4 * f + 1], dq[n]);
-            dq[n] = fmaf(xv.z, q[4 * f + 2], dq[n]);
-            dq[n] = fmaf(xv.w, q[4 * f + 3], dq[n]);
-          }
+          for (int f = 0; f < kF4PerWord; ++f) xv[n][f] = st.x[(n * kF4 + t * kF4PerWord + f) * C + c];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const uint32_t word = t == 0 ? wv[u][m].x : t == 1 ? wv[u][m].y : t == 2 ? wv[u][m].z : wv[u][m].w;
+          float q[kPer];
+          unpack_word<BITS>(word, q);
+#pragma unroll
+          for (int f = 0; f < kF4PerWord; ++f)
+#pragma unroll
+            for (int n = 0; n < N; ++n) {
+              dq[m][n] = fmaf(xv[n][f].x, q[4 * f], dq[m][n]);
+              dq[m][n] = fmaf(xv[n][f].y, q[4 * f + 1], dq[m][n]);
+              dq[m][n] = fmaf(xv[n][f].z, q[4 * f + 2], dq[m][n]);
+              dq[m][n] = fmaf(xv[n][f].w, q[4 * f + 3], dq[m][n]);
+            }
         }
       }
 #pragma unroll
-      for (int n = 0; n < N; ++n) acc[n] = fmaf(s[u], dq[n], fmaf(b[u], st.sums[n * C + c], acc[n]));
+      for (int n = 0; n < N; ++n) {
+        const float xs = st.sums[n * C + c];
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[m][n] = fmaf(s[u][m], dq[m][n], fmaf(b[u][m], xs, acc[m][n]));
+      }
     }
   }
 }
 
-// kThreads threads a block; warp w of block b takes output rows b·kWarps + w, then every gridDim.x·kWarps-th row
-// after it, over the segments in order (a grid capped near one wave, so a long head stages its input once per
-// block, not once per 8 rows).
-template <typename T, typename S, int BITS, int N>
-__global__ void __launch_bounds__(kThreads)
+// Chunks a lane has in flight per row (U of dot_rows): four 16-byte chunks a lane over the M rows at one or two
+// input rows (24 warps a multiprocessor then keep about 48 KB in flight), two beyond (more registers and
+// arithmetic per chunk).
+template <int N, int M>
+constexpr int kChunksInFlight = (N <= 2 ? 4 : 2) / M > 0 ? (N <= 2 ? 4 : 2) / M : 1;
+
+// Blocks a multiprocessor holds at once at N input rows: three at one (at most 85 registers: 24 warps, each with
+// its M·U chunks in flight), two at two, else as the registers allow.
+template <int N>
+constexpr int kMinBlocks = N == 1 ? 3 : N == 2 ? 2 : 1;
+
+// kThreads threads a block; warp w of block b takes task b·kWarps + w, then every gridDim.x·kWarps-th task after
+// it; task t is the M output rows t·M … t·M + M − 1, counted over the segments in order (a grid capped near one
+// wave, so a long head stages its input once per block, not once per 8 tasks).
+template <typename T, typename S, int BITS, int N, int M>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
     quant_small_linear_kernel(const T* __restrict__ x, int rows, int64_t K, QSegments<T, S> segs,
                               const T* residual, const T* norm_w, float eps, T* normed, int cpg_shift) {
   const int64_t C = K * BITS / 128, groups = C >> cpg_shift, stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  int64_t total = 0;
+  for (int i = 0; i < segs.count; ++i) total += segs.s[i].rows;
+  const int64_t tasks = (total + M - 1) / M;
   // Row r (counted over all segments) → its segment and row within it; si == count past the last.
   auto locate = [&](int64_t r, int& si) {
     si = 0;
     while (si < segs.count && r >= segs.s[si].rows) r -= segs.s[si++].rows;
     return r;
   };
-  auto prefetch = [&](int64_t r) {
-    int si;
-    r = locate(r, si);
-    if (si < segs.count)
-      prefetch_row(segs.s[si].w + r * C, C * 16, segs.s[si].scales + r * groups, segs.s[si].biases + r * groups,
-                   groups * static_cast<int64_t>(sizeof(S)));
+  auto prefetch = [&](int64_t t) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      int si;
+      const int64_t r = locate(t * M + m, si);
+      if (si < segs.count)
+        prefetch_row(segs.s[si].w + r * C, C * 16, segs.s[si].scales + r * groups, segs.s[si].biases + r * groups,
+                     groups * static_cast<int64_t>(sizeof(S)));
+    }
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  prefetch(first);
+  if (first < tasks) prefetch(first);
   const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
   const int lane = threadIdx.x % 32;
-  for (int64_t r = first;; r += stride) {
-    int si;
-    const int64_t row = locate(r, si);
-    if (si == segs.count) return;  // warp-uniform
-    prefetch(r + stride);
-    const QSegment<T, S>& seg = segs.s[si];
-    float acc[N];
+  for (int64_t t = first; t < tasks; t += stride) {  // warp-uniform
+    if (t + stride < tasks) prefetch(t + stride);
+    int si[M];
+    int64_t row[M];
+    const uint4* w[M];
+    const S* sc[M];
+    const S* bi[M];
 #pragma unroll
-    for (int n = 0; n < N; ++n) acc[n] = 0.0f;
-    dot_row<S, BITS, N>(st, seg.w + row * st.C, seg.scales + row * groups, seg.biases + row * groups, cpg_shift,
-                        acc);
+    for (int m = 0; m < M; ++m) {
+      row[m] = locate(t * M + m, si[m]);
+      // A row past the last (the last task's tail) reads segment 0's row 0 again and writes nothing.
+      const QSegment<T, S>& seg = segs.s[si[m] < segs.count ? si[m] : 0];
+      const int64_t r = si[m] < segs.count ? row[m] : 0;
+      w[m] = seg.w + r * C;
+      sc[m] = seg.scales + r * groups;
+      bi[m] = seg.biases + r * groups;
+    }
+    float acc[M][N];
 #pragma unroll
-    for (int n = 0; n < N; ++n) acc[n] = warp_sum(acc[n]);
+    for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int n = 0; n < N; ++n) {
-      if (lane != n || n >= rows) continue;
-      const int64_t at = n * seg.rows + row;
-      T y = to<T>(acc[n]);
-      if (seg.bias) y = to<T>(static_cast<float>(y) + static_cast<float>(seg.bias[row]));
-      if (residual) y = to<T>(static_cast<float>(residual[at]) + static_cast<float>(y));
-      seg.out[at] = y;
+      for (int n = 0; n < N; ++n) acc[m][n] = 0.0f;
+    dot_rows<S, BITS, N, M, kChunksInFlight<N, M>>(st, w, sc, bi, cpg_shift, acc);
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int n = 0; n < N; ++n) acc[m][n] = warp_sum(acc[m][n]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        if (lane != (m * N + n) % 32 || n >= rows || si[m] >= segs.count) continue;
+        const QSegment<T, S>& seg = segs.s[si[m]];
+        const int64_t at = n * seg.rows + row[m];
+        T y = to<T>(acc[m][n]);
+        if (seg.bias) y = to<T>(static_cast<float>(y) + static_cast<float>(seg.bias[row[m]]));
+        if (residual) y = to<T>(static_cast<float>(residual[at]) + static_cast<float>(y));
+        seg.out[at] = y;
+      }
     }
   }
 }
 
-template <typename T, typename S, int BITS, int N>
-__global__ void __launch_bounds__(kThreads)
+// As quant_small_linear_kernel with gate and up: task t is the P output rows t·P … t·P + P − 1 of both, their
+// 2P weight rows read together.
+template <typename T, typename S, int BITS, int N, int P>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
     quant_small_linear_silu_mul_kernel(const T* __restrict__ x, int rows, int64_t K, QSegment<T, S> gate,
                                        QSegment<T, S> up, const T* norm_w, float eps, T* normed, int cpg_shift) {
+  constexpr int M = 2 * P;
   const int64_t F = gate.rows, C = K * BITS / 128, groups = C >> cpg_shift;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  auto prefetch = [&](int64_t r) {
-    if (r >= F) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps, tasks = (F + P - 1) / P;
+  auto prefetch = [&](int64_t t) {
     const int64_t sb = groups * static_cast<int64_t>(sizeof(S));
-    prefetch_row(gate.w + r * C, C * 16, gate.scales + r * groups, gate.biases + r * groups, sb);
-    prefetch_row(up.w + r * C, C * 16, up.scales + r * groups, up.biases + r * groups, sb);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t r = t * P + p;
+      if (r >= F) break;
+      prefetch_row(gate.w + r * C, C * 16, gate.scales + r * groups, gate.biases + r * groups, sb);
+      prefetch_row(up.w + r * C, C * 16, up.scales + r * groups, up.biases + r * groups, sb);
+    }
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  prefetch(first);
+  if (first < tasks) prefetch(first);
   const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
   const int lane = threadIdx.x % 32;
-  for (int64_t row = first; row < F; row += stride) {
-    prefetch(row + stride);
-    float g[N], u[N];
+  for (int64_t t = first; t < tasks; t += stride) {  // warp-uniform
+    if (t + stride < tasks) prefetch(t + stride);
+    const uint4* w[M];
+    const S* sc[M];
+    const S* bi[M];
 #pragma unroll
-    for (int n = 0; n < N; ++n) g[n] = u[n] = 0.0f;
-    dot_row<S, BITS, N>(st, gate.w + row * st.C, gate.scales + row * groups, gate.biases + row * groups, cpg_shift,
-                        g);
-    dot_row<S, BITS, N>(st, up.w + row * st.C, up.scales + row * groups, up.biases + row * groups, cpg_shift, u);
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      g[n] = warp_sum(g[n]);
-      u[n] = warp_sum(u[n]);
+    for (int p = 0; p < P; ++p) {
+      const int64_t r = t * P + p < F ? t * P + p : 0;  // past the last: row 0 again, not written
+      w[2 * p] = gate.w + r * C;
+      sc[2 * p] = gate.scales + r * groups;
+      bi[2 * p] = gate.biases + r * groups;
+      w[2 * p + 1] = up.w + r * C;
+      sc[2 * p + 1] = up.scales + r * groups;
+      bi[2 * p + 1] = up.biases + r * groups;
     }
+    float acc[M][N];
 #pragma unroll
-    for (int n = 0; n < N; ++n) {
-      if (lane != n || n >= rows) continue;
-      const float gf = static_cast<float>(to<T>(g[n]));
-      const T silu = to<T>(gf / (1.0f + expf(-gf)));  // kernels/cpu/silu_mul.h's two roundings
-      gate.out[n * F + row] = to<T>(static_cast<float>(silu) * static_cast<float>(to<T>(u[n])));
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int n = 0; n < N; ++n) acc[m][n] = 0.0f;
+    dot_rows<S, BITS, N, M, kChunksInFlight<N, M>>(st, w, sc, bi, cpg_shift, acc);
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int n = 0; n < N; ++n) acc[m][n] = warp_sum(acc[m][n]);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t row = t * P + p;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        if (lane != (p * N + n) % 32 || n >= rows || row >= F) continue;
+        const float gf = static_cast<float>(to<T>(acc[2 * p][n]));
+        const T silu = to<T>(gf / (1.0f + expf(-gf)));  // kernels/cpu/silu_mul.h's two roundings
+        gate.out[n * F + row] = to<T>(static_cast<float>(silu) * static_cast<float>(to<T>(acc[2 * p + 1][n])));
+      }
     }
   }
 }
 
-// Blocks for `rows` output rows: one per kWarps rows, at most four per multiprocessor (about one wave).
-unsigned grid_for(int64_t rows) {
-  const int64_t cap = 4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min((rows + kWarps - 1) / kWarps, cap)));
+// Blocks for `tasks` warp tasks: one per kWarps tasks, at most as many per multiprocessor as fit at once and at
+// most four (about one wave, so a long head stages its input once per block).
+template <typename Kernel>
+unsigned grid_for(Kernel kernel, size_t smem, int64_t tasks) {
+  int per_sm = 0;
+  const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  RLAIF_CHECK(e == cudaSuccess, "quant_small_linear: occupancy query: {}", cudaGetErrorString(e));
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t cap = std::max<int64_t>(1, std::min(per_sm, 4)) * sms;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min((tasks + kWarps - 1) / kWarps, cap)));
 }
 
+// Whether a warp takes several rows at once (2, or 2 gate/up pairs): at one or two input rows, and only where that
+// still leaves 16 warps' tasks per multiprocessor (3B's gate/up and LM head, not its q/k/v, o or down).
+bool multi_row(int64_t N, int64_t rows_per_task, int64_t rows) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return N <= 2 && rows / rows_per_task >= 16 * sms;
+}
 
 template <typename T, typename S>
 QSegment<T, S> segment(const QuantMatrix& w, const at::Tensor& bias, const at::Tensor& out) {
@@ -344,7 +433,6 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
   const QuantMatrix& w0 = weights[0];
   int64_t rows = 0;
   for (const QuantMatrix& w : weights) rows += w.rows();
-  const unsigned grid = grid_for(rows);
   dispatch(x.scalar_type(), w0.scales.scalar_type(), w0.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
@@ -356,11 +444,21 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
     T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
     const T* res = residual.defined() ? static_cast<const T*>(residual.data_ptr()) : nullptr;
     RLAIF_QUANT_ROWS(N, {
-      auto kernel = quant_small_linear_kernel<T, S, kBits, R>;
       const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
-      allow_dynamic_smem(kernel, smem, "quant_small_linear");
-      kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs, res, nw,
-                                              static_cast<float>(norm.eps), normed, chunk_group_shift(w0));
+      auto run = [&](auto m_tag) {
+        constexpr int M = decltype(m_tag)::value;
+        auto kernel = quant_small_linear_kernel<T, S, kBits, R, M>;
+        allow_dynamic_smem(kernel, smem, "quant_small_linear");
+        kernel<<<grid_for(kernel, smem, (rows + M - 1) / M), kThreads, smem, stream>>>(
+            static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs, res, nw, static_cast<float>(norm.eps),
+            normed, chunk_group_shift(w0));
+      };
+      if constexpr (R <= 2) {
+        if (multi_row(N, 2, rows)) run(std::integral_constant<int, 2>{});
+        else run(std::integral_constant<int, 1>{});
+      } else {
+        run(std::integral_constant<int, 1>{});
+      }
     });
   });
   check_launch("quant_small_linear_kernel");
@@ -372,7 +470,6 @@ void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& ga
   if (N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const unsigned grid = grid_for(gate.rows());
   dispatch(x.scalar_type(), gate.scales.scalar_type(), gate.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
@@ -381,11 +478,21 @@ void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& ga
     const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
     T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
     RLAIF_QUANT_ROWS(N, {
-      auto kernel = quant_small_linear_silu_mul_kernel<T, S, kBits, R>;
       const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
-      allow_dynamic_smem(kernel, smem, "quant_small_linear_silu_mul");
-      kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, g, u, nw,
-                                              static_cast<float>(norm.eps), normed, chunk_group_shift(gate));
+      auto run = [&](auto p_tag) {
+        constexpr int P = decltype(p_tag)::value;
+        auto kernel = quant_small_linear_silu_mul_kernel<T, S, kBits, R, P>;
+        allow_dynamic_smem(kernel, smem, "quant_small_linear_silu_mul");
+        kernel<<<grid_for(kernel, smem, (gate.rows() + P - 1) / P), kThreads, smem, stream>>>(
+            static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, g, u, nw, static_cast<float>(norm.eps),
+            normed, chunk_group_shift(gate));
+      };
+      if constexpr (R <= 2) {
+        if (multi_row(N, 2, gate.rows())) run(std::integral_constant<int, 2>{});
+        else run(std::integral_constant<int, 1>{});
+      } else {
+        run(std::integral_constant<int, 1>{});
+      }
     });
   });
   check_launch("quant_small_linear_silu_mul_kernel");
