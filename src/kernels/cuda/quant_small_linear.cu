@@ -85,6 +85,7 @@ __device__ __forceinline__ Stage stage_rows(const T* __restrict__ x, int rows, i
   }
   // Item (row n, vector v): its values converted (normalised) into their chunk's float4s; the chunk's lanes sum.
   const int64_t total = N * KV;
+#pragma unroll 4  // several vectors of x requested at once (a 11008-input row is 5-6 trips a thread)
   for (int64_t i0 = 0; i0 < total; i0 += kThreads) {  // same trip count in every lane: the shuffles see all 32
     const int64_t item = i0 + threadIdx.x;
     const int n = static_cast<int>(item / KV);
@@ -123,18 +124,31 @@ __device__ __forceinline__ Stage stage_rows(const T* __restrict__ x, int rows, i
 }
 
 // Sends a weight row (`bytes` of packed words) and its scales and biases towards L2 (one prefetch per 128-byte
-// line, spread over the lanes): issued before the staging or the previous row's arithmetic, so the row's loads
-// then wait on L2, not on memory.
-__device__ __forceinline__ void prefetch_row(const void* w, int64_t bytes, const void* sb0, const void* sb1,
-                                             int64_t sb_bytes) {
+// line, spread over the lanes): issued before the staging or the previous task's arithmetic, so the row's loads
+// then wait on L2, not on memory. Rolled loops: one trip a lane at 3B's row lengths.
+__device__ __forceinline__ void prefetch_row(const void* w, int bytes, const void* sb0, const void* sb1,
+                                             int sb_bytes) {
   const char* p = static_cast<const char*>(w);
-  for (int64_t off = (threadIdx.x % 32) * 128; off < bytes; off += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + off));
-  if (threadIdx.x % 32 == 0) {
-    for (int64_t off = 0; off < sb_bytes; off += 128) {
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(sb0) + off));
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(sb1) + off));
-    }
+  const int lane = threadIdx.x % 32;
+#pragma unroll 1
+  for (int off = lane * 128; off < bytes; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + off));
+#pragma unroll 1
+  for (int off = lane * 128; off < sb_bytes; off += 32 * 128) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(sb0) + off));
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(sb1) + off));
+  }
+}
+
+// A word's eight 4-bit values as f = 0.5 + q/32, exactly: each value, moved three bits up in its byte, becomes by a
+// byte permute the top mantissa bits of 0.5 (0x3F000000). One instruction a value, against two for the exact q of
+// unpack_word (permute, subtract 2^23); dot_rows takes Σ x·q = 32·Σ x·f − 16·Σ x. With q in the mantissa's top
+// bits, the subtraction cancels about one bit, not seven.
+__device__ __forceinline__ void unpack_q4_offset(uint32_t w, float (&f)[8]) {
+  const uint32_t lo = (w & 0x0F0F0F0Fu) << 3, hi = (w >> 1) & 0x78787878u;  // bytes: values 0,2,4,6 and 1,3,5,7
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(__byte_perm(lo, 0x3F000000u, 0x7044 | (i << 8)));
+    f[2 * i + 1] = __uint_as_float(__byte_perm(hi, 0x3F000000u, 0x7044 | (i << 8)));
   }
 }
 
@@ -146,20 +160,20 @@ template <typename S, int BITS, int N, int M, int U>
 __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w)[M], const S* const (&scales)[M],
                                          const S* const (&biases)[M], int cpg_shift, float (&acc)[M][N]) {
   constexpr int kPer = 32 / BITS, kF4 = 128 / BITS / 4, kF4PerWord = kPer / 4;
-  const int64_t C = st.C;
-  for (int64_t c0 = threadIdx.x % 32; c0 < C; c0 += U * 32) {
+  const int C = static_cast<int>(st.C);
+  for (int c0 = threadIdx.x % 32; c0 < C; c0 += U * 32) {
     uint4 wv[U][M];
     float s[U][M], b[U][M];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + u * 32;
+      const int c = c0 + u * 32;
 #pragma unroll
       for (int m = 0; m < M; ++m)
         if (c < C) wv[u][m] = __ldcs(w[m] + c);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + u * 32;
+      const int c = c0 + u * 32;
 #pragma unroll
       for (int m = 0; m < M; ++m)
         if (c < C) {
@@ -169,7 +183,7 @@ __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + u * 32;
+      const int c = c0 + u * 32;
       if (c >= C) break;
       float dq[M][N];
 #pragma unroll
@@ -187,7 +201,8 @@ __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w
         for (int m = 0; m < M; ++m) {
           const uint32_t word = t == 0 ? wv[u][m].x : t == 1 ? wv[u][m].y : t == 2 ? wv[u][m].z : wv[u][m].w;
           float q[kPer];
-          unpack_word<BITS>(word, q);
+          if constexpr (BITS == 4) unpack_q4_offset(word, q);
+          else unpack_word<BITS>(word, q);
 #pragma unroll
           for (int f = 0; f < kF4PerWord; ++f)
 #pragma unroll
@@ -203,17 +218,21 @@ __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w
       for (int n = 0; n < N; ++n) {
         const float xs = st.sums[n * C + c];
 #pragma unroll
-        for (int m = 0; m < M; ++m) acc[m][n] = fmaf(s[u][m], dq[m][n], fmaf(b[u][m], xs, acc[m][n]));
+        for (int m = 0; m < M; ++m) {
+          const float xq = BITS == 4 ? fmaf(32.0f, dq[m][n], -16.0f * xs) : dq[m][n];
+          acc[m][n] = fmaf(s[u][m], xq, fmaf(b[u][m], xs, acc[m][n]));
+        }
       }
     }
   }
 }
 
 // Chunks a lane has in flight per row (U of dot_rows): four 16-byte chunks a lane over the M rows at one or two
-// input rows (24 warps a multiprocessor then keep about 48 KB in flight), two beyond (more registers and
-// arithmetic per chunk).
+// input rows (24 warps a multiprocessor then keep about 48 KB in flight); six for a lone row at one input row (the
+// down projection: 2048 rows of 344 chunks leave 16 warps a multiprocessor; eight spill); two beyond (more
+// registers and arithmetic per chunk).
 template <int N, int M>
-constexpr int kChunksInFlight = (N <= 2 ? 4 : 2) / M > 0 ? (N <= 2 ? 4 : 2) / M : 1;
+constexpr int kChunksInFlight = N == 1 && M == 1 ? 6 : (N <= 2 ? 4 : 2) / M > 0 ? (N <= 2 ? 4 : 2) / M : 1;
 
 // Blocks a multiprocessor holds at once at N input rows: three at one (at most 85 registers: 24 warps, each with
 // its M·U chunks in flight), two at two, else as the registers allow.
@@ -243,8 +262,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
       int si;
       const int64_t r = locate(t * M + m, si);
       if (si < segs.count)
-        prefetch_row(segs.s[si].w + r * C, C * 16, segs.s[si].scales + r * groups, segs.s[si].biases + r * groups,
-                     groups * static_cast<int64_t>(sizeof(S)));
+        prefetch_row(segs.s[si].w + r * C, static_cast<int>(C * 16), segs.s[si].scales + r * groups,
+                     segs.s[si].biases + r * groups, static_cast<int>(groups * sizeof(S)));
     }
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -304,13 +323,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
   const int64_t F = gate.rows, C = K * BITS / 128, groups = C >> cpg_shift;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps, tasks = (F + P - 1) / P;
   auto prefetch = [&](int64_t t) {
-    const int64_t sb = groups * static_cast<int64_t>(sizeof(S));
+    const int sb = static_cast<int>(groups * sizeof(S)), bytes = static_cast<int>(C * 16);
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int64_t r = t * P + p;
       if (r >= F) break;
-      prefetch_row(gate.w + r * C, C * 16, gate.scales + r * groups, gate.biases + r * groups, sb);
-      prefetch_row(up.w + r * C, C * 16, up.scales + r * groups, up.biases + r * groups, sb);
+      prefetch_row(gate.w + r * C, bytes, gate.scales + r * groups, gate.biases + r * groups, sb);
+      prefetch_row(up.w + r * C, bytes, up.scales + r * groups, up.biases + r * groups, sb);
     }
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
