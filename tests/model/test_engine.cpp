@@ -360,10 +360,13 @@ TEST(Engine, SeedReproducesAndPrefixSharingDoesNotChangeSamples) {
 // and bit-equal log-probs, in fp32 and bf16, at 1, 3 and 8 rows (the few-row path with every fused kernel).
 TEST(Engine, ProgrammaticLaunchGivesTheSameSamples) {
   if (!test::test_device().is_cuda()) GTEST_SKIP() << "programmatic dependent launch is a CUDA feature";
+  // Plain and q4 weights (the quantized few-row projections take the launch too).
+  for (const bool q4 : {false, true})
   for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
     auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {dt, test::test_device()});
+    if (q4) quantize_model_weights(model->weights(), model->config(), QuantSpec{4, 32}, dt);
     for (int64_t samples : {1, 3, 8}) {
-      SCOPED_TRACE(fmt::format("{} {} rows", c10::toString(dt), samples));
+      SCOPED_TRACE(fmt::format("{} {}{} rows", c10::toString(dt), q4 ? "q4 " : "", samples));
       GenerationRequest r;
       r.prompt = {5, 6, 7, 8};
       r.num_samples = samples;

@@ -245,7 +245,7 @@ constexpr int kMinBlocks = N == 1 ? 3 : N == 2 ? 2 : 1;
 template <typename T, typename S, int BITS, int N, int M>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
     quant_small_linear_kernel(const T* __restrict__ x, int rows, int64_t K, QSegments<T, S> segs,
-                              const T* residual, const T* norm_w, float eps, T* normed, int cpg_shift) {
+                              const T* residual, const T* norm_w, float eps, T* normed, int cpg_shift, bool pdl) {
   const int64_t C = K * BITS / 128, groups = C >> cpg_shift, stride = static_cast<int64_t>(gridDim.x) * kWarps;
   int64_t total = 0;
   for (int i = 0; i < segs.count; ++i) total += segs.s[i].rows;
@@ -268,6 +268,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (first < tasks) prefetch(first);
+  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
+    pdl_trigger();
+    pdl_wait();
+  }
   const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
   const int lane = threadIdx.x % 32;
   for (int64_t t = first; t < tasks; t += stride) {  // warp-uniform
@@ -318,7 +322,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
 template <typename T, typename S, int BITS, int N, int P>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
     quant_small_linear_silu_mul_kernel(const T* __restrict__ x, int rows, int64_t K, QSegment<T, S> gate,
-                                       QSegment<T, S> up, const T* norm_w, float eps, T* normed, int cpg_shift) {
+                                       QSegment<T, S> up, const T* norm_w, float eps, T* normed, int cpg_shift,
+                                       bool pdl) {
   constexpr int M = 2 * P;
   const int64_t F = gate.rows, C = K * BITS / 128, groups = C >> cpg_shift;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps, tasks = (F + P - 1) / P;
@@ -334,6 +339,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (first < tasks) prefetch(first);
+  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
+    pdl_trigger();
+    pdl_wait();
+  }
   const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
   const int lane = threadIdx.x % 32;
   for (int64_t t = first; t < tasks; t += stride) {  // warp-uniform
@@ -449,6 +458,7 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
   if (N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool pdl = programmatic_launch();
   const QuantMatrix& w0 = weights[0];
   int64_t rows = 0;
   for (const QuantMatrix& w : weights) rows += w.rows();
@@ -468,9 +478,9 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
         constexpr int M = decltype(m_tag)::value;
         auto kernel = quant_small_linear_kernel<T, S, kBits, R, M>;
         allow_dynamic_smem(kernel, smem, "quant_small_linear");
-        kernel<<<grid_for(kernel, smem, (rows + M - 1) / M), kThreads, smem, stream>>>(
-            static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs, res, nw, static_cast<float>(norm.eps),
-            normed, chunk_group_shift(w0));
+        launch_kernel(pdl, kernel, grid_for(kernel, smem, (rows + M - 1) / M), kThreads, smem, stream,
+                      static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs, res, nw,
+                      static_cast<float>(norm.eps), normed, chunk_group_shift(w0), pdl);
       };
       if constexpr (R <= 2) {
         if (multi_row(N, 2, rows)) run(std::integral_constant<int, 2>{});
@@ -489,6 +499,7 @@ void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& ga
   if (N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool pdl = programmatic_launch();
   dispatch(x.scalar_type(), gate.scales.scalar_type(), gate.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
@@ -502,9 +513,9 @@ void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& ga
         constexpr int P = decltype(p_tag)::value;
         auto kernel = quant_small_linear_silu_mul_kernel<T, S, kBits, R, P>;
         allow_dynamic_smem(kernel, smem, "quant_small_linear_silu_mul");
-        kernel<<<grid_for(kernel, smem, (gate.rows() + P - 1) / P), kThreads, smem, stream>>>(
-            static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, g, u, nw, static_cast<float>(norm.eps),
-            normed, chunk_group_shift(gate));
+        launch_kernel(pdl, kernel, grid_for(kernel, smem, (gate.rows() + P - 1) / P), kThreads, smem, stream,
+                      static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, g, u, nw,
+                      static_cast<float>(norm.eps), normed, chunk_group_shift(gate), pdl);
       };
       if constexpr (R <= 2) {
         if (multi_row(N, 2, gate.rows())) run(std::integral_constant<int, 2>{});
