@@ -234,6 +234,20 @@ __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w
 template <int N, int M>
 constexpr int kChunksInFlight = N == 1 && M == 1 ? 6 : (N <= 2 ? 4 : 2) / M > 0 ? (N <= 2 ? 4 : 2) / M : 1;
 
+// Both kernels' prologue: the warp's first task's rows towards L2; under a programmatic launch, the wait for the
+// previous kernel (the weights do not depend on it; x, the norm's input and the residual do); then the staging.
+template <typename T, int N, int BITS, typename Prefetch>
+__device__ __forceinline__ Stage begin_tasks(Prefetch& prefetch, int64_t first, int64_t tasks, bool pdl,
+                                             const T* __restrict__ x, int rows, int64_t K, const T* norm_w, float eps,
+                                             T* normed) {
+  if (first < tasks) prefetch(first);
+  if (pdl) {
+    pdl_trigger();
+    pdl_wait();
+  }
+  return stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
+}
+
 // Blocks a multiprocessor holds at once at N input rows: three at one (at most 85 registers: 24 warps, each with
 // its M·U chunks in flight), two at two, else as the registers allow.
 template <int N>
@@ -267,12 +281,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
     }
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (first < tasks) prefetch(first);
-  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
-    pdl_trigger();
-    pdl_wait();
-  }
-  const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
+  const Stage st = begin_tasks<T, N, BITS>(prefetch, first, tasks, pdl, x, rows, K, norm_w, eps, normed);
   const int lane = threadIdx.x % 32;
   for (int64_t t = first; t < tasks; t += stride) {  // warp-uniform
     if (t + stride < tasks) prefetch(t + stride);
@@ -338,12 +347,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
     }
   };
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (first < tasks) prefetch(first);
-  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
-    pdl_trigger();
-    pdl_wait();
-  }
-  const Stage st = stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
+  const Stage st = begin_tasks<T, N, BITS>(prefetch, first, tasks, pdl, x, rows, K, norm_w, eps, normed);
   const int lane = threadIdx.x % 32;
   for (int64_t t = first; t < tasks; t += stride) {  // warp-uniform
     if (t + stride < tasks) prefetch(t + stride);
