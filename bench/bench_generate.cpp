@@ -2,12 +2,13 @@
 // bench/hf_generate.py saves): prompt P, N new tokens with sampling, for several batch sizes; plus an optional
 // RL rollout workload (prompts × samples, varied prompt lengths). `--quantize q4|q8` quantizes the loaded weights
 // on the device first (MLX affine, group 64, bf16 scales: what `rlaif convert` writes), for the quantized engine;
-// `--pdl` turns on EngineOptions::programmatic_launch, `--few-row-kernel streaming` the session-4 GEMV,
+// `--pdl` turns on EngineOptions::programmatic_launch, `--quant-mma` EngineOptions::quant_few_row_mma (the
+// tensor-core quantized projections at 1-2 rows), `--few-row-kernel streaming` the session-4 GEMV,
 // `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows);
 // `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it);
 // `--attention-kernel simt` the SIMT paged attention instead of the tensor-core one (kernels/cpu/registry.h).
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] [--few-row-kernel streaming|staged] [--lora R] [--attention-kernel tensor-core|simt] --out FILE.json
+//        [--pdl] [--quant-mma] [--few-row-kernel streaming|staged] [--lora R] [--attention-kernel tensor-core|simt] --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -61,7 +62,7 @@ int main(int argc, char** argv) {
   CLI::App app{"rlaif generation benchmark"};
   std::string model_dir, out, batches = "1,16,64", device = "cuda", dtype = "bf16", quantize;
   int64_t prompt = 128, new_tokens = 128, lora_r = 0;
-  bool rollout = false, pdl = false, lora_shrink_kernel = false, tuned_gemm = false;
+  bool rollout = false, pdl = false, lora_shrink_kernel = false, tuned_gemm = false, quant_mma = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
   app.add_option("--out", out, "JSON results file");
   app.add_option("--batches", batches);
@@ -73,6 +74,8 @@ int main(int argc, char** argv) {
   app.add_option("--quantize", quantize, "q4 or q8: quantize the weights (group 64) before generating")
       ->check(CLI::IsMember({"q4", "q8"}));
   app.add_flag("--pdl", pdl, "launch the decode projections as programmatic dependent launches (EngineOptions)");
+  app.add_flag("--quant-mma", quant_mma,
+               "quantized projections at 1-2 rows on tensor cores (EngineOptions::quant_few_row_mma; bf16, q4)");
   std::string few_row = "staged";
   app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
       ->check(CLI::IsMember({"staged", "streaming"}));
@@ -131,6 +134,7 @@ int main(int argc, char** argv) {
     EngineOptions opt;
     opt.max_batch = std::max<int64_t>(B, 1);
     opt.programmatic_launch = pdl;
+    opt.quant_few_row_mma = quant_mma;
     opt.few_row_kernel = few_row == "staged" ? kernels::FewRowKernel::kStaged : kernels::FewRowKernel::kStreaming;
     opt.few_row_rows = rows_policy;
     opt.lora_shrink_in_gemm = !lora_shrink_kernel;
@@ -152,7 +156,7 @@ int main(int argc, char** argv) {
     const auto [n, dt] = timed_generate(engine, reqs, dev);
     if (range) range(false);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
-    const std::string variant = std::string(pdl ? " pdl" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
+    const std::string variant = std::string(pdl ? " pdl" : "") + (quant_mma ? " quant-mma" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
                                 (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +
                                 (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
                                 (lora_shrink_kernel ? " shrink kernel" : "") + (tuned_gemm ? " tuned gemm" : "") +
@@ -161,7 +165,7 @@ int main(int argc, char** argv) {
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
-                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"few_row_kernel", few_row},
+                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"quant_few_row_mma", quant_mma}, {"few_row_kernel", few_row},
                        {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention},
                        {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm}});
   }

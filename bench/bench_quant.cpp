@@ -5,7 +5,9 @@
 // (quant_small_linear: q/k/v with the input norm, o and down with the residual, gate/up with the norm and SwiGLU;
 // beside the bf16 engine layer of small_linear launches), and live re-quantization of all the model's bf16 weights
 // (quantize_affine into existing buffers). CUDA events, warm-up, median of 20 samples. CPU builds print "no CUDA".
-// Usage: bench_quant [--out results.json]
+// `--quant-mma` turns on kernels::quant_few_row_mma (the tensor-core quantized projections at 1-2 rows) for the
+// fused layers, to compare with a run without it.
+// Usage: bench_quant [--out results.json] [--quant-mma]
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -67,8 +69,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::string out_path;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::string(argv[i]) == "--out") out_path = argv[i + 1];
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--out" && i + 1 < argc) out_path = argv[i + 1];
+    if (std::string(argv[i]) == "--quant-mma") kernels::set_quant_few_row_mma(true);
+  }
   const auto opt = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
   // One layer's projections (q, k, v, o, gate, up, down) as [out, in].
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{kD, kD}, {kKvDim, kD}, {kKvDim, kD}, {kD, kD},

@@ -117,6 +117,16 @@ if has quant; then
         --out "$OUT/rlaif_generate_3b_$q.json" > "$OUT/rlaif_generate_3b_$q.log" 2>&1 || log "bench_generate 3b $q failed"
       sed "s/^/3b $q /" "$OUT/rlaif_generate_3b_$q.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
     done
+    # The q4 engine under each opt-in variant of RLAIF_QUANT_VARIANTS ("name=bench_generate arguments;..."; default:
+    # the tensor-core few-row projections) at RLAIF_QUANT_VARIANT_BATCHES, beside the runs above.
+    IFS=';' read -ra variants <<< "${RLAIF_QUANT_VARIANTS:-mma=--quant-mma}"
+    for v in "${variants[@]}"; do
+      name=${v%%=*}; args=${v#*=}
+      "$BUILD/bench/bench_generate" --model "$MD/qwen2.5-3b-random" --quantize q4 $args \
+        --batches ${RLAIF_QUANT_VARIANT_BATCHES:-1,2} --out "$OUT/rlaif_generate_3b_q4_$name.json" \
+        > "$OUT/rlaif_generate_3b_q4_$name.log" 2>&1 || log "bench_generate 3b q4 $name failed"
+      sed "s/^/3b q4 $name /" "$OUT/rlaif_generate_3b_q4_$name.log" | grep "tok/s" | tee -a "$OUT/summary.txt"
+    done
   fi
 fi
 

@@ -165,3 +165,73 @@ TEST(QuantSmallLinearKernel, CudaFusedNormAndSwigluEqualCpuReference) {
     }
   }
 }
+
+// The tensor-core path (kernels::quant_few_row_mma: bf16 x of 1-2 rows, q4 in groups of 32/64/128, rows a
+// multiple of 8) against the same CPU reference, within about one bf16 rounding: two segments with a bias and the
+// fused norm, the residual in place, SwiGLU; 3B's q/k/v-like and down shapes (K = 2048, 11008), a K of fewer groups
+// than the block's 8 warps (896 at 128, 256), and 20000 rows (more 8-row tiles than the grid has blocks). That the
+// switch reaches the tensor-core kernel shows as outputs that differ somewhere from the SIMT kernel's (another
+// summation order) while both stay within the bound.
+TEST(QuantSmallLinearKernel, CudaTensorCorePathEqualsCpuReference) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  struct Restore {
+    ~Restore() { kernels::set_quant_few_row_mma(false); }
+  } restore;
+  const at::ScalarType dt = at::kBFloat16;
+  const double bound = 4e-3;  // bf16 rounds at 2^-8 relative; the reference rounds once
+  struct Shape {
+    int64_t K, O;
+  };
+  for (const Shape& sh : {Shape{2048, 2048}, Shape{11008, 264}, Shape{896, 128}, Shape{256, 20000}}) {
+    for (int64_t N : {1, 2}) {
+      for (int64_t group : {32, 64, 128}) {
+        if (sh.K % group != 0) continue;
+        for (at::ScalarType sdt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+          SCOPED_TRACE(fmt::format("K {} O {} N {} group {} scales {}", sh.K, sh.O, N, group, c10::toString(sdt)));
+          const at::Tensor x = (at::randn({N, sh.K}) * 3).to(dt), norm_w = (1.0 + at::randn({sh.K}) * 0.1).to(dt);
+          const kernels::QuantMatrix w = test::quantize_cpu(rand_weight(sh.O, sh.K), 4, group, sdt),
+                                     w2 = test::quantize_cpu(rand_weight(24, sh.K), 4, group, sdt),
+                                     up = test::quantize_cpu(rand_weight(sh.O, sh.K), 4, group, sdt);
+          const at::Tensor bias = at::randn({sh.O}).to(dt);
+          const auto dev = x.options().device(at::kCUDA);
+          // Two segments, the first with a bias, behind the fused norm.
+          std::vector<at::Tensor> ref = {at::empty({N, sh.O}, x.options()), at::empty({N, 24}, x.options())};
+          at::Tensor normed_ref = at::empty_like(x);
+          kernels::quant_small_linear_cpu(x, {w, w2}, {bias, at::Tensor()}, {}, ref, {norm_w, 1e-6, normed_ref});
+          auto run = [&](bool mma) {
+            kernels::set_quant_few_row_mma(mma);
+            std::vector<at::Tensor> got = {at::empty({N, sh.O}, dev), at::empty({N, 24}, dev)};
+            for (auto& g : got) test::poison(g);
+            at::Tensor normed = at::empty({N, sh.K}, dev);
+            test::poison(normed);
+            kernels::quant_small_linear(x.cuda(), {to_cuda(w), to_cuda(w2)}, {bias.cuda(), at::Tensor()}, {}, got,
+                                        {norm_w.cuda(), 1e-6, normed});
+            got.push_back(normed);
+            return got;
+          };
+          const std::vector<at::Tensor> simt = run(false), got = run(true);
+          EXPECT_LE(test::rel_err(got[0], ref[0]), bound) << "segment 0 (bias)";
+          EXPECT_LE(test::rel_err(got[1], ref[1]), bound) << "segment 1";
+          EXPECT_LE(test::rel_err(got[2], normed_ref), test::tolerance(dt)) << "normed";
+          EXPECT_LE(test::rel_err(simt[0], ref[0]), bound) << "SIMT kernel, segment 0";
+          if (sh.O * N >= 4096) EXPECT_FALSE(got[0].equal(simt[0])) << "the switch did not reach another kernel";
+          // The residual, in place.
+          const at::Tensor h = at::randn({N, sh.O}).to(dt);
+          at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
+          kernels::quant_small_linear_cpu(x, {w}, {at::Tensor()}, h_ref, {h_ref});
+          kernels::set_quant_few_row_mma(true);
+          kernels::quant_small_linear(x.cuda(), {to_cuda(w)}, {at::Tensor()}, h_gpu, {h_gpu});
+          EXPECT_LE(test::rel_err(h_gpu, h_ref), bound) << "residual";
+          // SwiGLU behind the fused norm.
+          at::Tensor act_ref = at::empty({N, sh.O}, x.options()), act = at::empty({N, sh.O}, dev);
+          test::poison(act);
+          kernels::quant_small_linear_silu_mul_cpu(x, w, up, act_ref, {norm_w, 1e-6, at::Tensor()});
+          kernels::quant_small_linear_silu_mul(x.cuda(), to_cuda(w), to_cuda(up), act,
+                                               {norm_w.cuda(), 1e-6, at::Tensor()});
+          EXPECT_LE(test::rel_err(act, act_ref), bound) << "silu_mul";
+        }
+      }
+    }
+  }
+}

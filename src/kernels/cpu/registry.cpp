@@ -22,6 +22,7 @@ bool cuda_kernels_available() {
 
 namespace {
 std::atomic<bool> g_programmatic_launch{false};
+std::atomic<bool> g_quant_few_row_mma{false};
 std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStreaming};
 std::atomic<int> g_few_row_split{0};
 std::atomic<AttentionKernel> g_attention_kernel{AttentionKernel::kTensorCore};
@@ -41,6 +42,8 @@ AttentionKernel attention_kernel() { return g_attention_kernel.load(); }
 
 void set_programmatic_launch(bool on) { g_programmatic_launch.store(on); }
 bool programmatic_launch() { return g_programmatic_launch.load(); }
+void set_quant_few_row_mma(bool on) { g_quant_few_row_mma.store(on); }
+bool quant_few_row_mma() { return g_quant_few_row_mma.load(); }
 
 void throw_no_cuda_kernel(const char* name) {
   throw Error("kernels", fmt::format("{}: the tensors are on CUDA but this build has no CUDA kernels", name),

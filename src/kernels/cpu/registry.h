@@ -88,6 +88,12 @@ KernelRegistry& kernel_registry();
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
+// Whether quant_small_linear / quant_small_linear_silu_mul take the tensor-core kernel where it serves (bf16 x of
+// one or two rows, 4-bit weights, groups of 32/64/128, rows a multiple of 8; EngineOptions::quant_few_row_mma,
+// session 11, opt-in until measured) instead of the SIMT kernel. Same spec and CPU reference either way.
+void set_quant_few_row_mma(bool on);
+bool quant_few_row_mma();
+
 // Which CUDA few-row GEMV small_linear / small_linear_silu_mul launch (EngineOptions::few_row_kernel):
 // kStreaming (the process default; the session-4 kernel: norm first, then rounds of register loads) or kStaged
 // (each warp's whole share of its weight rows requested into shared memory before the fused norm and the wait for

@@ -10,6 +10,8 @@
 #include "kernels/cuda/quant_small_linear.h"
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "kernels/cuda/common.cuh"
 
@@ -46,6 +48,35 @@ struct Stage {
   int64_t C;
 };
 
+// scale[n] = rms_norm's 1 / rms of input row n < rows (RMSNorm's float32 sum of squares; kernels/cpu/rms_norm.h),
+// by the block's warps n·kWarps/N ...; every thread calls it; it ends with a barrier.
+template <typename T, int N>
+__device__ __forceinline__ void norm_scales(const T* __restrict__ x, int rows, int64_t K, const T* __restrict__ norm_w,
+                                            float eps, float* scale) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t KV = K / kVec;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float part[kWarps];
+  constexpr int kWpr = kWarps / N > 0 ? kWarps / N : 1;
+  const int n = warp / kWpr;
+  float ss = 0.0f;
+  if (n < rows)
+    for (int64_t v = (warp % kWpr) * 32 + lane; v < KV; v += kWpr * 32) {
+      const Vec<T, kVec> xv = load_vec<T, kVec>(x + n * K + v * kVec);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) ss += static_cast<float>(xv.v[e]) * static_cast<float>(xv.v[e]);
+    }
+  ss = warp_sum(ss);
+  if (lane == 0) part[warp] = ss;
+  __syncthreads();
+  if (threadIdx.x < N) {
+    float total = 0.0f;
+    for (int j = 0; j < kWpr; ++j) total += part[threadIdx.x * kWpr + j];
+    scale[threadIdx.x] = rms_scale(total, 1.0f / static_cast<float>(K), eps);
+  }
+  __syncthreads();
+}
+
 // Stages the rows of x [rows, K] (rms_norm(x) with norm_w; block 0 also writes those rows to `normed`) as the
 // first `rows` of N (the rest zeros: the kernels run N = 1, 2, 4 or 8 and never write the padding rows). All
 // threads take 16-byte vectors of x (VEC values); the IPC = VPC / VEC consecutive lanes holding one chunk add their
@@ -60,29 +91,8 @@ __device__ __forceinline__ Stage stage_rows(const T* __restrict__ x, int rows, i
   Stage st{reinterpret_cast<float4*>(smem_raw), nullptr, C};
   st.sums = reinterpret_cast<float*>(st.x + N * kF4 * C);
   __shared__ float scale[N];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (norm_w != nullptr) {
-    // Row n's sum of squares by the warps n·kWpr .. (RMSNorm's float32 sum; kernels/cpu/rms_norm.h).
-    __shared__ float part[kWarps];
-    constexpr int kWpr = kWarps / N > 0 ? kWarps / N : 1;
-    const int n = warp / kWpr;
-    float ss = 0.0f;
-    if (n < rows)
-      for (int64_t v = (warp % kWpr) * 32 + lane; v < KV; v += kWpr * 32) {
-        const Vec<T, kVec> xv = load_vec<T, kVec>(x + n * K + v * kVec);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) ss += static_cast<float>(xv.v[e]) * static_cast<float>(xv.v[e]);
-      }
-    ss = warp_sum(ss);
-    if (lane == 0) part[warp] = ss;
-    __syncthreads();
-    if (threadIdx.x < N) {
-      float total = 0.0f;
-      for (int j = 0; j < kWpr; ++j) total += part[threadIdx.x * kWpr + j];
-      scale[threadIdx.x] = rms_scale(total, 1.0f / static_cast<float>(K), eps);
-    }
-    __syncthreads();
-  }
+  if (norm_w != nullptr) norm_scales<T, N>(x, rows, K, norm_w, eps, scale);
+  const int lane = threadIdx.x % 32;
   // Item (row n, vector v): its values converted (normalised) into their chunk's float4s; the chunk's lanes sum.
   const int64_t total = N * KV;
 #pragma unroll 4  // several vectors of x requested at once (a 11008-input row is 5-6 trips a thread)
@@ -445,6 +455,216 @@ void dispatch(at::ScalarType x_type, at::ScalarType scale_type, int64_t bits, F&
   else with_t(at::BFloat16{});
 }
 
+// ---- Tensor-core path at one or two input rows (opt-in: kernels::quant_few_row_mma) ----
+// bf16 x, 4-bit weights, groups of 32, 64 or 128 (WPT = group / 32 packed words a lane per group), every weight's
+// rows a multiple of 8. A block takes 8-row tiles of W (grid-stride); its 8 warps split the tile's K in groups
+// and meet in shared memory. Each warp runs mma.sync m16n8k16 with x as A (its rows are the input rows; rows ≥ R
+// zero) and W as B (the MMA's N: the tile's 8 rows), q4 values as bf16 128 + q (one LOP3 with the 0x4300 magic,
+// exact). A group's MMAs sum Σ x·(128 + q) in float32 from zero, so the scale and bias stay outside as in the SIMT
+// kernel: acc += s·Σ + (b − 128·s)·Σx. Thread (g = lane/4, tq = lane%4) holds W row g of the tile at the
+// group's values tq·group/4 … (+ group/4: WPT words) and supplies the same k slots {2tq, 2tq+1, 2tq+8, 2tq+9} of
+// A and B; a word's nibbles pair as (v0, v4), (v1, v5), (v2, v6), (v3, v7), so x is staged in that order.
+namespace mma_few {
+
+// x staged as bf16 pairs, a uint4 per (group, word j, input row n, tq): its two MMAs' (a0, a2) = ((x0, x4),
+// (x1, x5)) and ((x2, x6), (x3, x7)) of the word's 8 values; then Σx per (row, group) as float32.
+__device__ __forceinline__ int x_at(int gi, int j, int n, int tq, int wpt, int rows) {
+  return ((gi * wpt + j) * rows + n) * 4 + tq;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(at::BFloat16 lo, at::BFloat16 hi) {
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+// Stages the R input rows of x [R, K] (rms_norm(x) with norm_w; block 0 also writes them to `normed`): item
+// ((n · groups + gi) · 4 + tq) · WPT + j is the word's 8 values, so a group's 4·WPT items are consecutive lanes and
+// their Σx meets by shuffles. Every thread calls it; it ends with a barrier.
+template <int R, int WPT>
+__device__ __forceinline__ void stage(const at::BFloat16* __restrict__ x, int K, const at::BFloat16* __restrict__ norm_w,
+                                      float eps, at::BFloat16* normed, uint4* xs, float* sums) {
+  constexpr int kIpg = 4 * WPT, kGroup = 32 * WPT;
+  const int groups = K / kGroup, total = R * K / 8;
+  __shared__ float scale[R];
+  if (norm_w != nullptr) norm_scales<at::BFloat16, R>(x, R, K, norm_w, eps, scale);
+#pragma unroll 4
+  for (int i0 = 0; i0 < total; i0 += kThreads) {  // the same trip count in every lane: the shuffles see all 32
+    const int item = i0 + threadIdx.x;
+    float sum = 0.0f;
+    if (item < total) {
+      const int j = item % WPT, tq = (item / WPT) % 4, gi = (item / kIpg) % groups, n = item / (kIpg * groups);
+      const int k0 = gi * kGroup + tq * (kGroup / 4) + j * 8;
+      Vec<at::BFloat16, 8> v = load_vec<at::BFloat16, 8>(x + static_cast<int64_t>(n) * K + k0);
+      if (norm_w != nullptr) {
+        const Vec<at::BFloat16, 8> w = load_vec<at::BFloat16, 8>(norm_w + k0);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v.v[e] = rms_apply(v.v[e], w.v[e], scale[n]);
+        if (normed != nullptr && blockIdx.x == 0) store_vec<at::BFloat16, 8>(normed + static_cast<int64_t>(n) * K + k0, v);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += static_cast<float>(v.v[e]);
+      xs[x_at(gi, j, n, tq, WPT, R)] = make_uint4(pack_bf16(v.v[0], v.v[4]), pack_bf16(v.v[1], v.v[5]),
+                                                  pack_bf16(v.v[2], v.v[6]), pack_bf16(v.v[3], v.v[7]));
+    }
+#pragma unroll
+    for (int off = 1; off < kIpg; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (item < total && item % kIpg == 0) sums[item / kIpg] = sum;  // = n · groups + gi
+  }
+  __syncthreads();
+}
+
+// c += A · B for one m16n8k16 step: A's rows g + 8 are zero (a1 = a3 = 0).
+__device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// One word of W row g: its two MMAs against the staged x uint4 `a` (zeros for rows ≥ R).
+__device__ __forceinline__ void mma_word(float (&c)[4], uint32_t w, const uint4& a) {
+  constexpr uint32_t kMask = 0x000F000Fu, kMagic = 0x43004300u;  // bf16 128 + v in each half
+  mma(c, a.x, a.y, (w & kMask) | kMagic, ((w >> 4) & kMask) | kMagic);
+  mma(c, a.z, a.w, ((w >> 8) & kMask) | kMagic, ((w >> 12) & kMask) | kMagic);
+}
+
+template <int WPT>
+struct Words {
+  uint32_t w[WPT];
+};
+
+template <int WPT>
+__device__ __forceinline__ Words<WPT> load_words(const uint32_t* p) {
+  Words<WPT> r;
+  if constexpr (WPT == 1) {
+    r.w[0] = __ldcs(p);
+  } else if constexpr (WPT == 2) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    r.w[0] = v.x;
+    r.w[1] = v.y;
+  } else {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    r.w[0] = v.x;
+    r.w[1] = v.y;
+    r.w[2] = v.z;
+    r.w[3] = v.w;
+  }
+  return r;
+}
+
+// NT tiles a task (SwiGLU: gate and up), UG groups' loads in flight a warp.
+template <typename S, int R, int WPT, bool SILU>
+__global__ void __launch_bounds__(kThreads, 2)
+    kernel(const at::BFloat16* __restrict__ x, int K, QSegments<at::BFloat16, S> segs,
+           const at::BFloat16* residual, const at::BFloat16* norm_w, float eps, at::BFloat16* normed, bool pdl) {
+  using T = at::BFloat16;
+  constexpr int NT = SILU ? 2 : 1, UG = SILU ? 4 : 8, kGroup = 32 * WPT;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float part[2][kWarps][NT][R][8];  // double-buffered by tile: one barrier a tile
+  const int groups = K / kGroup, words_per_row = K / 8;
+  uint4* xs = reinterpret_cast<uint4*>(smem_raw);
+  float* sums = reinterpret_cast<float*>(xs + R * K / 8);
+  int tiles = 0;
+  if constexpr (SILU) tiles = static_cast<int>(segs.s[0].rows / 8);
+  else
+    for (int i = 0; i < segs.count; ++i) tiles += static_cast<int>(segs.s[i].rows / 8);
+  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
+    pdl_trigger();
+    pdl_wait();
+  }
+  stage<R, WPT>(x, K, norm_w, eps, normed, xs, sums);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const int per_warp = (groups + kWarps - 1) / kWarps, g_begin = warp * per_warp;
+  const int g_end = min(groups, g_begin + per_warp);
+  int buf = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, buf ^= 1) {
+    // The task's segments (gate and up, or the one holding the tile) and first row.
+    const QSegment<T, S>* seg[NT];
+    int64_t row0 = static_cast<int64_t>(tile) * 8;
+    if constexpr (SILU) {
+      seg[0] = &segs.s[0];
+      seg[1] = &segs.s[1];
+    } else {
+      int si = 0;
+      while (row0 >= segs.s[si].rows) row0 -= segs.s[si++].rows;
+      seg[0] = &segs.s[si];
+    }
+    float acc[NT][2] = {};
+    for (int gi0 = g_begin; gi0 < g_end; gi0 += UG) {
+      Words<WPT> w[UG][NT];
+      S sc[UG][NT][2], bi[UG][NT][2];
+#pragma unroll
+      for (int u = 0; u < UG; ++u) {
+        const int gi = gi0 + u;
+        if (gi >= g_end) break;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const uint32_t* wq = reinterpret_cast<const uint32_t*>(seg[t]->w);
+          w[u][t] = load_words<WPT>(wq + (row0 + g) * words_per_row + gi * 4 * WPT + tq * WPT);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int64_t at = (row0 + 2 * tq + e) * groups + gi;
+            sc[u][t][e] = seg[t]->scales[at];
+            bi[u][t][e] = seg[t]->biases[at];
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UG; ++u) {
+        const int gi = gi0 + u;
+        if (gi >= g_end) break;
+        const float xsum = g < R ? sums[g * groups + gi] : 0.0f;
+        uint4 a[WPT];
+#pragma unroll
+        for (int j = 0; j < WPT; ++j) a[j] = g < R ? reinterpret_cast<const uint4*>(xs)[x_at(gi, j, g, tq, WPT, R)]
+                                                   : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int j = 0; j < WPT; ++j) mma_word(c, w[u][t].w[j], a[j]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float s = static_cast<float>(sc[u][t][e]), b = static_cast<float>(bi[u][t][e]);
+            acc[t][e] = fmaf(s, c[e], fmaf(b - 128.0f * s, xsum, acc[t][e]));
+          }
+        }
+      }
+    }
+    // C fragment: c[e] is input row g, tile row 2tq + e. The warps' K slices meet in shared memory.
+    if (g < R)
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        part[buf][warp][t][g][2 * tq] = acc[t][0];
+        part[buf][warp][t][g][2 * tq + 1] = acc[t][1];
+      }
+    __syncthreads();
+    if (threadIdx.x < R * 8) {
+      const int n = threadIdx.x / 8, r = threadIdx.x % 8;
+      float y[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        y[t] = 0.0f;
+        for (int v = 0; v < kWarps; ++v) y[t] += part[buf][v][t][n][r];
+      }
+      const QSegment<T, S>& s0 = *seg[0];
+      const int64_t at = n * s0.rows + row0 + r;
+      if constexpr (SILU) {
+        const float gf = static_cast<float>(to<T>(y[0]));
+        const T silu = to<T>(gf / (1.0f + expf(-gf)));  // kernels/cpu/silu_mul.h's two roundings
+        s0.out[at] = to<T>(static_cast<float>(silu) * static_cast<float>(to<T>(y[1])));
+      } else {
+        T out = to<T>(y[0]);
+        if (s0.bias) out = to<T>(static_cast<float>(out) + static_cast<float>(s0.bias[row0 + r]));
+        if (residual) out = to<T>(static_cast<float>(residual[at]) + static_cast<float>(out));
+        s0.out[at] = out;
+      }
+    }
+  }
+}
+
+}  // namespace mma_few
+
 // Runs the statement with `R`, the compile-time row count the kernel runs for N rows: 1, 2, 4 or 8 (the
 // accumulators are registers; padding rows are zeros, never written).
 #define RLAIF_QUANT_ROWS(N, ...)                                   \
@@ -452,6 +672,46 @@ void dispatch(at::ScalarType x_type, at::ScalarType scale_type, int64_t bits, F&
   else if ((N) <= 2) { constexpr int R = 2; __VA_ARGS__; }         \
   else if ((N) <= 4) { constexpr int R = 4; __VA_ARGS__; }         \
   else { constexpr int R = 8; __VA_ARGS__; }
+
+// Whether the tensor-core path takes these weights for x (kernels::quant_few_row_mma on): bf16 x of one or two
+// rows, 4-bit weights in groups of 32, 64 or 128, every weight's rows a multiple of 8 (the tile), and x staged as
+// bf16 within the SIMT kernel's staging limit.
+bool mma_few_takes(const at::Tensor& x, const std::vector<const QuantMatrix*>& ws) {
+  if (!quant_few_row_mma() || x.scalar_type() != at::kBFloat16 || x.size(0) > 2) return false;
+  const int64_t K = x.size(1), g = ws[0]->group_size;
+  if (g != 32 && g != 64 && g != 128) return false;
+  if (x.size(0) * K * 2 + x.size(0) * (K / g) * 4 > kQuantSmallLinearStageMaxBytes) return false;
+  for (const QuantMatrix* w : ws)
+    if (w->bits != 4 || w->group_size != g || w->rows() % 8 != 0) return false;
+  return true;
+}
+
+// Launches mma_few::kernel for N ≤ 2 rows of bf16 x over the segments (SILU: gate and up): one block per 8-row
+// tile up to the blocks the multiprocessors hold at once.
+template <bool SILU, typename S>
+void launch_mma_few(int64_t N, int64_t K, int64_t group, int64_t tiles, const QSegments<at::BFloat16, S>& segs,
+                    const at::BFloat16* x, const at::BFloat16* res, const at::BFloat16* nw, float eps,
+                    at::BFloat16* normed, bool pdl, cudaStream_t stream) {
+  auto go = [&](auto r_tag, auto wpt_tag) {
+    constexpr int R = decltype(r_tag)::value, WPT = decltype(wpt_tag)::value;
+    auto kernel = mma_few::kernel<S, R, WPT, SILU>;
+    const size_t smem = static_cast<size_t>(R * K * 2 + R * (K / group) * 4);
+    allow_dynamic_smem(kernel, smem, "quant_small_linear (tensor cores)");
+    int per_sm = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+    RLAIF_CHECK(e == cudaSuccess, "quant_small_linear: occupancy query: {}", cudaGetErrorString(e));
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, std::max(per_sm, 1) * sms)));
+    launch_kernel(pdl, kernel, grid, kThreads, smem, stream, x, static_cast<int>(K), segs, res, nw, eps, normed, pdl);
+  };
+  auto with_wpt = [&](auto r_tag) {
+    if (group == 32) go(r_tag, std::integral_constant<int, 1>{});
+    else if (group == 64) go(r_tag, std::integral_constant<int, 2>{});
+    else go(r_tag, std::integral_constant<int, 4>{});
+  };
+  if (N == 1) with_wpt(std::integral_constant<int, 1>{});
+  else with_wpt(std::integral_constant<int, 2>{});
+}
 
 }  // namespace
 
@@ -465,7 +725,11 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
   const bool pdl = programmatic_launch();
   const QuantMatrix& w0 = weights[0];
   int64_t rows = 0;
-  for (const QuantMatrix& w : weights) rows += w.rows();
+  std::vector<const QuantMatrix*> ws;
+  for (const QuantMatrix& w : weights) {
+    rows += w.rows();
+    ws.push_back(&w);
+  }
   dispatch(x.scalar_type(), w0.scales.scalar_type(), w0.bits, [&](auto t_tag, auto s_tag, auto bits_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
@@ -476,6 +740,13 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
     const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
     T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
     const T* res = residual.defined() ? static_cast<const T*>(residual.data_ptr()) : nullptr;
+    if constexpr (std::is_same_v<T, at::BFloat16> && kBits == 4) {
+      if (mma_few_takes(x, ws)) {
+        launch_mma_few<false, S>(N, K, w0.group_size, rows / 8, segs, static_cast<const T*>(x.data_ptr()), res, nw,
+                                 static_cast<float>(norm.eps), normed, pdl, stream);
+        return;
+      }
+    }
     RLAIF_QUANT_ROWS(N, {
       const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
       auto run = [&](auto m_tag) {
@@ -511,6 +782,17 @@ void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& ga
     const QSegment<T, S> g = segment<T, S>(gate, {}, out), u = segment<T, S>(up, {}, out);
     const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
     T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
+    if constexpr (std::is_same_v<T, at::BFloat16> && kBits == 4) {
+      if (mma_few_takes(x, {&gate, &up})) {
+        QSegments<T, S> segs;
+        segs.s[0] = g;
+        segs.s[1] = u;
+        segs.count = 2;
+        launch_mma_few<true, S>(N, K, gate.group_size, gate.rows() / 8, segs, static_cast<const T*>(x.data_ptr()),
+                                nullptr, nw, static_cast<float>(norm.eps), normed, pdl, stream);
+        return;
+      }
+    }
     RLAIF_QUANT_ROWS(N, {
       const size_t smem = static_cast<size_t>(quant_small_linear_stage_bytes(R, K, kBits));
       auto run = [&](auto p_tag) {
