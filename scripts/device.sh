@@ -109,6 +109,10 @@ if has quant; then
   # (weights quantized on the device after loading) beside the bf16 engine in the same run.
   "$BUILD/bench/bench_quant" --out "$OUT/bench_quant.json" > "$OUT/bench_quant.log" 2>&1 || log "bench_quant failed"
   tail -20 "$OUT/bench_quant.log" | tee -a "$OUT/summary.txt"
+  # The fused layers again with the tensor-core few-row path (kernels::quant_few_row_mma), same run.
+  "$BUILD/bench/bench_quant" --quant-mma --out "$OUT/bench_quant_mma.json" > "$OUT/bench_quant_mma.log" 2>&1 \
+    || log "bench_quant --quant-mma failed"
+  grep -E "^N=(1|2):" "$OUT/bench_quant_mma.log" | sed "s/^/quant-mma /" | tee -a "$OUT/summary.txt"
   save_model 3b
   if [ -f "$MD/qwen2.5-3b-random/config.json" ]; then
     for q in bf16 q4 q8; do  # bf16: the same-run baseline
