@@ -151,6 +151,33 @@ __device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
   }
 }
 
+// W consecutive packed words (1, 2 or 4) in one streaming load (8- or 16-byte aligned for 2 and 4): a thread's slice
+// of a quantized weight row for the tensor-core kernels.
+template <int W>
+struct Words {
+  uint32_t w[W];
+};
+
+template <int W>
+__device__ __forceinline__ Words<W> load_words(const uint32_t* p) {
+  static_assert(W == 1 || W == 2 || W == 4, "1, 2 or 4 words");
+  Words<W> r;
+  if constexpr (W == 1) {
+    r.w[0] = __ldcs(p);
+  } else if constexpr (W == 2) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    r.w[0] = v.x;
+    r.w[1] = v.y;
+  } else {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    r.w[0] = v.x;
+    r.w[1] = v.y;
+    r.w[2] = v.z;
+    r.w[3] = v.w;
+  }
+  return r;
+}
+
 // Programmatic dependent launch (kernels/cpu/registry.h): pdl_wait() returns once the kernels this one depends
 // on have finished and their writes are visible (at once without such a launch); pdl_trigger() lets the next
 // kernel start launching. Loads that do not depend on the previous kernel go before pdl_wait().

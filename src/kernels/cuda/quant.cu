@@ -273,26 +273,7 @@ constexpr int kXRow = kMmaK + 8;  // bf16 per x row in shared memory
 
 // A thread's 16 quantized values of one W row in one chunk: q4 two words, q8 four.
 template <int BITS>
-struct WSlice {
-  uint32_t w[BITS / 2];
-};
-
-template <int BITS>
-__device__ __forceinline__ WSlice<BITS> load_slice(const uint32_t* p) {
-  WSlice<BITS> s;
-  if constexpr (BITS == 4) {
-    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
-    s.w[0] = v.x;
-    s.w[1] = v.y;
-  } else {
-    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
-    s.w[0] = v.x;
-    s.w[1] = v.y;
-    s.w[2] = v.z;
-    s.w[3] = v.w;
-  }
-  return s;
-}
+using WSlice = Words<BITS / 2>;
 
 // The slice's 16 values in order, as exact floats (unpack_word's byte permute, not a shift, mask and convert each).
 template <int BITS>
@@ -412,12 +393,12 @@ __global__ void __launch_bounds__(kMmaThreads)
     Operand o;
     const int64_t gi = group_of(chunk);
     if (ok0) {
-      o.w0 = load_slice<BITS>(slice_of(r0, chunk));
+      o.w0 = load_words<BITS / 2>(slice_of(r0, chunk));
       o.s0 = as_float(scales[r0 * groups + gi]);
       o.b0 = as_float(biases[r0 * groups + gi]);
     }
     if (ok1) {
-      o.w1 = load_slice<BITS>(slice_of(r1, chunk));
+      o.w1 = load_words<BITS / 2>(slice_of(r1, chunk));
       o.s1 = as_float(scales[r1 * groups + gi]);
       o.b1 = as_float(biases[r1 * groups + gi]);
     }

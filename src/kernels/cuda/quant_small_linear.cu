@@ -10,6 +10,7 @@
 #include "kernels/cuda/quant_small_linear.h"
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -162,14 +163,18 @@ __device__ __forceinline__ void unpack_q4_offset(uint32_t w, float (&f)[8]) {
   }
 }
 
-// acc[m][n] += Σ over row w[m]'s chunks of s·Σ x·q + b·Σ x (this lane's chunks lane, lane + 32, ...), not
-// warp-summed. The M rows' next U chunks (and their scales and biases) are all requested before any arithmetic:
+// acc[m][n] = Σ over row w[m]'s chunks of s·Σ x·q + b·Σ x, in every lane (each lane sums its chunks lane,
+// lane + 32, ..., then the warp adds them). The M rows' next U chunks (and their scales and biases) are all requested before any arithmetic:
 // at batch 1 a 2048-input q4 row is only two chunks a lane, so one row alone keeps too few bytes in flight. Each
 // staged x float4 is read once for the M rows.
 template <typename S, int BITS, int N, int M, int U>
 __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w)[M], const S* const (&scales)[M],
                                          const S* const (&biases)[M], int cpg_shift, float (&acc)[M][N]) {
   constexpr int kPer = 32 / BITS, kF4 = 128 / BITS / 4, kF4PerWord = kPer / 4;
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[m][n] = 0.0f;
   const int C = static_cast<int>(st.C);
   for (int c0 = threadIdx.x % 32; c0 < C; c0 += U * 32) {
     uint4 wv[U][M];
@@ -235,6 +240,10 @@ __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w
       }
     }
   }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[m][n] = warp_sum(acc[m][n]);
 }
 
 // Chunks a lane has in flight per row (U of dot_rows): four 16-byte chunks a lane over the M rows at one or two
@@ -311,15 +320,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
       bi[m] = seg.biases + r * groups;
     }
     float acc[M][N];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int n = 0; n < N; ++n) acc[m][n] = 0.0f;
     dot_rows<S, BITS, N, M, kChunksInFlight<N, M>>(st, w, sc, bi, cpg_shift, acc);
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int n = 0; n < N; ++n) acc[m][n] = warp_sum(acc[m][n]);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
 #pragma unroll
@@ -375,15 +376,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
       bi[2 * p + 1] = up.biases + r * groups;
     }
     float acc[M][N];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int n = 0; n < N; ++n) acc[m][n] = 0.0f;
     dot_rows<S, BITS, N, M, kChunksInFlight<N, M>>(st, w, sc, bi, cpg_shift, acc);
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int n = 0; n < N; ++n) acc[m][n] = warp_sum(acc[m][n]);
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int64_t row = t * P + p;
@@ -398,16 +391,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<N>)
   }
 }
 
-// Blocks for `tasks` warp tasks: one per kWarps tasks, at most as many per multiprocessor as fit at once and at
-// most four (about one wave, so a long head stages its input once per block).
+// Blocks for `blocks` units of block work (grid-stride beyond): at most as many per multiprocessor as fit at once
+// and at most `cap_per_sm` (the SIMT kernels: 4, about one wave, so a long head stages its input once per block).
 template <typename Kernel>
-unsigned grid_for(Kernel kernel, size_t smem, int64_t tasks) {
+unsigned grid_for(Kernel kernel, size_t smem, int64_t blocks, int cap_per_sm) {
   int per_sm = 0;
   const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   RLAIF_CHECK(e == cudaSuccess, "quant_small_linear: occupancy query: {}", cudaGetErrorString(e));
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t cap = std::max<int64_t>(1, std::min(per_sm, 4)) * sms;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min((tasks + kWarps - 1) / kWarps, cap)));
+  const int64_t cap = std::max<int64_t>(1, std::min(per_sm, cap_per_sm)) * sms;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+// The SIMT kernels' grid: one block per kWarps warp tasks, at most 4 blocks a multiprocessor.
+template <typename Kernel>
+unsigned grid_for_tasks(Kernel kernel, size_t smem, int64_t tasks) {
+  return grid_for(kernel, smem, (tasks + kWarps - 1) / kWarps, 4);
 }
 
 // Whether a warp takes several rows at once (2, or 2 gate/up pairs): at one or two input rows, and only where that
@@ -526,30 +525,6 @@ __device__ __forceinline__ void mma_word(float (&c)[4], uint32_t w, const uint4&
   constexpr uint32_t kMask = 0x000F000Fu, kMagic = 0x43004300u;  // bf16 128 + v in each half
   mma(c, a.x, a.y, (w & kMask) | kMagic, ((w >> 4) & kMask) | kMagic);
   mma(c, a.z, a.w, ((w >> 8) & kMask) | kMagic, ((w >> 12) & kMask) | kMagic);
-}
-
-template <int WPT>
-struct Words {
-  uint32_t w[WPT];
-};
-
-template <int WPT>
-__device__ __forceinline__ Words<WPT> load_words(const uint32_t* p) {
-  Words<WPT> r;
-  if constexpr (WPT == 1) {
-    r.w[0] = __ldcs(p);
-  } else if constexpr (WPT == 2) {
-    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
-    r.w[0] = v.x;
-    r.w[1] = v.y;
-  } else {
-    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
-    r.w[0] = v.x;
-    r.w[1] = v.y;
-    r.w[2] = v.z;
-    r.w[3] = v.w;
-  }
-  return r;
 }
 
 // NT tiles a task (SwiGLU: gate and up), UG groups' loads in flight a warp.
@@ -697,11 +672,7 @@ void launch_mma_few(int64_t N, int64_t K, int64_t group, int64_t tiles, const QS
     auto kernel = mma_few::kernel<S, R, WPT, SILU>;
     const size_t smem = static_cast<size_t>(R * K * 2 + R * (K / group) * 4);
     allow_dynamic_smem(kernel, smem, "quant_small_linear (tensor cores)");
-    int per_sm = 0;
-    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-    RLAIF_CHECK(e == cudaSuccess, "quant_small_linear: occupancy query: {}", cudaGetErrorString(e));
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, std::max(per_sm, 1) * sms)));
+    const unsigned grid = grid_for(kernel, smem, tiles, std::numeric_limits<int>::max());
     launch_kernel(pdl, kernel, grid, kThreads, smem, stream, x, static_cast<int>(K), segs, res, nw, eps, normed, pdl);
   };
   auto with_wpt = [&](auto r_tag) {
@@ -753,7 +724,7 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
         constexpr int M = decltype(m_tag)::value;
         auto kernel = quant_small_linear_kernel<T, S, kBits, R, M>;
         allow_dynamic_smem(kernel, smem, "quant_small_linear");
-        launch_kernel(pdl, kernel, grid_for(kernel, smem, (rows + M - 1) / M), kThreads, smem, stream,
+        launch_kernel(pdl, kernel, grid_for_tasks(kernel, smem, (rows + M - 1) / M), kThreads, smem, stream,
                       static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, segs, res, nw,
                       static_cast<float>(norm.eps), normed, chunk_group_shift(w0), pdl);
       };
@@ -799,7 +770,7 @@ void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& ga
         constexpr int P = decltype(p_tag)::value;
         auto kernel = quant_small_linear_silu_mul_kernel<T, S, kBits, R, P>;
         allow_dynamic_smem(kernel, smem, "quant_small_linear_silu_mul");
-        launch_kernel(pdl, kernel, grid_for(kernel, smem, (gate.rows() + P - 1) / P), kThreads, smem, stream,
+        launch_kernel(pdl, kernel, grid_for_tasks(kernel, smem, (gate.rows() + P - 1) / P), kThreads, smem, stream,
                       static_cast<const T*>(x.data_ptr()), static_cast<int>(N), K, g, u, nw,
                       static_cast<float>(norm.eps), normed, chunk_group_shift(gate), pdl);
       };
