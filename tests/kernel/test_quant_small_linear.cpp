@@ -183,16 +183,19 @@ TEST(QuantSmallLinearKernel, CudaTensorCorePathEqualsCpuReference) {
   struct Shape {
     int64_t K, O;
   };
+  int64_t differing[2] = {0, 0};  // outputs where the tensor-core kernel's bf16 result is not the SIMT kernel's
   for (const Shape& sh : {Shape{2048, 2048}, Shape{11008, 264}, Shape{896, 128}, Shape{256, 20000}}) {
     for (int64_t N : {1, 2}) {
       for (int64_t group : {32, 64, 128}) {
         if (sh.K % group != 0) continue;
-        for (at::ScalarType sdt : {at::kBFloat16, at::kHalf, at::kFloat}) {
-          SCOPED_TRACE(fmt::format("K {} O {} N {} group {} scales {}", sh.K, sh.O, N, group, c10::toString(sdt)));
+        for (auto [bits, sdt] : {std::pair{4, at::kBFloat16}, {4, at::kHalf}, {4, at::kFloat}, {8, at::kBFloat16},
+                                 {8, at::kFloat}}) {
+          SCOPED_TRACE(fmt::format("K {} O {} N {} group {} bits {} scales {}", sh.K, sh.O, N, group, bits,
+                                   c10::toString(sdt)));
           const at::Tensor x = (at::randn({N, sh.K}) * 3).to(dt), norm_w = (1.0 + at::randn({sh.K}) * 0.1).to(dt);
-          const kernels::QuantMatrix w = test::quantize_cpu(rand_weight(sh.O, sh.K), 4, group, sdt),
-                                     w2 = test::quantize_cpu(rand_weight(24, sh.K), 4, group, sdt),
-                                     up = test::quantize_cpu(rand_weight(sh.O, sh.K), 4, group, sdt);
+          const kernels::QuantMatrix w = test::quantize_cpu(rand_weight(sh.O, sh.K), bits, group, sdt),
+                                     w2 = test::quantize_cpu(rand_weight(24, sh.K), bits, group, sdt),
+                                     up = test::quantize_cpu(rand_weight(sh.O, sh.K), bits, group, sdt);
           const at::Tensor bias = at::randn({sh.O}).to(dt);
           const auto dev = x.options().device(at::kCUDA);
           // Two segments, the first with a bias, behind the fused norm.
@@ -215,7 +218,9 @@ TEST(QuantSmallLinearKernel, CudaTensorCorePathEqualsCpuReference) {
           EXPECT_LE(test::rel_err(got[1], ref[1]), bound) << "segment 1";
           EXPECT_LE(test::rel_err(got[2], normed_ref), test::tolerance(dt)) << "normed";
           EXPECT_LE(test::rel_err(simt[0], ref[0]), bound) << "SIMT kernel, segment 0";
-          if (sh.O * N >= 4096) EXPECT_FALSE(got[0].equal(simt[0])) << "the switch did not reach another kernel";
+          // Two accurate float32 sums agree after the bf16 rounding for most outputs, sometimes all of a launch's
+          // (p ≈ 0.3 at 4096): the launches that differ are counted per bit width over the whole test.
+          differing[bits == 4 ? 0 : 1] += got[0].ne(simt[0]).sum().item<int64_t>();
           // The residual, in place.
           const at::Tensor h = at::randn({N, sh.O}).to(dt);
           at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
@@ -234,4 +239,7 @@ TEST(QuantSmallLinearKernel, CudaTensorCorePathEqualsCpuReference) {
       }
     }
   }
+  // Else the switch did not reach another kernel.
+  EXPECT_GT(differing[0], 0) << "q4: the tensor-core kernel gave the SIMT kernel's outputs everywhere";
+  EXPECT_GT(differing[1], 0) << "q8: the tensor-core kernel gave the SIMT kernel's outputs everywhere";
 }

@@ -151,8 +151,8 @@ __device__ __forceinline__ void unpack_word(uint32_t w, float (&q)[32 / BITS]) {
   }
 }
 
-// W consecutive packed words (1, 2 or 4) in one streaming load (8- or 16-byte aligned for 2 and 4): a thread's slice
-// of a quantized weight row for the tensor-core kernels.
+// W consecutive packed words (1, 2, 4 or 8) in one or two streaming loads (8- or 16-byte aligned from 2 words): a
+// thread's slice of a quantized weight row for the tensor-core kernels.
 template <int W>
 struct Words {
   uint32_t w[W];
@@ -160,9 +160,18 @@ struct Words {
 
 template <int W>
 __device__ __forceinline__ Words<W> load_words(const uint32_t* p) {
-  static_assert(W == 1 || W == 2 || W == 4, "1, 2 or 4 words");
+  static_assert(W == 1 || W == 2 || W == 4 || W == 8, "1, 2, 4 or 8 words");
   Words<W> r;
-  if constexpr (W == 1) {
+  if constexpr (W == 8) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p) + h);
+      r.w[4 * h] = v.x;
+      r.w[4 * h + 1] = v.y;
+      r.w[4 * h + 2] = v.z;
+      r.w[4 * h + 3] = v.w;
+    }
+  } else if constexpr (W == 1) {
     r.w[0] = __ldcs(p);
   } else if constexpr (W == 2) {
     const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));

@@ -455,18 +455,25 @@ void dispatch(at::ScalarType x_type, at::ScalarType scale_type, int64_t bits, F&
 }
 
 // ---- Tensor-core path at one or two input rows (opt-in: kernels::quant_few_row_mma) ----
-// bf16 x, 4-bit weights, groups of 32, 64 or 128 (WPT = group / 32 packed words a lane per group), every weight's
-// rows a multiple of 8. A block takes 8-row tiles of W (grid-stride); its 8 warps split the tile's K in groups
-// and meet in shared memory. Each warp runs mma.sync m16n8k16 with x as A (its rows are the input rows; rows ≥ R
-// zero) and W as B (the MMA's N: the tile's 8 rows), q4 values as bf16 128 + q (one LOP3 with the 0x4300 magic,
-// exact). A group's MMAs sum Σ x·(128 + q) in float32 from zero, so the scale and bias stay outside as in the SIMT
-// kernel: acc += s·Σ + (b − 128·s)·Σx. Thread (g = lane/4, tq = lane%4) holds W row g of the tile at the
-// group's values tq·group/4 … (+ group/4: WPT words) and supplies the same k slots {2tq, 2tq+1, 2tq+8, 2tq+9} of
-// A and B; a word's nibbles pair as (v0, v4), (v1, v5), (v2, v6), (v3, v7), so x is staged in that order.
+// bf16 x, 4- or 8-bit weights, groups of 32, 64 or 128 (WPT = group / 32 chunks of 8 values a lane per group; a
+// chunk is one q4 word or two q8 words), every weight's rows a multiple of 8. A block takes 8-row tiles of W
+// (grid-stride); its 8 warps split the tile's K in groups and meet in shared memory. Each warp runs mma.sync
+// m16n8k16 with x as A (its rows are the input rows; rows ≥ R zero) and W as B (the MMA's N: the tile's 8 rows),
+// values as exact bf16 by one LOP3 each: a q4 value as 128 + q (the 0x4300 magic); a q8 value as two, its low
+// nibble as 128 + lo and its high one as 2048 + 16·hi (0x4500: bf16's step is 16 there), both against the same x,
+// so the MMAs sum x·(2176 + q). A group's MMAs sum Σ x·(kOffset + q) in float32 from zero, so the scale and bias
+// stay outside as in the SIMT kernel: acc += s·Σ + (b − kOffset·s)·Σx. Thread (g = lane/4, tq = lane%4) holds W
+// row g of the tile at the group's values tq·group/4 … (+ group/4) and supplies the same k slots {2tq, 2tq+1,
+// 2tq+8, 2tq+9} of A and B. The LOP3 pairs a q4 word's values as (v0, v4), (v1, v5), (v2, v6), (v3, v7) and a
+// q8 chunk's as (v0, v2), (v1, v3), (v4, v6), (v5, v7), so x is staged in that order.
 namespace mma_few {
 
-// x staged as bf16 pairs, a uint4 per (group, word j, input row n, tq): its two MMAs' (a0, a2) = ((x0, x4),
-// (x1, x5)) and ((x2, x6), (x3, x7)) of the word's 8 values; then Σx per (row, group) as float32.
+template <int BITS>
+constexpr float kOffset = BITS == 4 ? 128.0f : 2176.0f;
+
+// x staged as bf16 pairs, a uint4 per (group, chunk j, input row n, tq): the (a0, a2) of its MMAs, ((x0, x4),
+// (x1, x5)) and ((x2, x6), (x3, x7)) for q4, ((x0, x2), (x1, x3)) and ((x4, x6), (x5, x7)) for q8; then Σx per
+// (row, group) as float32.
 __device__ __forceinline__ int x_at(int gi, int j, int n, int tq, int wpt, int rows) {
   return ((gi * wpt + j) * rows + n) * 4 + tq;
 }
@@ -478,7 +485,7 @@ __device__ __forceinline__ uint32_t pack_bf16(at::BFloat16 lo, at::BFloat16 hi) 
 // Stages the R input rows of x [R, K] (rms_norm(x) with norm_w; block 0 also writes them to `normed`): item
 // ((n · groups + gi) · 4 + tq) · WPT + j is the word's 8 values, so a group's 4·WPT items are consecutive lanes and
 // their Σx meets by shuffles. Every thread calls it; it ends with a barrier.
-template <int R, int WPT>
+template <int R, int WPT, int BITS>
 __device__ __forceinline__ void stage(const at::BFloat16* __restrict__ x, int K, const at::BFloat16* __restrict__ norm_w,
                                       float eps, at::BFloat16* normed, uint4* xs, float* sums) {
   constexpr int kIpg = 4 * WPT, kGroup = 32 * WPT;
@@ -501,8 +508,10 @@ __device__ __forceinline__ void stage(const at::BFloat16* __restrict__ x, int K,
       }
 #pragma unroll
       for (int e = 0; e < 8; ++e) sum += static_cast<float>(v.v[e]);
-      xs[x_at(gi, j, n, tq, WPT, R)] = make_uint4(pack_bf16(v.v[0], v.v[4]), pack_bf16(v.v[1], v.v[5]),
-                                                  pack_bf16(v.v[2], v.v[6]), pack_bf16(v.v[3], v.v[7]));
+      constexpr int kStep = BITS == 4 ? 4 : 2, kNext = BITS == 4 ? 2 : 4;  // pair (e, e + kStep); 2nd MMA's first
+      xs[x_at(gi, j, n, tq, WPT, R)] =
+          make_uint4(pack_bf16(v.v[0], v.v[kStep]), pack_bf16(v.v[1], v.v[1 + kStep]),
+                     pack_bf16(v.v[kNext], v.v[kNext + kStep]), pack_bf16(v.v[kNext + 1], v.v[kNext + 1 + kStep]));
     }
 #pragma unroll
     for (int off = 1; off < kIpg; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -520,23 +529,35 @@ __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a2, uin
       : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
 }
 
-// One word of W row g: its two MMAs against the staged x uint4 `a` (zeros for rows ≥ R).
-__device__ __forceinline__ void mma_word(float (&c)[4], uint32_t w, const uint4& a) {
-  constexpr uint32_t kMask = 0x000F000Fu, kMagic = 0x43004300u;  // bf16 128 + v in each half
-  mma(c, a.x, a.y, (w & kMask) | kMagic, ((w >> 4) & kMask) | kMagic);
-  mma(c, a.z, a.w, ((w >> 8) & kMask) | kMagic, ((w >> 12) & kMask) | kMagic);
+// One chunk (8 values) of W row g, w[0] (q8: and w[1]): its MMAs against the staged x uint4 `a` (zeros for rows
+// ≥ R).
+template <int BITS>
+__device__ __forceinline__ void mma_chunk(float (&c)[4], const uint32_t* w, const uint4& a) {
+  constexpr uint32_t kMask = 0x000F000Fu, kLo = 0x43004300u, kHi = 0x45004500u;  // bf16 128 + v, 2048 + 16·v
+  if constexpr (BITS == 4) {
+    mma(c, a.x, a.y, (w[0] & kMask) | kLo, ((w[0] >> 4) & kMask) | kLo);
+    mma(c, a.z, a.w, ((w[0] >> 8) & kMask) | kLo, ((w[0] >> 12) & kMask) | kLo);
+  } else {  // a word's bytes v0..v3: (v0, v2) in the halves' low bytes, (v1, v3) after >> 8
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a0 = h == 0 ? a.x : a.z, a2 = h == 0 ? a.y : a.w;
+      mma(c, a0, a2, (w[h] & kMask) | kLo, ((w[h] >> 8) & kMask) | kLo);
+      mma(c, a0, a2, ((w[h] >> 4) & kMask) | kHi, ((w[h] >> 12) & kMask) | kHi);
+    }
+  }
 }
 
-// NT tiles a task (SwiGLU: gate and up), UG groups' loads in flight a warp.
-template <typename S, int R, int WPT, bool SILU>
+// NT tiles a task (SwiGLU: gate and up), UG groups' loads in flight a warp (q8: half as many groups, the same
+// bytes).
+template <typename S, int BITS, int R, int WPT, bool SILU>
 __global__ void __launch_bounds__(kThreads, 2)
     kernel(const at::BFloat16* __restrict__ x, int K, QSegments<at::BFloat16, S> segs,
            const at::BFloat16* residual, const at::BFloat16* norm_w, float eps, at::BFloat16* normed, bool pdl) {
   using T = at::BFloat16;
-  constexpr int NT = SILU ? 2 : 1, UG = SILU ? 4 : 8, kGroup = 32 * WPT;
+  constexpr int NT = SILU ? 2 : 1, UG = (SILU ? 4 : 8) * 4 / BITS, kGroup = 32 * WPT, kCW = BITS / 4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float part[2][kWarps][NT][R][8];  // double-buffered by tile: one barrier a tile
-  const int groups = K / kGroup, words_per_row = K / 8;
+  const int groups = K / kGroup, words_per_row = K * BITS / 32;
   uint4* xs = reinterpret_cast<uint4*>(smem_raw);
   float* sums = reinterpret_cast<float*>(xs + R * K / 8);
   int tiles = 0;
@@ -547,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     pdl_trigger();
     pdl_wait();
   }
-  stage<R, WPT>(x, K, norm_w, eps, normed, xs, sums);
+  stage<R, WPT, BITS>(x, K, norm_w, eps, normed, xs, sums);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const int per_warp = (groups + kWarps - 1) / kWarps, g_begin = warp * per_warp;
   const int g_end = min(groups, g_begin + per_warp);
@@ -566,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     float acc[NT][2] = {};
     for (int gi0 = g_begin; gi0 < g_end; gi0 += UG) {
-      Words<WPT> w[UG][NT];
+      Words<WPT * kCW> w[UG][NT];
       S sc[UG][NT][2], bi[UG][NT][2];
 #pragma unroll
       for (int u = 0; u < UG; ++u) {
@@ -575,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           const uint32_t* wq = reinterpret_cast<const uint32_t*>(seg[t]->w);
-          w[u][t] = load_words<WPT>(wq + (row0 + g) * words_per_row + gi * 4 * WPT + tq * WPT);
+          w[u][t] = load_words<WPT * kCW>(wq + (row0 + g) * words_per_row + (gi * 4 + tq) * WPT * kCW);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int64_t at = (row0 + 2 * tq + e) * groups + gi;
@@ -597,11 +618,11 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int t = 0; t < NT; ++t) {
           float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-          for (int j = 0; j < WPT; ++j) mma_word(c, w[u][t].w[j], a[j]);
+          for (int j = 0; j < WPT; ++j) mma_chunk<BITS>(c, &w[u][t].w[j * kCW], a[j]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float s = static_cast<float>(sc[u][t][e]), b = static_cast<float>(bi[u][t][e]);
-            acc[t][e] = fmaf(s, c[e], fmaf(b - 128.0f * s, xsum, acc[t][e]));
+            acc[t][e] = fmaf(s, c[e], fmaf(b - kOffset<BITS> * s, xsum, acc[t][e]));
           }
         }
       }
@@ -649,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   else { constexpr int R = 8; __VA_ARGS__; }
 
 // Whether the tensor-core path takes these weights for x (kernels::quant_few_row_mma on): bf16 x of one or two
-// rows, 4-bit weights in groups of 32, 64 or 128, every weight's rows a multiple of 8 (the tile), and x staged as
+// rows, 4- or 8-bit weights in groups of 32, 64 or 128, every weight's rows a multiple of 8 (the tile), and x staged as
 // bf16 within the SIMT kernel's staging limit.
 bool mma_few_takes(const at::Tensor& x, const std::vector<const QuantMatrix*>& ws) {
   if (!quant_few_row_mma() || x.scalar_type() != at::kBFloat16 || x.size(0) > 2) return false;
@@ -657,19 +678,19 @@ bool mma_few_takes(const at::Tensor& x, const std::vector<const QuantMatrix*>& w
   if (g != 32 && g != 64 && g != 128) return false;
   if (x.size(0) * K * 2 + x.size(0) * (K / g) * 4 > kQuantSmallLinearStageMaxBytes) return false;
   for (const QuantMatrix* w : ws)
-    if (w->bits != 4 || w->group_size != g || w->rows() % 8 != 0) return false;
+    if (w->bits != ws[0]->bits || w->group_size != g || w->rows() % 8 != 0) return false;
   return true;
 }
 
 // Launches mma_few::kernel for N ≤ 2 rows of bf16 x over the segments (SILU: gate and up): one block per 8-row
 // tile up to the blocks the multiprocessors hold at once.
-template <bool SILU, typename S>
+template <bool SILU, typename S, int BITS>
 void launch_mma_few(int64_t N, int64_t K, int64_t group, int64_t tiles, const QSegments<at::BFloat16, S>& segs,
                     const at::BFloat16* x, const at::BFloat16* res, const at::BFloat16* nw, float eps,
                     at::BFloat16* normed, bool pdl, cudaStream_t stream) {
   auto go = [&](auto r_tag, auto wpt_tag) {
     constexpr int R = decltype(r_tag)::value, WPT = decltype(wpt_tag)::value;
-    auto kernel = mma_few::kernel<S, R, WPT, SILU>;
+    auto kernel = mma_few::kernel<S, BITS, R, WPT, SILU>;
     const size_t smem = static_cast<size_t>(R * K * 2 + R * (K / group) * 4);
     allow_dynamic_smem(kernel, smem, "quant_small_linear (tensor cores)");
     const unsigned grid = grid_for(kernel, smem, tiles, std::numeric_limits<int>::max());
@@ -711,9 +732,9 @@ void quant_small_linear_cuda(const at::Tensor& x, const std::vector<QuantMatrix>
     const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
     T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
     const T* res = residual.defined() ? static_cast<const T*>(residual.data_ptr()) : nullptr;
-    if constexpr (std::is_same_v<T, at::BFloat16> && kBits == 4) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (mma_few_takes(x, ws)) {
-        launch_mma_few<false, S>(N, K, w0.group_size, rows / 8, segs, static_cast<const T*>(x.data_ptr()), res, nw,
+        launch_mma_few<false, S, kBits>(N, K, w0.group_size, rows / 8, segs, static_cast<const T*>(x.data_ptr()), res, nw,
                                  static_cast<float>(norm.eps), normed, pdl, stream);
         return;
       }
@@ -753,13 +774,13 @@ void quant_small_linear_silu_mul_cuda(const at::Tensor& x, const QuantMatrix& ga
     const QSegment<T, S> g = segment<T, S>(gate, {}, out), u = segment<T, S>(up, {}, out);
     const T* nw = norm.weight.defined() ? static_cast<const T*>(norm.weight.data_ptr()) : nullptr;
     T* normed = norm.normed.defined() ? static_cast<T*>(norm.normed.data_ptr()) : nullptr;
-    if constexpr (std::is_same_v<T, at::BFloat16> && kBits == 4) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (mma_few_takes(x, {&gate, &up})) {
         QSegments<T, S> segs;
         segs.s[0] = g;
         segs.s[1] = u;
         segs.count = 2;
-        launch_mma_few<true, S>(N, K, gate.group_size, gate.rows() / 8, segs, static_cast<const T*>(x.data_ptr()),
+        launch_mma_few<true, S, kBits>(N, K, gate.group_size, gate.rows() / 8, segs, static_cast<const T*>(x.data_ptr()),
                                 nullptr, nw, static_cast<float>(norm.eps), normed, pdl, stream);
         return;
       }
