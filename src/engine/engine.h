@@ -31,7 +31,7 @@ struct EngineOptions {
   // each starts its weight loads while the previous kernel finishes. Opt-in until measured (docs/KERNELS.md).
   bool programmatic_launch = false;
   // On CUDA, quantized projections at one or two rows on tensor cores (bf16 x, q4/q8; kernels/cpu/registry.h) instead of
-  // the SIMT GEMV. Opt-in until measured (docs/KERNELS.md, session 11).
+  // the SIMT GEMV. Opt-in: it measured slower at batch 1 (docs/KERNELS.md, session 12).
   bool quant_few_row_mma = false;
   // Which CUDA few-row GEMV the projections at batch ≤ 8 use (kernels/cpu/registry.h).
   kernels::FewRowKernel few_row_kernel = kernels::FewRowKernel::kStaged;

@@ -90,7 +90,7 @@ bool programmatic_launch();
 
 // Whether quant_small_linear / quant_small_linear_silu_mul take the tensor-core kernel where it serves (bf16 x of
 // one or two rows, 4- or 8-bit weights, groups of 32/64/128, rows a multiple of 8; EngineOptions::quant_few_row_mma,
-// session 11, opt-in until measured) instead of the SIMT kernel. Same spec and CPU reference either way.
+// session 11; opt-in: slower at batch 1 in session 12) instead of the SIMT kernel. Same spec and CPU reference either way.
 void set_quant_few_row_mma(bool on);
 bool quant_few_row_mma();
 
