@@ -158,7 +158,7 @@ fi
 
 if [[ " $STAGES " == *" profile "* ]]; then
   # Where a decode step's time goes: Nsight Compute's kernel times over a window of decode launches.
-  for spec in ${RLAIF_PROFILE:-0.5b:64 3b:64 3b:1}; do
+  for spec in ${RLAIF_PROFILE-0.5b:64 3b:64 3b:1}; do  # set but empty: no window
     # shape:batch[:launches to skip before the window[:bench_generate arguments, commas for spaces]]
     IFS=: read -r s b skip extra <<< "$spec"
     args="${RLAIF_PROFILE_ARGS:-} ${extra//,/ }"
