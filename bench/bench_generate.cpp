@@ -5,10 +5,12 @@
 // `--pdl` turns on EngineOptions::programmatic_launch, `--quant-mma` EngineOptions::quant_few_row_mma (the
 // tensor-core quantized projections at 1-2 rows), `--few-row-kernel streaming` the session-4 GEMV,
 // `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows);
-// `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it);
+// `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it),
+// `--lora-expand-rows 4` sets EngineOptions::lora_expand_rows;
 // `--attention-kernel simt` the SIMT paged attention instead of the tensor-core one (kernels/cpu/registry.h).
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] [--quant-mma] [--few-row-kernel streaming|staged] [--lora R] [--attention-kernel tensor-core|simt] --out FILE.json
+//        [--pdl] [--quant-mma] [--few-row-kernel streaming|staged] [--lora R] [--lora-expand-rows 4|8]
+//        [--attention-kernel tensor-core|simt] --out FILE.json
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -62,6 +64,7 @@ int main(int argc, char** argv) {
   CLI::App app{"rlaif generation benchmark"};
   std::string model_dir, out, batches = "1,16,64", device = "cuda", dtype = "bf16", quantize;
   int64_t prompt = 128, new_tokens = 128, lora_r = 0;
+  int lora_expand_rows = 8;
   bool rollout = false, pdl = false, lora_shrink_kernel = false, tuned_gemm = false, quant_mma = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
   app.add_option("--out", out, "JSON results file");
@@ -83,6 +86,8 @@ int main(int argc, char** argv) {
   app.add_flag("--lora-shrink-kernel", lora_shrink_kernel,
                "LoRA's x·Aᵀ by its own shrink launch, not as extra columns of the base GEMMs (EngineOptions)");
   app.add_flag("--tuned-gemm", tuned_gemm, "the projections' GEMMs through timed cuBLASLt algorithms (EngineOptions)");
+  app.add_option("--lora-expand-rows", lora_expand_rows, "rows a CUDA LoRA expand block serves (EngineOptions)")
+      ->check(CLI::IsMember({4, 8}));
   std::string attention = "tensor-core";
   app.add_option("--attention-kernel", attention, "CUDA paged attention: tensor-core (default) or simt")
       ->check(CLI::IsMember({"tensor-core", "simt"}));
@@ -138,6 +143,7 @@ int main(int argc, char** argv) {
     opt.few_row_kernel = few_row == "staged" ? kernels::FewRowKernel::kStaged : kernels::FewRowKernel::kStreaming;
     opt.few_row_rows = rows_policy;
     opt.lora_shrink_in_gemm = !lora_shrink_kernel;
+    opt.lora_expand_rows = lora_expand_rows;
     opt.tuned_gemm = tuned_gemm;
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(B);
@@ -160,6 +166,7 @@ int main(int argc, char** argv) {
                                 (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +
                                 (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
                                 (lora_shrink_kernel ? " shrink kernel" : "") + (tuned_gemm ? " tuned gemm" : "") +
+                                (lora_expand_rows != 8 ? fmt::format(" expand rows {}", lora_expand_rows) : "") +
                                 (attention == "simt" ? " simt attention" : "");
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
@@ -167,7 +174,8 @@ int main(int argc, char** argv) {
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
                        {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"quant_few_row_mma", quant_mma}, {"few_row_kernel", few_row},
                        {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention},
-                       {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm}});
+                       {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm},
+                       {"lora_expand_rows", lora_expand_rows}});
   }
   if (rollout) {
     EngineOptions opt;

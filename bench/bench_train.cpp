@@ -36,6 +36,7 @@ struct Options {
   double lr = 1e-5, kl_beta = 0.05;
   bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false, phase_times = false;
   bool eager_norm = false, lora_shrink_kernel = false, tuned_gemm = false;
+  int lora_expand_rows = 8;
 };
 
 constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
@@ -94,6 +95,7 @@ class Bench {
     eo.max_batch = o.prompts * o.samples;  // eos_ids empty: every sample runs its full --new tokens
     eo.lora_shrink_in_gemm = !o.lora_shrink_kernel;
     eo.tuned_gemm = o.tuned_gemm;
+    eo.lora_expand_rows = o.lora_expand_rows;
     engine_ = std::make_unique<Engine>(model_, eo);
     std::mt19937 g(0);
     std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(model_->config().vocab_size - 1));
@@ -237,6 +239,8 @@ int main(int argc, char** argv) {
   app.add_flag("--lora-shrink-kernel", o.lora_shrink_kernel,
                "the engine's LoRA x·Aᵀ by its own shrink launch, not as extra columns of the base GEMMs");
   app.add_flag("--tuned-gemm", o.tuned_gemm, "the engine's GEMMs through timed cuBLASLt algorithms");
+  app.add_option("--lora-expand-rows", o.lora_expand_rows, "rows a CUDA LoRA expand block serves (EngineOptions)")
+      ->check(CLI::IsMember({4, 8}));
   app.add_flag("--eager-norm", o.eager_norm, "RMSNorm through transformers' op sequence (not the fused kernel)");
   app.add_flag("--phase-times", o.phase_times, "split the training time (policy forward / reference forward / "
                "backward / optimizer; syncs after each)");
@@ -275,7 +279,7 @@ int main(int argc, char** argv) {
       {"gradient_checkpointing", o.checkpointing}, {"attention", o.attention},
       {"lm_head_rows", o.full_head ? "all" : "completion"}, {"fused_lora", !o.no_fused_lora},
       {"fused_rms_norm", !o.eager_norm && o.device == "cuda"}, {"lora_shrink_in_gemm", !o.lora_shrink_kernel},
-      {"tuned_gemm", o.tuned_gemm},
+      {"tuned_gemm", o.tuned_gemm}, {"lora_expand_rows", o.lora_expand_rows},
       {"steps", o.steps},
       {"step_s", total / o.steps}, {"generate_s", sum.gen_s / o.steps}, {"score_s", sum.score_s / o.steps},
       {"train_s", sum.train_s / o.steps}, {"generate_fraction", sum.gen_s / total},

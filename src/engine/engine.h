@@ -56,6 +56,9 @@ struct EngineOptions {
   // each shape (kernels/cpu/tuned_linear.h; timed once, in the bucket's eager warm-up step) instead of the
   // heuristic's first choice. Opt-in: on the H100 it measured within ±3% of the heuristic (docs/KERNELS.md).
   bool tuned_gemm = false;
+  // Rows a CUDA LoRA expand block serves, 8 or 4 (kernels/cpu/registry.h; the same outputs bit for bit). 4 doubles
+  // the blocks of a batch-64 expand at fewer registers; not yet measured (session 12 built it).
+  int lora_expand_rows = 8;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

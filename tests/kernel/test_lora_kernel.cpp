@@ -126,24 +126,27 @@ TEST(LoraKernel, ExpandIntoColumnSlicesOfAPackedOutput) {
 
 // Ranks that are not a multiple of the expand's 16-column chunks (nor of the shrink's 4-column groups), adapters
 // whose widths end inside a 128-column block, row counts that end inside a row tile, and inputs both wide and of
-// odd width (the shrink's scalar path): CUDA equals the CPU reference.
+// odd width (the shrink's scalar path): CUDA equals the CPU reference, with expand blocks of 8 and of 4 rows
+// (kernels::lora_expand_rows), which give the same outputs bit for bit.
 TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
   RLAIF_REQUIRE_CUDA_KERNELS();
   SCOPED_TRACE(test::seed_fresh());
+  struct Restore {
+    ~Restore() { kernels::set_lora_expand_rows(8); }
+  } restore;
   for (at::ScalarType dt : test::activation_dtypes()) {
     for (int64_t S : {3, 37, 64}) {
       for (int64_t D : {11008, 1001}) {
         SCOPED_TRACE(fmt::format("{} S={} D={}", c10::toString(dt), S, D));
         // 22 + 42 = 64 columns: the shrink's 4-column groups include one that spans the two adapters.
         const std::vector<int64_t> outs_dim = {1000, 300}, ranks = {22, 42};
-        std::vector<at::Tensor> a, b, a_gpu, b_gpu, ys, ys_gpu;
+        std::vector<at::Tensor> a, b, a_gpu, b_gpu, ys;
         for (size_t i = 0; i < 2; ++i) {
           a.push_back(at::randn({ranks[i], D}) * 0.02);
           b.push_back(at::randn({outs_dim[i], ranks[i]}) * 0.1);
           a_gpu.push_back(a.back().cuda());
           b_gpu.push_back(b.back().cuda());
           ys.push_back(at::randn({S, outs_dim[i]}).to(dt));
-          ys_gpu.push_back(ys.back().cuda());
         }
         const at::Tensor x = at::randn({S, D}).to(dt);
         at::Tensor t = at::empty({S, 64}), t_gpu = at::empty({S, 64}, at::TensorOptions().device(at::kCUDA));
@@ -152,16 +155,28 @@ TEST(LoraKernel, CudaRanksWidthsAndRowTilesOfEveryShape) {
         kernels::lora_shrink(x.cuda(), a_gpu, t_gpu);
         EXPECT_LE(test::rel_err(t_gpu, t), 1e-5) << "shrink";
         const std::vector<double> scales = {0.75, 2.0};
+        const std::vector<at::Tensor> ys_in = {ys[0].clone(), ys[1].clone()};
         kernels::lora_expand_cpu(t, b, scales, ys, {}, ys);
-        kernels::lora_expand(t.cuda(), b_gpu, scales, ys_gpu, {}, ys_gpu);
-        for (size_t i = 0; i < 2; ++i) EXPECT_LE(test::rel_err(ys_gpu[i], ys[i]), test::tolerance(dt)) << "expand " << i;
-        // One adapter with the residual: h = h + (y + update).
         const at::Tensor h = at::randn({S, 1000}).to(dt), y0 = at::randn({S, 1000}).to(dt);
         const at::Tensor t0 = t.narrow(1, 0, 22).contiguous();
-        at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
+        at::Tensor h_ref = h.clone();
         kernels::lora_expand_cpu(t0, {b[0]}, {0.75}, {y0}, h_ref, {h_ref});
-        kernels::lora_expand(t0.cuda(), {b_gpu[0]}, {0.75}, {y0.cuda()}, h_gpu, {h_gpu});
-        EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "with the residual";
+        std::vector<at::Tensor> first;  // the 8-row blocks' outputs
+        for (int rows : {8, 4}) {
+          SCOPED_TRACE(fmt::format("expand rows {}", rows));
+          kernels::set_lora_expand_rows(rows);
+          std::vector<at::Tensor> out = {ys_in[0].cuda(), ys_in[1].cuda()};
+          kernels::lora_expand(t.cuda(), b_gpu, scales, out, {}, out);
+          for (size_t i = 0; i < 2; ++i) EXPECT_LE(test::rel_err(out[i], ys[i]), test::tolerance(dt)) << "expand " << i;
+          // One adapter with the residual: h = h + (y + update).
+          at::Tensor h_gpu = h.cuda();
+          kernels::lora_expand(t0.cuda(), {b_gpu[0]}, {0.75}, {y0.cuda()}, h_gpu, {h_gpu});
+          EXPECT_LE(test::rel_err(h_gpu, h_ref), test::tolerance(dt)) << "with the residual";
+          out.push_back(h_gpu);
+          if (first.empty()) first = out;
+          else
+            for (size_t i = 0; i < out.size(); ++i) EXPECT_TRUE(out[i].equal(first[i])) << "output " << i;
+        }
       }
     }
   }
@@ -229,11 +244,18 @@ TEST(LoraKernel, ExpandSiluMulEqualsExpandThenSwiGLU) {
       EXPECT_LE(test::rel_err(out, want), test::tolerance(dt)) << "CPU reference";
       if (!cuda) continue;
       const at::Tensor packed_gpu = packed.cuda();
-      at::Tensor out_gpu = at::empty({S, F}, packed_gpu.options());
-      test::poison(out_gpu);
-      kernels::lora_expand_silu_mul(t.cuda(), {ag.b.cuda(), au.b.cuda()}, {ag.scale, au.scale},
-                                    packed_gpu.narrow(1, 0, F), packed_gpu.narrow(1, F, F), out_gpu);
-      EXPECT_LE(test::rel_err(out_gpu, out), test::tolerance(dt)) << "CUDA";
+      at::Tensor first;  // with 8-row expand blocks; 4-row blocks give it bit for bit
+      for (int rows : {8, 4}) {
+        kernels::set_lora_expand_rows(rows);
+        at::Tensor out_gpu = at::empty({S, F}, packed_gpu.options());
+        test::poison(out_gpu);
+        kernels::lora_expand_silu_mul(t.cuda(), {ag.b.cuda(), au.b.cuda()}, {ag.scale, au.scale},
+                                      packed_gpu.narrow(1, 0, F), packed_gpu.narrow(1, F, F), out_gpu);
+        kernels::set_lora_expand_rows(8);
+        EXPECT_LE(test::rel_err(out_gpu, out), test::tolerance(dt)) << "CUDA, expand rows " << rows;
+        if (!first.defined()) first = out_gpu;
+        else EXPECT_TRUE(out_gpu.equal(first)) << "4-row blocks against 8-row ones";
+      }
     }
   }
 }

@@ -26,7 +26,14 @@ std::atomic<bool> g_quant_few_row_mma{false};
 std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStreaming};
 std::atomic<int> g_few_row_split{0};
 std::atomic<AttentionKernel> g_attention_kernel{AttentionKernel::kTensorCore};
+std::atomic<int> g_lora_expand_rows{8};
 }  // namespace
+
+void set_lora_expand_rows(int rows) {
+  RLAIF_CHECK(rows == 4 || rows == 8, "LoRA expand rows {} (4 or 8)", rows);
+  g_lora_expand_rows.store(rows);
+}
+int lora_expand_rows() { return g_lora_expand_rows.load(); }
 
 void set_few_row_split(int warps) {
   RLAIF_CHECK(warps == 0 || warps == 1 || warps == 2 || warps == 4 || warps == 8, "few-row split {} (0, 1, 2, 4 or 8)",

@@ -94,6 +94,12 @@ bool programmatic_launch();
 void set_quant_few_row_mma(bool on);
 bool quant_few_row_mma();
 
+// Rows a CUDA LoRA expand block serves (lora_expand, lora_expand_silu_mul; EngineOptions::lora_expand_rows): 8, the
+// default (6 blocks an SM at ≤ 80 registers), or 4 (twice the blocks, 8 an SM at ≤ 64 registers). Same sums, same
+// order: the outputs are bit-equal. Session 12 measured the 8-row gate/up expand latency-bound at batch 64.
+void set_lora_expand_rows(int rows);
+int lora_expand_rows();
+
 // Which CUDA few-row GEMV small_linear / small_linear_silu_mul launch (EngineOptions::few_row_kernel):
 // kStreaming (the process default; the session-4 kernel: norm first, then rounds of register loads) or kStaged
 // (each warp's whole share of its weight rows requested into shared memory before the fused norm and the wait for

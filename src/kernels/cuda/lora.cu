@@ -30,10 +30,13 @@ static_assert(kThreads == kShrinkCols * kShrinkRows / 4, "a shrink thread owns o
 // one device are stream-ordered (the decode step's single stream), so one set of counters serves them all.
 __device__ unsigned int g_shrink_done[kMaxShrinkTiles];
 constexpr int kExpandCols = 128; // output columns (threads) of an expand block
-constexpr int kExpandRows = 8;   // rows an expand block serves, at most
+// Rows an expand block serves, at most: ROWS of the expand kernels, 8 (the default) or 4 (kernels::lora_expand_rows).
 constexpr int kRankChunk = 16;   // rank columns staged at a time
-// Resident expand blocks an SM is compiled for (≤ 80 registers): a batch-64 gate/up expand is 688 blocks.
-constexpr int kExpandBlocksPerSm = 6;
+// Resident expand blocks an SM is compiled for: 6 at 8 rows (≤ 80 registers; a batch-64 gate/up expand is 688
+// blocks), 8 at 4 rows (≤ 64 registers, 1376 blocks). Session 12's Nsight Compute reading of the 8-row gate/up
+// expand at batch 64: 15.4 µs, latency-bound at 29% achieved occupancy, 10.7 cycles between a warp's instructions.
+template <int ROWS>
+constexpr int kExpandBlocksPerSm = ROWS == 8 ? 6 : 8;
 
 struct ShrinkArgs {
   const float* a[3];
@@ -245,9 +248,9 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_split_kernel(const T* __
 }
 
 // Shared memory of an expand block over N adapters: t's rows for its tile, one rank chunk at a time.
-template <int N>
+template <int N, int ROWS>
 struct ExpandStage {
-  __align__(16) float t[N][kExpandRows][kRankChunk];
+  __align__(16) float t[N][ROWS][kRankChunk];
 };
 
 // For each adapter n: acc[n][s] += Σ_j ts[n][s · R + j] · b[n][o, j] (t float32 or bf16, rows R apart) for this
@@ -257,10 +260,10 @@ struct ExpandStage {
 // barrier so it overlaps the staging of t. Session 10 (H100, batch 64, Nsight Compute): with B staged in shared
 // memory as well, 20 KB a block allowed 5 blocks an SM and the gate/up expand ran 344 blocks at 16% achieved
 // occupancy in 16.0 µs.
-template <int N, typename TT>
+template <int N, int ROWS, typename TT>
 __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], const int64_t (&r)[N],
                                                    const TT* const (&ts)[N], int64_t O, int64_t R, int rows,
-                                                   int64_t o, ExpandStage<N>& st, float (&acc)[N][kExpandRows]) {
+                                                   int64_t o, ExpandStage<N, ROWS>& st, float (&acc)[N][ROWS]) {
   int64_t r_max = 0;
 #pragma unroll
   for (int n = 0; n < N; ++n) r_max = max(r_max, r[n]);
@@ -286,7 +289,7 @@ __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], c
     __syncthreads();  // the previous chunk of t is consumed
 #pragma unroll
     for (int n = 0; n < N; ++n)
-      for (int e = threadIdx.x; e < kExpandRows * kRankChunk; e += kExpandCols) {
+      for (int e = threadIdx.x; e < ROWS * kRankChunk; e += kExpandCols) {
         const int row = e / kRankChunk, j = e % kRankChunk;
         st.t[n][row][j] = row < rows && j0 + j < r[n] ? static_cast<float>(ts[n][row * R + j0 + j]) : 0.0f;
       }
@@ -294,7 +297,7 @@ __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], c
 #pragma unroll
     for (int n = 0; n < N; ++n) {
 #pragma unroll
-      for (int s = 0; s < kExpandRows; ++s) {
+      for (int s = 0; s < ROWS; ++s) {
         if (s >= rows) break;
 #pragma unroll
         for (int j = 0; j < kRankChunk; ++j)
@@ -306,8 +309,8 @@ __device__ __forceinline__ void accumulate_updates(const float* const (&b)[N], c
 
 // Block (column tile of adapter i, row tile), thread = output column o: out[s, o] = to(y[s, o] + to(scale ·
 // Σ_j t[s, col_i + j] · b_i[o, j])) (j in order, float32), plus the residual (contiguous [S, O]) when given.
-template <typename T, typename TT>
-__global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm) lora_expand_kernel(const TT* __restrict__ t, int64_t S, int64_t R,
+template <typename T, typename TT, int ROWS>
+__global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm<ROWS>) lora_expand_kernel(const TT* __restrict__ t, int64_t S, int64_t R,
                                                                    ExpandArgs<T> args, const T* residual, int tile) {
   int i = 0;
   while (i + 1 < args.count && blockIdx.x >= args.first_block[i + 1]) ++i;
@@ -318,21 +321,21 @@ __global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm) lora_expand_k
   // The tile's base outputs (and residual) requested first: their latency overlaps the staging.
   const bool live = o < O;
   const T* y = args.y[i] + s0 * args.y_stride[i] + o;
-  T yv[kExpandRows], hv[kExpandRows];
+  T yv[ROWS], hv[ROWS];
 #pragma unroll
-  for (int s = 0; s < kExpandRows; ++s) {
+  for (int s = 0; s < ROWS; ++s) {
     if (s >= rows) break;
     if (live) yv[s] = y[s * args.y_stride[i]];
     if (live && residual) hv[s] = residual[(s0 + s) * O + o];
   }
-  __shared__ ExpandStage<1> st;
-  float acc[1][kExpandRows] = {};
-  accumulate_updates<1, TT>({args.b[i]}, {args.rank[i]}, {t + s0 * R + args.col[i]}, O, R, rows, o, st, acc);
+  __shared__ ExpandStage<1, ROWS> st;
+  float acc[1][ROWS] = {};
+  accumulate_updates<1, ROWS, TT>({args.b[i]}, {args.rank[i]}, {t + s0 * R + args.col[i]}, O, R, rows, o, st, acc);
   if (!live) return;
   const float scale = args.scale[i];
   T* out = args.out[i] + s0 * args.out_stride[i] + o;
 #pragma unroll
-  for (int s = 0; s < kExpandRows; ++s) {
+  for (int s = 0; s < ROWS; ++s) {
     if (s >= rows) break;
     const T delta = to<T>(acc[0][s] * scale);
     T v = to<T>(static_cast<float>(yv[s]) + static_cast<float>(delta));
@@ -344,8 +347,8 @@ __global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm) lora_expand_k
 // Block (column tile, row tile), thread = column f of gate and up (adapters 0 and 1 of args): out[s, f] =
 // silu_mul(to(g + to(scale_0 · t_0 · b_0[f])), to(u + to(scale_1 · t_1 · b_1[f]))) — the expand's rounding, then
 // silu_mul's (kernels/cpu/silu_mul.h). Saves the gate/up expand's write and silu_mul's read of [S, 2F].
-template <typename T, typename TT>
-__global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm) lora_expand_silu_kernel(const TT* __restrict__ t, int64_t S,
+template <typename T, typename TT, int ROWS>
+__global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm<ROWS>) lora_expand_silu_kernel(const TT* __restrict__ t, int64_t S,
                                                                         int64_t R, ExpandArgs<T> args, T* out,
                                                                         int tile) {
   const int64_t F = args.rows[0];
@@ -353,20 +356,20 @@ __global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm) lora_expand_s
   const int64_t s0 = static_cast<int64_t>(blockIdx.y) * tile;
   const int rows = static_cast<int>(min(static_cast<int64_t>(tile), S - s0));
   const bool live = o < F;
-  T gv[kExpandRows], uv[kExpandRows];
+  T gv[ROWS], uv[ROWS];
 #pragma unroll
-  for (int s = 0; s < kExpandRows; ++s) {
+  for (int s = 0; s < ROWS; ++s) {
     if (s >= rows) break;
     if (live) gv[s] = args.y[0][(s0 + s) * args.y_stride[0] + o];
     if (live) uv[s] = args.y[1][(s0 + s) * args.y_stride[1] + o];
   }
-  __shared__ ExpandStage<2> st;
-  float acc[2][kExpandRows] = {};
-  accumulate_updates<2, TT>({args.b[0], args.b[1]}, {args.rank[0], args.rank[1]}, {t + s0 * R, t + s0 * R + args.col[1]},
+  __shared__ ExpandStage<2, ROWS> st;
+  float acc[2][ROWS] = {};
+  accumulate_updates<2, ROWS, TT>({args.b[0], args.b[1]}, {args.rank[0], args.rank[1]}, {t + s0 * R, t + s0 * R + args.col[1]},
                             F, R, rows, o, st, acc);
   if (!live) return;
 #pragma unroll
-  for (int s = 0; s < kExpandRows; ++s) {
+  for (int s = 0; s < ROWS; ++s) {
     if (s >= rows) break;
     const float g = static_cast<float>(to<T>(static_cast<float>(gv[s]) + static_cast<float>(to<T>(acc[0][s] * args.scale[0]))));
     const T u = to<T>(static_cast<float>(uv[s]) + static_cast<float>(to<T>(acc[1][s] * args.scale[1])));
@@ -476,30 +479,35 @@ ExpandArgs<T> expand_args(const std::vector<at::Tensor>& b, const std::vector<do
   return args;
 }
 
-// The expand grid (`blocks` column tiles × row tiles of up to kExpandRows rows, each thread reusing its B chunk
-// over them; fewer rows while the grid would leave SMs idle) and t's element type — float32 (lora_shrink's) or the
-// outputs' (columns of a base GEMM's output): launch(tp, grid, tile) with tp typed accordingly, on t's device;
-// nothing when empty.
+// The expand grid (`blocks` column tiles × row tiles of up to ROWS = kernels::lora_expand_rows() rows, each thread
+// reusing its B chunk over them; fewer rows while the grid would leave SMs idle) and t's element type — float32
+// (lora_shrink's) or the outputs' (columns of a base GEMM's output): launch(tp, grid, tile, ROWS as an
+// integral_constant) with tp typed accordingly, on t's device; nothing when empty.
 template <typename T, typename Launch>
 void launch_expand(const at::Tensor& t, int64_t blocks, Launch&& launch) {
   const int64_t S = t.size(0);
   if (blocks == 0 || S == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int tile = kExpandRows;
+  const int rows = lora_expand_rows();
+  int tile = rows;
   while (tile > 1 && blocks * ((S + tile - 1) / tile) < 2 * sms) tile /= 2;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((S + tile - 1) / tile));
-  if (t.scalar_type() == at::kFloat) launch(static_cast<const float*>(t.data_ptr()), grid, tile);
-  else launch(static_cast<const T*>(t.data_ptr()), grid, tile);
+  auto with_rows = [&](auto rows_tag) {
+    if (t.scalar_type() == at::kFloat) launch(static_cast<const float*>(t.data_ptr()), grid, tile, rows_tag);
+    else launch(static_cast<const T*>(t.data_ptr()), grid, tile, rows_tag);
+  };
+  if (rows == 4) with_rows(std::integral_constant<int, 4>{});
+  else with_rows(std::integral_constant<int, 8>{});
 }
 
 template <typename T>
 void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
             const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
   const ExpandArgs<T> args = expand_args<T>(b, scales, ys, outs);
-  launch_expand<T>(t, args.first_block[b.size()], [&](auto* tp, dim3 grid, int tile) {
+  launch_expand<T>(t, args.first_block[b.size()], [&](auto* tp, dim3 grid, int tile, auto rows_tag) {
     using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
-    lora_expand_kernel<T, TT><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
+    lora_expand_kernel<T, TT, decltype(rows_tag)::value><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
         tp, t.size(0), t.stride(0), args, residual.defined() ? residual.data_ptr<T>() : nullptr, tile);
     check_launch("lora_expand_kernel");
   });
@@ -509,9 +517,10 @@ template <typename T>
 void expand_silu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                  const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
   const ExpandArgs<T> args = expand_args<T>(b, scales, {gate, up}, {});
-  launch_expand<T>(t, (gate.size(1) + kExpandCols - 1) / kExpandCols, [&](auto* tp, dim3 grid, int tile) {
+  launch_expand<T>(t, (gate.size(1) + kExpandCols - 1) / kExpandCols, [&](auto* tp, dim3 grid, int tile,
+                                                                          auto rows_tag) {
     using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
-    lora_expand_silu_kernel<T, TT><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
+    lora_expand_silu_kernel<T, TT, decltype(rows_tag)::value><<<grid, kExpandCols, 0, at::cuda::getCurrentCUDAStream()>>>(
         tp, t.size(0), t.stride(0), args, out.data_ptr<T>(), tile);
     check_launch("lora_expand_silu_kernel");
   });
