@@ -52,8 +52,13 @@ export PKG_CONFIG_SYSROOT_DIR=$SYSROOT
 export LD_LIBRARY_PATH=$LIBDIR:$TORCH_LIB:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$OUT/summary.txt"
 
-if has build; then
+PREBUILT=.device/prebuilt.tar.xz  # binaries built here by scripts/device_prebuild.sh, when carried
+if has build && [ -f "$PREBUILT" ] && [ -z "${RLAIF_DEVICE_FULL_BUILD:-}" ]; then
+  mkdir -p "$BUILD" && tar xJf "$PREBUILT" -C "$BUILD"
+  log "no build here: prebuilt binaries of $(cat "$BUILD/PREBUILT_COMMIT") unpacked into $BUILD"
+elif has build; then
   t0=$(date +%s)
+  rm -f "$BUILD/PREBUILT_COMMIT"  # a warm machine's earlier unpack: this build's binaries replace it
   cmake -S . -B "$BUILD" -G Ninja -DRLAIF_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DRLAIF_PYTHON="$(command -v $PY)" \
     -DCMAKE_PREFIX_PATH="$SYSROOT/usr;$TORCH_PREFIX" -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 \
     || { tail -40 "$OUT/cmake.log"; log "cmake failed"; exit 1; }
@@ -61,7 +66,16 @@ if has build; then
   log "build ok in $(( $(date +%s) - t0 )) s"
 fi
 
-if has test; then
+if has test && [ -f "$BUILD/PREBUILT_COMMIT" ]; then
+  # Prebuilt: no ctest files here, so each carried test binary runs directly (kernel tests: no fixtures), with
+  # RLAIF_DEVICE_TESTS's alternatives as a gtest filter.
+  filter=$(echo "${RLAIF_DEVICE_TESTS:-}" | sed -E 's/([^|]+)/*\1*/g; s/\|/:/g')
+  for t in "$BUILD"/tests/test_*; do
+    RLAIF_TEST_DEVICE=cuda "$t" ${filter:+--gtest_filter="$filter"} >> "$OUT/ctest_cuda.log" 2>&1 \
+      && log "GPU tests $(basename "$t"): passed" || log "GPU tests $(basename "$t"): FAILED"
+  done
+  grep -B2 -A20 "Failure" "$OUT/ctest_cuda.log" | head -60
+elif has test; then
   # The reference models also get transformers' bf16 outputs on this GPU. GgufRepack needs python's gguf and the
   # SmolLM2 file, which are not carried (CPU CI runs it); set RLAIF_DEVICE_EXCLUDE to override.
   export RLAIF_REF_BF16_DEVICE=cuda
@@ -196,7 +210,8 @@ if has train; then
   # Issue 7's end-to-end step, LoRA on the 3B shape, against transformers + peft on the same card. RLAIF_TRAIN_RUNS
   # picks the runs (default all): main, kernel (the LoRA shrink kernels), ckpt (checkpointing, micro-batch 8),
   # hf (transformers + peft), old (the pre-optimisation training path: eager attention, full head, PEFT's LoRA
-  # ops, eager norm).
+  # ops, eager norm); variant (only when named: the main configuration plus RLAIF_TRAIN_VARIANT_ARGS, e.g.
+  # '--lora-expand-rows 4', right after main for a same-machine A/B).
   save_model 3b
   # The card's clocks, power and temperature every 0.5 s while the runs go: the training phase (compute-bound) took
   # 2.6 s on one machine and 3.4-3.7 s on others with the same code, while the memory-bound generation did not move.
@@ -211,6 +226,7 @@ if has train; then
       > "$OUT/rlaif_train_3b$suffix.log" 2>&1 || log "bench_train $name failed"
   }
   train main ""
+  train variant _variant ${RLAIF_TRAIN_VARIANT_ARGS:-}  # only when RLAIF_TRAIN_RUNS names it
   train kernel _kernel --lora-shrink-kernel --steps 2
   train ckpt _ckpt --micro-batch 8 --checkpointing --steps 2
   if [[ $runs == *" hf "* ]]; then
