@@ -30,8 +30,8 @@ static_assert(kThreads == kShrinkCols * kShrinkRows / 4, "a shrink thread owns o
 // one device are stream-ordered (the decode step's single stream), so one set of counters serves them all.
 __device__ unsigned int g_shrink_done[kMaxShrinkTiles];
 constexpr int kExpandCols = 128; // output columns (threads) of an expand block
-// Rows an expand block serves, at most: ROWS of the expand kernels, 8 (the default) or 4 (kernels::lora_expand_rows).
 constexpr int kRankChunk = 16;   // rank columns staged at a time
+// The expand kernels' ROWS, the rows a block serves at most, is 8 (the default) or 4 (kernels::lora_expand_rows).
 // Resident expand blocks an SM is compiled for: 6 at 8 rows (≤ 80 registers; a batch-64 gate/up expand is 688
 // blocks), 8 at 4 rows (≤ 64 registers, 1376 blocks). Session 12's Nsight Compute reading of the 8-row gate/up
 // expand at batch 64: 15.4 µs, latency-bound at 29% achieved occupancy, 10.7 cycles between a warp's instructions.
