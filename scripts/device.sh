@@ -66,12 +66,12 @@ elif has build; then
   log "build ok in $(( $(date +%s) - t0 )) s"
 fi
 
-if has test && [ -f "$BUILD/PREBUILT_COMMIT" ]; then
+if has test && [ -f "$BUILD/PREBUILT_COMMIT" ] && [ -f "$PREBUILT" ]; then
   # Prebuilt: no ctest files here, so each carried test binary runs directly (kernel tests: no fixtures), with
   # RLAIF_DEVICE_TESTS's alternatives as a gtest filter.
   filter=$(echo "${RLAIF_DEVICE_TESTS:-}" | sed -E 's/([^|]+)/*\1*/g; s/\|/:/g')
-  for t in "$BUILD"/tests/test_*; do
-    RLAIF_TEST_DEVICE=cuda "$t" ${filter:+--gtest_filter="$filter"} >> "$OUT/ctest_cuda.log" 2>&1 \
+  for t in $(tar tJf "$PREBUILT" | grep -E '^(\./)?tests/test_[^/]+$'); do  # the carried ones only
+    RLAIF_TEST_DEVICE=cuda "$BUILD/$t" ${filter:+--gtest_filter="$filter"} >> "$OUT/ctest_cuda.log" 2>&1 \
       && log "GPU tests $(basename "$t"): passed" || log "GPU tests $(basename "$t"): FAILED"
   done
   grep -B2 -A20 "Failure" "$OUT/ctest_cuda.log" | head -60
