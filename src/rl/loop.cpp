@@ -54,6 +54,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 struct Run {
+  explicit Run(const RunConfig& c) : cfg(c) {}
   const RunConfig& cfg;
   ModelBundle bundle;
   std::unique_ptr<Engine> engine;
@@ -590,7 +591,7 @@ std::vector<fs::path> step_checkpoints(const fs::path& out_dir) {
   for (const std::string& n : list_dir(out_dir)) {
     const fs::path entry = out_dir / n;
     const auto gs = n.rfind("-gs");
-    if (n.rfind("checkpoint-", 0) != 0 || gs == std::string::npos || n.size() > 4 && n.substr(n.size() - 4) == ".tmp")
+    if (n.rfind("checkpoint-", 0) != 0 || gs == std::string::npos || (n.size() > 4 && n.substr(n.size() - 4) == ".tmp"))
       continue;
     if (!fs::exists(entry / kTrainerState)) continue;
     const std::string digits = n.substr(gs + 3);
@@ -711,7 +712,7 @@ TrainResult run_training(const RunConfig& cfg, const TrainHooks& hooks, const st
     resume_dir = resume;
   }
   if (!resume_dir.empty()) check_checkpoint(resume_dir, cfg.model.use_lora);
-  Run r{cfg, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0, 0, 0};
+  Run r(cfg);
   setup(r, resume_dir);
   TrainResult result;
   result.output_dir = out_dir;
