@@ -162,27 +162,21 @@ template <int W>
 __device__ __forceinline__ Words<W> load_words(const uint32_t* p) {
   static_assert(W == 1 || W == 2 || W == 4 || W == 8, "1, 2, 4 or 8 words");
   Words<W> r;
-  if constexpr (W == 8) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p) + h);
-      r.w[4 * h] = v.x;
-      r.w[4 * h + 1] = v.y;
-      r.w[4 * h + 2] = v.z;
-      r.w[4 * h + 3] = v.w;
-    }
-  } else if constexpr (W == 1) {
+  if constexpr (W == 1) {
     r.w[0] = __ldcs(p);
   } else if constexpr (W == 2) {
     const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
     r.w[0] = v.x;
     r.w[1] = v.y;
   } else {
-    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
-    r.w[0] = v.x;
-    r.w[1] = v.y;
-    r.w[2] = v.z;
-    r.w[3] = v.w;
+#pragma unroll
+    for (int h = 0; h < W / 4; ++h) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p) + h);
+      r.w[4 * h] = v.x;
+      r.w[4 * h + 1] = v.y;
+      r.w[4 * h + 2] = v.z;
+      r.w[4 * h + 3] = v.w;
+    }
   }
   return r;
 }
@@ -192,6 +186,13 @@ __device__ __forceinline__ Words<W> load_words(const uint32_t* p) {
 // kernel start launching. Loads that do not depend on the previous kernel go before pdl_wait().
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+// Under a programmatic launch (`pdl`), lets the next kernel launch, then waits for the previous one: the start of
+// a projection that has sent its weights (which never depend on the previous kernel) on their way first.
+__device__ __forceinline__ void pdl_begin(bool pdl) {
+  if (!pdl) return;
+  pdl_trigger();
+  pdl_wait();
+}
 
 // kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with one launch attribute; a failure
 // throws naming `what` (e.g. "programmatic launch"). Followed by check_launch.

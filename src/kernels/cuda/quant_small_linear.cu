@@ -260,10 +260,7 @@ __device__ __forceinline__ Stage begin_tasks(Prefetch& prefetch, int64_t first, 
                                              const T* __restrict__ x, int rows, int64_t K, const T* norm_w, float eps,
                                              T* normed) {
   if (first < tasks) prefetch(first);
-  if (pdl) {
-    pdl_trigger();
-    pdl_wait();
-  }
+  pdl_begin(pdl);
   return stage_rows<T, N, 128 / BITS>(x, rows, K, norm_w, eps, normed);
 }
 
@@ -604,10 +601,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   prefetch_tile(blockIdx.x);  // before the wait and the staging
-  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
-    pdl_trigger();
-    pdl_wait();
-  }
+  pdl_begin(pdl);  // x, the norm's input and the residual depend on the previous kernel
   stage<R, WPT, BITS>(x, K, norm_w, eps, normed, xs, sums);
   int buf = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, buf ^= 1) {

@@ -209,10 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_kernel(const T* __re
   Round<T, VEC, kUnroll> first;
   first.slot = reinterpret_cast<Vec<T, VEC>*>(stage) + warp * kUnroll * 32 + lane;
   if (valid) first.load(w + k_begin + lane * VEC, lane_vectors<VEC>(k_begin + lane * VEC, k_end));
-  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
-    pdl_trigger();
-    pdl_wait();
-  }
+  pdl_begin(pdl);  // x, the norm's input and the residual depend on the previous kernel
   x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
   if (split == 1 && !valid) return;  // with split > 1 every warp reaches the barrier below
   float acc[N];
@@ -274,10 +271,7 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_silu_mul_kernel(cons
     first_g.load(wg + k0, nv);
     first_u.load(wu + k0, nv);
   }
-  if (pdl) {  // the weights do not depend on the previous kernel
-    pdl_trigger();
-    pdl_wait();
-  }
+  pdl_begin(pdl);
   x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
   if (split == 1 && !valid) return;
   float g[N], u[N];
@@ -389,11 +383,9 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_kernel(const T* __re
   while (si < segs.count && row >= segs.s[si].rows) row -= segs.s[si++].rows;
   const bool valid = si < segs.count;
   const Segment<T> seg = valid ? segs.s[si] : Segment<T>{};
-  if (pdl) {  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
-    if (valid) prefetch_row(seg.w + row * K, part * chunk, min(K, (part + 1) * chunk));
-    pdl_trigger();
-    pdl_wait();
-  }
+  // The weights do not depend on the previous kernel; x, the norm's input and the residual do.
+  if (pdl && valid) prefetch_row(seg.w + row * K, part * chunk, min(K, (part + 1) * chunk));
+  pdl_begin(pdl);
   x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
   if (split == 1 && !valid) return;  // with split > 1 every warp reaches the barrier below
   float acc[N];
@@ -435,14 +427,11 @@ __global__ void __launch_bounds__(kWarps * 32) small_linear_silu_mul_kernel(cons
                                                                              int64_t F, const T* norm_w, float eps,
                                                                              T* normed, bool pdl) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (pdl) {  // the weights do not depend on the previous kernel
-    if (row < F) {
-      prefetch_row(w_gate + row * K, 0, K);
-      prefetch_row(w_up + row * K, 0, K);
-    }
-    pdl_trigger();
-    pdl_wait();
+  if (pdl && row < F) {  // the weights do not depend on the previous kernel
+    prefetch_row(w_gate + row * K, 0, K);
+    prefetch_row(w_up + row * K, 0, K);
   }
+  pdl_begin(pdl);
   x = norm_rows<T, N, VEC>(x, K, norm_w, eps, normed);
   if (row >= F) return;
   float g[N], u[N];
