@@ -164,9 +164,9 @@ __device__ __forceinline__ void unpack_q4_offset(uint32_t w, float (&f)[8]) {
 }
 
 // acc[m][n] = Σ over row w[m]'s chunks of s·Σ x·q + b·Σ x, in every lane (each lane sums its chunks lane,
-// lane + 32, ..., then the warp adds them). The M rows' next U chunks (and their scales and biases) are all requested before any arithmetic:
-// at batch 1 a 2048-input q4 row is only two chunks a lane, so one row alone keeps too few bytes in flight. Each
-// staged x float4 is read once for the M rows.
+// lane + 32, ..., then the warp adds them). The M rows' next U chunks (and their scales and biases) are all
+// requested before any arithmetic: at batch 1 a 2048-input q4 row is only two chunks a lane, so one row alone keeps
+// too few bytes in flight. Each staged x float4 is read once for the M rows.
 template <typename S, int BITS, int N, int M, int U>
 __device__ __forceinline__ void dot_rows(const Stage& st, const uint4* const (&w)[M], const S* const (&scales)[M],
                                          const S* const (&biases)[M], int cpg_shift, float (&acc)[M][N]) {
@@ -577,28 +577,21 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   // Sends this warp's share of a tile (its groups' words, scales and biases in the 8 rows) towards L2, so the
-  // tile's loads, issued only after the previous tile's barrier, wait on L2 rather than memory: lane → row lane % 8,
-  // every fourth 128-byte line from line lane / 8.
+  // tile's loads, issued only after the previous tile's barrier, wait on L2 rather than memory.
+  const int share_bytes = (g_end - g_begin) * kGroup * BITS / 8;
+  const int sb_bytes = (g_end - g_begin) * static_cast<int>(sizeof(S));
   auto prefetch_tile = [&](int tile) {
     if (tile >= tiles || g_begin >= g_end) return;
     const QSegment<T, S>* seg[NT];
     int64_t row0;
     locate(tile, seg, row0);
-    const int64_t r = row0 + lane % 8;
-    const int bytes = (g_end - g_begin) * kGroup * BITS / 8, sb_bytes = (g_end - g_begin) * static_cast<int>(sizeof(S));
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const char* w = reinterpret_cast<const char*>(seg[t]->w) + (r * words_per_row) * 4 + g_begin * (kGroup * BITS / 8);
+    for (int t = 0; t < NT; ++t)
 #pragma unroll 1
-      for (int off = lane / 8 * 128; off < bytes; off += 4 * 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w + off));
-      if (lane / 8 == 0)  // a row's scales (and biases) for the warp's groups: one or two lines
-#pragma unroll
-        for (const S* p : {seg[t]->scales, seg[t]->biases}) {
-          const char* q = reinterpret_cast<const char*>(p + r * groups + g_begin);
-          asm volatile("prefetch.global.L2 [%0];\n" ::"l"(q));
-          asm volatile("prefetch.global.L2 [%0];\n" ::"l"(q + sb_bytes - 1));
-        }
-    }
+      for (int64_t r = row0; r < row0 + 8; ++r)
+        prefetch_row(reinterpret_cast<const uint32_t*>(seg[t]->w) + r * words_per_row + g_begin * (kGroup * BITS / 32),
+                     share_bytes, seg[t]->scales + r * groups + g_begin, seg[t]->biases + r * groups + g_begin,
+                     sb_bytes);
   };
   prefetch_tile(blockIdx.x);  // before the wait and the staging
   pdl_begin(pdl);  // x, the norm's input and the residual depend on the previous kernel
