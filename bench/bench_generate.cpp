@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"q4", "q8"}));
   app.add_flag("--pdl", pdl, "launch the decode projections as programmatic dependent launches (EngineOptions)");
   app.add_flag("--quant-mma", quant_mma,
-               "quantized projections at 1-2 rows on tensor cores (EngineOptions::quant_few_row_mma; bf16, q4)");
+               "quantized projections at 1-2 rows on tensor cores (EngineOptions::quant_few_row_mma; bf16, q4/q8)");
   std::string few_row = "staged";
   app.add_option("--few-row-kernel", few_row, "CUDA GEMV at batch <= 8: staged (default) or streaming (session 4)")
       ->check(CLI::IsMember({"staged", "streaming"}));
@@ -162,7 +162,8 @@ int main(int argc, char** argv) {
     const auto [n, dt] = timed_generate(engine, reqs, dev);
     if (range) range(false);
     const double decode_s = engine.stats().decode_seconds, prefill_s = engine.stats().prefill_seconds;
-    const std::string variant = std::string(pdl ? " pdl" : "") + (quant_mma ? " quant-mma" : "") + (few_row == "streaming" ? " streaming GEMV" : "") +
+    const std::string variant = std::string(pdl ? " pdl" : "") + (quant_mma ? " quant-mma" : "") +
+                                (few_row == "streaming" ? " streaming GEMV" : "") +
                                 (few_row_rows.empty() ? "" : " few-row rows " + rows_text) +
                                 (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
                                 (lora_shrink_kernel ? " shrink kernel" : "") + (tuned_gemm ? " tuned gemm" : "") +
@@ -172,7 +173,8 @@ int main(int argc, char** argv) {
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
     results.push_back({{"impl", "rlaif"}, {"batch", B}, {"new_tokens", n}, {"seconds", dt}, {"tokens_per_s", n / dt},
                        {"backend", engine.backend()}, {"prefill_seconds_total", prefill_s},
-                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl}, {"quant_few_row_mma", quant_mma}, {"few_row_kernel", few_row},
+                       {"decode_seconds_total", decode_s}, {"programmatic_launch", pdl},
+                       {"quant_few_row_mma", quant_mma}, {"few_row_kernel", few_row},
                        {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention},
                        {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm},
                        {"lora_expand_rows", lora_expand_rows}});

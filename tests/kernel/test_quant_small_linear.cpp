@@ -166,12 +166,12 @@ TEST(QuantSmallLinearKernel, CudaFusedNormAndSwigluEqualCpuReference) {
   }
 }
 
-// The tensor-core path (kernels::quant_few_row_mma: bf16 x of 1-2 rows, q4 in groups of 32/64/128, rows a
+// The tensor-core path (kernels::quant_few_row_mma: bf16 x of 1-2 rows, q4 or q8 in groups of 32/64/128, rows a
 // multiple of 8) against the same CPU reference, within about one bf16 rounding: two segments with a bias and the
 // fused norm, the residual in place, SwiGLU; 3B's q/k/v-like and down shapes (K = 2048, 11008), a K of fewer groups
 // than the block's 8 warps (896 at 128, 256), and 20000 rows (more 8-row tiles than the grid has blocks). That the
 // switch reaches the tensor-core kernel shows as outputs that differ somewhere from the SIMT kernel's (another
-// summation order) while both stay within the bound.
+// summation order; counted per bit width over the whole test) while both stay within the bound.
 TEST(QuantSmallLinearKernel, CudaTensorCorePathEqualsCpuReference) {
   RLAIF_REQUIRE_CUDA_KERNELS();
   SCOPED_TRACE(test::seed_fresh());
@@ -219,7 +219,7 @@ TEST(QuantSmallLinearKernel, CudaTensorCorePathEqualsCpuReference) {
           EXPECT_LE(test::rel_err(got[2], normed_ref), test::tolerance(dt)) << "normed";
           EXPECT_LE(test::rel_err(simt[0], ref[0]), bound) << "SIMT kernel, segment 0";
           // Two accurate float32 sums agree after the bf16 rounding for most outputs, sometimes all of a launch's
-          // (p ≈ 0.3 at 4096): the launches that differ are counted per bit width over the whole test.
+          // (p ≈ 0.3 at 4096), so the differing outputs are counted over the whole test.
           differing[bits == 4 ? 0 : 1] += got[0].ne(simt[0]).sum().item<int64_t>();
           // The residual, in place.
           const at::Tensor h = at::randn({N, sh.O}).to(dt);
