@@ -6,10 +6,10 @@
 // tensor-core quantized projections at 1-2 rows), `--few-row-kernel streaming` the session-4 GEMV,
 // `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows);
 // `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it),
-// `--lora-expand-rows 4` sets EngineOptions::lora_expand_rows;
+// `--lora-expand-rows 4` sets EngineOptions::lora_expand_rows, `--lora-expand-simt` turns EngineOptions::lora_expand_mma off;
 // `--attention-kernel simt` the SIMT paged attention instead of the tensor-core one (kernels/cpu/registry.h).
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] [--quant-mma] [--few-row-kernel streaming|staged] [--lora R] [--lora-expand-rows 4|8]
+//        [--pdl] [--quant-mma] [--few-row-kernel streaming|staged] [--lora R] [--lora-expand-rows 4|8] [--lora-expand-simt]
 //        [--attention-kernel tensor-core|simt] --out FILE.json
 #include <chrono>
 #include <cstdio>
@@ -66,6 +66,7 @@ int main(int argc, char** argv) {
   int64_t prompt = 128, new_tokens = 128, lora_r = 0;
   int lora_expand_rows = 8;
   bool rollout = false, pdl = false, lora_shrink_kernel = false, tuned_gemm = false, quant_mma = false;
+  bool lora_expand_simt = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
   app.add_option("--out", out, "JSON results file");
   app.add_option("--batches", batches);
@@ -88,6 +89,8 @@ int main(int argc, char** argv) {
   app.add_flag("--tuned-gemm", tuned_gemm, "the projections' GEMMs through timed cuBLASLt algorithms (EngineOptions)");
   app.add_option("--lora-expand-rows", lora_expand_rows, "rows a CUDA LoRA expand block serves (EngineOptions)")
       ->check(CLI::IsMember({4, 8}));
+  app.add_flag("--lora-expand-simt", lora_expand_simt,
+               "the batched CUDA LoRA expands on the SIMT kernels, not tensor cores (EngineOptions::lora_expand_mma)");
   std::string attention = "tensor-core";
   app.add_option("--attention-kernel", attention, "CUDA paged attention: tensor-core (default) or simt")
       ->check(CLI::IsMember({"tensor-core", "simt"}));
@@ -144,6 +147,7 @@ int main(int argc, char** argv) {
     opt.few_row_rows = rows_policy;
     opt.lora_shrink_in_gemm = !lora_shrink_kernel;
     opt.lora_expand_rows = lora_expand_rows;
+    opt.lora_expand_mma = !lora_expand_simt;
     opt.tuned_gemm = tuned_gemm;
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(B);
@@ -168,6 +172,7 @@ int main(int argc, char** argv) {
                                 (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
                                 (lora_shrink_kernel ? " shrink kernel" : "") + (tuned_gemm ? " tuned gemm" : "") +
                                 (lora_expand_rows != 8 ? fmt::format(" expand rows {}", lora_expand_rows) : "") +
+                                (lora_expand_simt ? " simt expand" : "") +
                                 (attention == "simt" ? " simt attention" : "");
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
@@ -177,7 +182,7 @@ int main(int argc, char** argv) {
                        {"quant_few_row_mma", quant_mma}, {"few_row_kernel", few_row},
                        {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention},
                        {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm},
-                       {"lora_expand_rows", lora_expand_rows}});
+                       {"lora_expand_rows", lora_expand_rows}, {"lora_expand_mma", !lora_expand_simt}});
   }
   if (rollout) {
     EngineOptions opt;

@@ -471,6 +471,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
                                                       options_.few_row_kernel);
   const ScopedSetting<bool> quant_mma(K::quant_few_row_mma, K::set_quant_few_row_mma, options_.quant_few_row_mma);
   const ScopedSetting<int> expand_rows(K::lora_expand_rows, K::set_lora_expand_rows, options_.lora_expand_rows);
+  const ScopedSetting<bool> expand_mma(K::lora_expand_mma, K::set_lora_expand_mma, options_.lora_expand_mma);
   const ModelConfig& c = model_->config();
   const ModelWeights& W = model_->weights();
   const int64_t S = in.tokens.size(0), H = c.num_heads, KV = c.num_kv_heads, hd = c.head_dim;

@@ -56,9 +56,14 @@ struct EngineOptions {
   // each shape (kernels/cpu/tuned_linear.h; timed once, in the bucket's eager warm-up step) instead of the
   // heuristic's first choice. Opt-in: on the H100 it measured within ±3% of the heuristic (docs/KERNELS.md).
   bool tuned_gemm = false;
-  // Rows a CUDA LoRA expand block serves, 8 or 4 (kernels/cpu/registry.h; the same outputs bit for bit). 4 doubles
-  // the blocks of a batch-64 expand at fewer registers; not yet measured (session 12 built it).
+  // Rows a CUDA LoRA expand block serves, 8 or 4 (kernels/cpu/registry.h; the same outputs bit for bit), where the
+  // SIMT expands run (t float32, or lora_expand_mma off). 4 doubles the blocks of a batch-64 expand at fewer
+  // registers; session 13 measured it slower (H100, 3B r16 batch 64: 11,620 tok/s against 11,848).
   int lora_expand_rows = 8;
+  // The CUDA LoRA expands above the few-row batch on tensor cores (kernels/cpu/registry.h lora_expand_mma; within a
+  // rounding of the SIMT kernels, not bit-equal). Session 13, H100, 3B r16, 512 new tokens, batch 64: 12,098 tok/s
+  // against 11,848 with the SIMT expands (docs/PERFORMANCE.md).
+  bool lora_expand_mma = true;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

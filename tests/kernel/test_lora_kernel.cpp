@@ -299,3 +299,106 @@ TEST(LoraKernel, ExpandTakesTOfTheOutputsDtypeInAGemmsColumns) {
     }
   }
 }
+
+namespace {
+
+// The tensor-core expands' contract (kernels::lora_expand_mma): within a rounding of the CPU reference. B enters the
+// MMAs to 16 bits and the sums run in the tensor cores' order, so a float32 sum that lies within ~1e-7 of a bf16
+// rounding boundary may round the other way (then the output moves by a few ulps); everything else is bit-equal.
+// At most 1% of the outputs may differ, each by at most 4 bf16 ulps (1/32 of its size) plus 1/512 of the largest.
+void expect_within_rounding(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
+  const at::Tensor g = got.cpu().to(at::kFloat), w = want.cpu().to(at::kFloat);
+  const at::Tensor diff = (g - w).abs(), bound = w.abs() / 32 + w.abs().max() / 512;
+  EXPECT_EQ(diff.gt(bound).sum().item<int64_t>(), 0) << what << ": max difference " << diff.max().item<float>();
+  EXPECT_LE(g.ne(w).to(at::kFloat).mean().item<double>(), 0.01) << what << ": share of outputs that differ";
+}
+
+struct RestoreExpandMma {
+  ~RestoreExpandMma() { kernels::set_lora_expand_mma(false); }
+};
+
+}  // namespace
+
+// The tensor-core expands (bf16 t in a base GEMM's columns, as the batched decode step has it) against the CPU
+// reference: three adapters in place on column slices of a packed output (q/k/v-like widths, ranks of one, two and
+// a partial 16-column chunk), one with the residual, and the SwiGLU form; row counts that give a warp 1, 2 and 4
+// tiles of 16 rows on a 132-SM card and widths that end inside a 32-column block.
+TEST(LoraKernel, CudaTensorCoreExpandWithinARoundingOfTheCpuReference) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  SCOPED_TRACE(test::seed_fresh());
+  RestoreExpandMma restore;
+  kernels::set_lora_expand_mma(true);
+  const auto bf = at::TensorOptions().dtype(at::kBFloat16);
+  for (int64_t S : {9, 64, 100}) {
+    SCOPED_TRACE(fmt::format("S={}", S));
+    // q/k/v-like: [y_q | y_k | y_v | t_q | t_k | t_v] in one GEMM output.
+    const std::vector<int64_t> outs_dim = {2048, 256, 200}, ranks = {16, 32, 6};
+    const int64_t width = 2048 + 256 + 200, R = 54;
+    const at::Tensor gemm = at::randn({S, width + R}, bf);
+    std::vector<at::Tensor> b, b_gpu;
+    for (size_t i = 0; i < 3; ++i) {
+      b.push_back(at::randn({outs_dim[i], ranks[i]}) * 0.1);
+      b_gpu.push_back(b.back().cuda());
+    }
+    const std::vector<double> scales = {2.0, 0.5, 1.0};
+    auto slices = [&](const at::Tensor& p) {
+      return std::vector<at::Tensor>{p.narrow(1, 0, 2048), p.narrow(1, 2048, 256), p.narrow(1, 2304, 200)};
+    };
+    at::Tensor ref_packed = gemm.clone(), gpu_packed = gemm.cuda();
+    std::vector<at::Tensor> ref = slices(ref_packed), gpu = slices(gpu_packed);
+    kernels::lora_expand_cpu(ref_packed.narrow(1, width, R), b, scales, ref, {}, ref);
+    kernels::lora_expand(gpu_packed.narrow(1, width, R), b_gpu, scales, gpu, {}, gpu);
+    for (size_t i = 0; i < 3; ++i) expect_within_rounding(gpu[i], ref[i], fmt::format("expand {}", i));
+    // o/down-like: h = h + (y + update), t the GEMM's last 16 columns.
+    const at::Tensor od = at::randn({S, 2048 + 16}, bf), h = at::randn({S, 2048}, bf);
+    at::Tensor h_ref = h.clone(), h_gpu = h.cuda();
+    const at::Tensor od_gpu = od.cuda();
+    kernels::lora_expand_cpu(od.narrow(1, 2048, 16), {b[0].narrow(1, 0, 16).contiguous()}, {0.75},
+                             {od.narrow(1, 0, 2048)}, h_ref, {h_ref});
+    kernels::lora_expand(od_gpu.narrow(1, 2048, 16), {b_gpu[0].narrow(1, 0, 16).contiguous()}, {0.75},
+                         {od_gpu.narrow(1, 0, 2048)}, h_gpu, {h_gpu});
+    expect_within_rounding(h_gpu, h_ref, "with the residual");
+    // gate/up + SwiGLU: [gate | up | t_gate | t_up]; F = 4096 at S = 100 gives 2 row tiles a warp, 11008 at 64 gives 4.
+    for (int64_t F : {1000, 4096, 11008}) {
+      const int64_t rg = 16, ru = 22;
+      const at::Tensor gu = at::randn({S, 2 * F + rg + ru}, bf), bg = at::randn({F, rg}) * 0.1,
+                       bu = at::randn({F, ru}) * 0.1;
+      at::Tensor act = at::empty({S, F}, bf);
+      kernels::lora_expand_silu_mul_cpu(gu.narrow(1, 2 * F, rg + ru), {bg, bu}, {2.0, 0.5}, gu.narrow(1, 0, F),
+                                        gu.narrow(1, F, F), act);
+      const at::Tensor gu_gpu = gu.cuda();
+      at::Tensor act_gpu = at::empty({S, F}, gu_gpu.options());
+      test::poison(act_gpu);
+      kernels::lora_expand_silu_mul(gu_gpu.narrow(1, 2 * F, rg + ru), {bg.cuda(), bu.cuda()}, {2.0, 0.5},
+                                    gu_gpu.narrow(1, 0, F), gu_gpu.narrow(1, F, F), act_gpu);
+      expect_within_rounding(act_gpu, act, fmt::format("SwiGLU expand F={}", F));
+    }
+  }
+}
+
+// Which kernel ran: b = 1 + 2^-8 + 2^-23 and t = 1, y = 0, scale 1. The float32 sum (CPU reference, SIMT kernels)
+// lies just above the tie between 1 and 1 + 2^-7 and rounds up; the MMAs see b to 16 bits (hi 1 + 2^-7, lo -2^-8),
+// exactly the tie, which rounds to even: 1. So lora_expand_mma's setting is proven to switch kernels.
+TEST(LoraKernel, CudaTensorCoreExpandProbe) {
+  RLAIF_REQUIRE_CUDA_KERNELS();
+  RestoreExpandMma restore;
+  const int64_t S = 16, O = 32;
+  const at::Tensor gemm = at::zeros({S, O + 2}, at::TensorOptions().dtype(at::kBFloat16));
+  gemm.narrow(1, O, 1).fill_(1.0);
+  const at::Tensor b = at::zeros({O, 2});
+  b.narrow(1, 0, 1).fill_(1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -23));
+  auto run = [&](bool mma) {
+    kernels::set_lora_expand_mma(mma);
+    const at::Tensor g = gemm.cuda();
+    at::Tensor out = at::empty({S, O}, g.options());
+    test::poison(out);
+    kernels::lora_expand(g.narrow(1, O, 2), {b.cuda()}, {1.0}, {g.narrow(1, 0, O)}, {}, {out});
+    return out.cpu().to(at::kFloat);
+  };
+  at::Tensor ref = at::empty({S, O}, gemm.options());
+  kernels::lora_expand_cpu(gemm.narrow(1, O, 2), {b}, {1.0}, {gemm.narrow(1, 0, O)}, {}, {ref});
+  const float up = 1.0f + std::ldexp(1.0f, -7);
+  EXPECT_TRUE(ref.to(at::kFloat).eq(up).all().item<bool>()) << "CPU reference";
+  EXPECT_TRUE(run(false).eq(up).all().item<bool>()) << "SIMT kernel";
+  EXPECT_TRUE(run(true).eq(1.0f).all().item<bool>()) << "tensor-core kernel";
+}

@@ -245,7 +245,8 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
 
 // bf16 weights with float32 LoRA adapters at 16 rows: the shrink kernel (x·Aᵀ in float32) and x·Aᵀ out of the base
 // GEMM (lora_shrink_in_gemm: rounded to bf16, as the training forward's autocast rounds it) both stay within bf16's
-// error of the training forward, and so does an engine whose graphs were captured before the weights moved.
+// error of the training forward (its expands on tensor cores, EngineOptions::lora_expand_mma), and so do an engine
+// whose graphs were captured before the weights moved and one whose expands run on the SIMT kernels.
 TEST(Engine, Bf16LoraShrinkKernelAndInGemmOnGpu) {
   if (test::test_device().is_cpu()) GTEST_SKIP() << "the bf16 figure is measured on the GPU (RLAIF_TEST_DEVICE=cuda)";
   auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kBFloat16, test::test_device()});
@@ -256,12 +257,15 @@ TEST(Engine, Bf16LoraShrinkKernelAndInGemmOnGpu) {
     for (auto& [name, t] : lora_parameters(*model))
       if (name.find("lora_B") != std::string::npos) t.copy_(at::randn(t.sizes()) * 0.05);
   }
-  Engine plain(model, shrink_kernel()), packing(model, EngineOptions{});
+  EngineOptions simt;  // the expands on the SIMT kernels (the default: tensor cores, t in bf16 from the GEMM)
+  simt.lora_expand_mma = false;
+  Engine plain(model, shrink_kernel()), packing(model, EngineOptions{}), simt_expand(model, simt);
   const std::vector<GenerationRequest> reqs = sampled_requests(4, 32, 7);
   // The plain engine captures its graphs first; the packing one then moves the weights ([W; A]); the plain one's
   // next call must notice and capture again rather than replay the old addresses.
   for (auto [engine, name] : {std::pair{&plain, "shrink kernel"}, std::pair{&packing, "shrink in the GEMM"},
-                              std::pair{&plain, "shrink kernel, after the weights moved"}}) {
+                              std::pair{&plain, "shrink kernel, after the weights moved"},
+                              std::pair{&simt_expand, "shrink in the GEMM, SIMT expands"}}) {
     const LogprobGap g = engine_vs_trainer(*model, reqs, engine->generate(reqs));
     std::printf("[engine lora bf16 %s, %s] 16 rows: engine vs training forward over %ld tokens: mean abs %.2e, "
                 "max %.2e\n",

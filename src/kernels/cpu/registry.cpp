@@ -27,7 +27,11 @@ std::atomic<FewRowKernel> g_few_row_kernel{FewRowKernel::kStreaming};
 std::atomic<int> g_few_row_split{0};
 std::atomic<AttentionKernel> g_attention_kernel{AttentionKernel::kTensorCore};
 std::atomic<int> g_lora_expand_rows{8};
+std::atomic<bool> g_lora_expand_mma{false};
 }  // namespace
+
+void set_lora_expand_mma(bool on) { g_lora_expand_mma.store(on); }
+bool lora_expand_mma() { return g_lora_expand_mma.load(); }
 
 void set_lora_expand_rows(int rows) {
   RLAIF_CHECK(rows == 4 || rows == 8, "LoRA expand rows {} (4 or 8)", rows);

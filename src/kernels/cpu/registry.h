@@ -100,6 +100,13 @@ bool quant_few_row_mma();
 void set_lora_expand_rows(int rows);
 int lora_expand_rows();
 
+// Whether the CUDA LoRA expands (lora_expand, lora_expand_silu_mul) take the tensor-core kernels where they serve:
+// bf16 outputs whose t is bf16 (a base GEMM's columns: the batched decode step with the shrink in the GEMM), even
+// ranks and widths (EngineOptions::lora_expand_mma, session 13). B enters the MMAs as two bf16s (16 bits of it),
+// the sums in the tensor cores' order: within a rounding of the CPU reference, not bit-equal to the SIMT kernels.
+void set_lora_expand_mma(bool on);
+bool lora_expand_mma();
+
 // Which CUDA few-row GEMV small_linear / small_linear_silu_mul launch (EngineOptions::few_row_kernel):
 // kStreaming (the process default; the session-4 kernel: norm first, then rounds of register loads) or kStaged
 // (each warp's whole share of its weight rows requested into shared memory before the fused norm and the wait for

@@ -10,6 +10,8 @@
 
 #include "kernels/cuda/common.cuh"
 
+#include <type_traits>
+
 namespace rlaif::kernels {
 
 namespace {
@@ -378,6 +380,155 @@ __global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm<ROWS>) lora_ex
   }
 }
 
+// Tensor-core expand (kernels::lora_expand_mma; bf16 outputs whose t is bf16 columns of the base GEMM's output, as
+// the batched decode step gives it). A warp owns 8 output columns of one adapter and MT tiles of 16 rows: the update
+// t·Bᵀ is m16n8k16 MMAs over the rank in chunks of 16 (columns past the rank are zeros). B is float32; each value
+// enters as two bf16s, hi = bf16(b) and lo = bf16(b - hi), so the MMAs see b to 16 bits (the products are exact,
+// the sums float32). The SIMT kernels above spend most of their instructions on addressing and predicates around
+// the 16 FMAs per output; the MMAs need two instructions per 128 outputs and rank chunk.
+constexpr int kMmaWarps = 4;               // warps of a tensor-core expand block
+constexpr int kMmaCols = 8 * kMmaWarps;    // output columns of a block
+
+// float32 b → (hi, lo) bf16 pairs with hi + lo = b to 16 significant bits.
+__device__ __forceinline__ void split_bf16(float2 v, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
+  const float2 hf = __bfloat1622float2(h);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = pack_bf16(v.x - hf.x, v.y - hf.y);
+}
+
+__device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// acc[mt] (C fragments) += t[s0 + 16 mt + 16 rows, 0..r) · b[o0 + 8 columns, 0..r)ᵀ: t bf16 with rows R apart (its
+// pairs 4-byte aligned: R and the adapter's first column even), b float32 rows of r (even) values.
+template <int MT>
+__device__ __forceinline__ void mma_update(const __nv_bfloat16* t, int64_t R, int64_t S, int64_t s0, const float* b,
+                                           int64_t r, int64_t O, int64_t o0, float (&acc)[MT][4]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t n = o0 + g;  // B fragment column of this lane
+  for (int64_t k0 = 0; k0 < r; k0 += 16) {
+    const int64_t k = k0 + 2 * c;
+    const float2 zero = make_float2(0.0f, 0.0f);
+    const float2 v0 = n < O && k < r ? *reinterpret_cast<const float2*>(b + n * r + k) : zero;
+    const float2 v1 = n < O && k + 8 < r ? *reinterpret_cast<const float2*>(b + n * r + k + 8) : zero;
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int64_t row0 = s0 + 16 * mt + g, row1 = row0 + 8;
+      a[mt][0] = row0 < S && k < r ? load_pair(t + row0 * R + k) : 0u;
+      a[mt][1] = row1 < S && k < r ? load_pair(t + row1 * R + k) : 0u;
+      a[mt][2] = row0 < S && k + 8 < r ? load_pair(t + row0 * R + k + 8) : 0u;
+      a[mt][3] = row1 < S && k + 8 < r ? load_pair(t + row1 * R + k + 8) : 0u;
+    }
+    uint32_t h0, l0, h1, l1;
+    split_bf16(v0, h0, l0);
+    split_bf16(v1, h1, l1);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma_bf16(acc[mt], a[mt], h0, h1);
+      mma_bf16(acc[mt], a[mt], l0, l1);
+    }
+  }
+}
+
+// Block (32 columns of adapter i, 16·MT rows), warp w: columns o0 = 8w + 8 of them; lane (g, c) holds rows g and
+// g + 8 of each row tile and columns o0 + 2c, +1 (the C fragment), whose base outputs (and residual) it requests
+// before the MMAs. Outputs as lora_expand_kernel's: out = to(y + to(scale · update)), then to(h + out).
+template <int MT>
+__global__ void __launch_bounds__(kMmaWarps * 32) lora_expand_mma_kernel(const __nv_bfloat16* __restrict__ t, int64_t S,
+                                                                     int64_t R, ExpandArgs<at::BFloat16> args,
+                                                                     const at::BFloat16* residual) {
+  int i = 0;
+  while (i + 1 < args.count && blockIdx.x >= args.first_block[i + 1]) ++i;
+  const int64_t O = args.rows[i];
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t o0 = (blockIdx.x - args.first_block[i]) * kMmaCols + (threadIdx.x / 32) * 8;
+  if (o0 >= O) return;  // the whole warp: no MMA waits for it
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * 16 * MT, o = o0 + 2 * c;
+  const auto* y = reinterpret_cast<const __nv_bfloat16*>(args.y[i]);
+  const auto* h = reinterpret_cast<const __nv_bfloat16*>(residual);
+  uint32_t yv[MT][2] = {}, hv[MT][2] = {};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = s0 + 16 * mt + g + 8 * half;
+      if (row < S && o < O) {
+        yv[mt][half] = load_pair(y + row * args.y_stride[i] + o);
+        if (h) hv[mt][half] = load_pair(h + row * O + o);
+      }
+    }
+  float acc[MT][4] = {};
+  mma_update<MT>(reinterpret_cast<const __nv_bfloat16*>(t) + args.col[i], R, S, s0, args.b[i], args.rank[i], O, o0, acc);
+  const float scale = args.scale[i];
+  auto* out = reinterpret_cast<__nv_bfloat16*>(args.out[i]);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = s0 + 16 * mt + g + 8 * half;
+      if (row >= S || o >= O) continue;
+      const float2 yf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&yv[mt][half]));
+      float v0 = __bfloat162float(__float2bfloat16_rn(yf.x + __bfloat162float(__float2bfloat16_rn(acc[mt][2 * half] * scale))));
+      float v1 = __bfloat162float(__float2bfloat16_rn(yf.y + __bfloat162float(__float2bfloat16_rn(acc[mt][2 * half + 1] * scale))));
+      if (h) {
+        const float2 hf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv[mt][half]));
+        v0 = hf.x + v0, v1 = hf.y + v1;
+      }
+      *reinterpret_cast<__nv_bfloat162*>(out + row * args.out_stride[i] + o) = __floats2bfloat162_rn(v0, v1);
+    }
+}
+
+// The gate/up form (adapters 0 and 1 over the same F columns): out[s, f] = silu_mul of the two updated outputs,
+// with lora_expand_silu_kernel's roundings; out is contiguous [S, F].
+template <int MT>
+__global__ void __launch_bounds__(kMmaWarps * 32) lora_expand_silu_mma_kernel(const __nv_bfloat16* __restrict__ t,
+                                                                          int64_t S, int64_t R,
+                                                                          ExpandArgs<at::BFloat16> args,
+                                                                          at::BFloat16* out) {
+  const int64_t F = args.rows[0];
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kMmaCols + (threadIdx.x / 32) * 8;
+  if (o0 >= F) return;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * 16 * MT, o = o0 + 2 * c;
+  const auto* gate = reinterpret_cast<const __nv_bfloat16*>(args.y[0]);
+  const auto* up = reinterpret_cast<const __nv_bfloat16*>(args.y[1]);
+  uint32_t gv[MT][2] = {}, uv[MT][2] = {};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = s0 + 16 * mt + g + 8 * half;
+      if (row < S && o < F) {
+        gv[mt][half] = load_pair(gate + row * args.y_stride[0] + o);
+        uv[mt][half] = load_pair(up + row * args.y_stride[1] + o);
+      }
+    }
+  float acc_g[MT][4] = {}, acc_u[MT][4] = {};
+  const auto* tb = reinterpret_cast<const __nv_bfloat16*>(t);
+  mma_update<MT>(tb + args.col[0], R, S, s0, args.b[0], args.rank[0], F, o0, acc_g);
+  mma_update<MT>(tb + args.col[1], R, S, s0, args.b[1], args.rank[1], F, o0, acc_u);
+  auto* dst = reinterpret_cast<__nv_bfloat16*>(out);
+  auto rnd = [](float x) { return __bfloat162float(__float2bfloat16_rn(x)); };
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = s0 + 16 * mt + g + 8 * half;
+      if (row >= S || o >= F) continue;
+      const float2 gf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv[mt][half]));
+      const float2 uf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&uv[mt][half]));
+      float r[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float gg = rnd((e ? gf.y : gf.x) + rnd(acc_g[mt][2 * half + e] * args.scale[0]));
+        const float uu = rnd((e ? uf.y : uf.x) + rnd(acc_u[mt][2 * half + e] * args.scale[1]));
+        r[e] = rnd(gg / (1.0f + expf(-gg))) * uu;
+      }
+      *reinterpret_cast<__nv_bfloat162*>(dst + row * F + o) = __floats2bfloat162_rn(r[0], r[1]);
+    }
+}
+
 // Session 8's shrink: a block per (group of up to 4 rank columns, tile of up to 8 rows).
 template <typename T>
 void shrink_cols(const at::Tensor& x, const ShrinkArgs& args, const at::Tensor& t, bool vec, cudaStream_t stream) {
@@ -454,10 +605,11 @@ void shrink(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Ten
   else shrink_cols<T>(x, args, t, vec, stream);
 }
 
-// The expand's kernel arguments for adapters b (columns of t in order) and a block per 128 columns of each.
+// The expand's kernel arguments for adapters b (columns of t in order) and a block per block_cols columns of each.
 template <typename T>
 ExpandArgs<T> expand_args(const std::vector<at::Tensor>& b, const std::vector<double>& scales,
-                          const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& outs) {
+                          const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& outs,
+                          int64_t block_cols = kExpandCols) {
   ExpandArgs<T> args{};
   int64_t col = 0, blocks = 0;
   for (size_t i = 0; i < b.size(); ++i) {
@@ -472,7 +624,7 @@ ExpandArgs<T> expand_args(const std::vector<at::Tensor>& b, const std::vector<do
     args.scale[i] = static_cast<float>(scales[i]);
     args.first_block[i] = blocks;
     col += b[i].size(1);
-    blocks += (b[i].size(0) + kExpandCols - 1) / kExpandCols;
+    blocks += (b[i].size(0) + block_cols - 1) / block_cols;
   }
   args.first_block[b.size()] = blocks;
   args.count = static_cast<int>(b.size());
@@ -501,9 +653,55 @@ void launch_expand(const at::Tensor& t, int64_t blocks, Launch&& launch) {
   else with_rows(std::integral_constant<int, 8>{});
 }
 
+// Whether the tensor-core expand serves (kernels::lora_expand_mma): bf16 t (a base GEMM's columns) and outputs,
+// every bf16 pair it moves 4-byte aligned (even ranks, widths and row strides), B's float pairs 8-byte aligned.
+bool mma_expand_fits(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& ys,
+                     const std::vector<at::Tensor>& outs, const at::Tensor& extra) {
+  auto aligned = [](const at::Tensor& x, int64_t bytes) {
+    return reinterpret_cast<uintptr_t>(x.data_ptr()) % bytes == 0;
+  };
+  if (!lora_expand_mma() || t.scalar_type() != at::kBFloat16 || ys[0].scalar_type() != at::kBFloat16) return false;
+  if (t.stride(1) != 1 || t.stride(0) % 2 != 0 || !aligned(t, 4)) return false;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (b[i].size(1) % 2 != 0 || b[i].size(0) % 2 != 0 || !aligned(b[i], 8)) return false;
+    if (ys[i].stride(0) % 2 != 0 || !aligned(ys[i], 4)) return false;
+    if (!outs.empty() && (outs[i].stride(0) % 2 != 0 || !aligned(outs[i], 4))) return false;
+  }
+  return !extra.defined() || aligned(extra, 4);
+}
+
+// The tensor-core expand's grid (`blocks` of 32 columns × row tiles of 16·MT rows): MT = 4 while that leaves at
+// least 8 warps an SM (batch-64 gate/up), else 2 or 1 (more, shorter warps for narrow outputs).
+template <typename Launch>
+void launch_expand_mma(const at::Tensor& t, int64_t blocks, Launch&& launch) {
+  const int64_t S = t.size(0);
+  if (blocks == 0 || S == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto tiles = [&](int mt) { return (S + 16 * mt - 1) / (16 * mt); };
+  int mt = 4;
+  while (mt > 1 && blocks * kMmaWarps * tiles(mt) < 8 * sms) mt /= 2;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles(mt)));
+  const auto* tp = static_cast<const __nv_bfloat16*>(t.data_ptr());
+  if (mt == 4) launch(tp, grid, std::integral_constant<int, 4>{});
+  else if (mt == 2) launch(tp, grid, std::integral_constant<int, 2>{});
+  else launch(tp, grid, std::integral_constant<int, 1>{});
+}
+
 template <typename T>
 void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
             const std::vector<at::Tensor>& ys, const at::Tensor& residual, const std::vector<at::Tensor>& outs) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (mma_expand_fits(t, b, ys, outs, residual)) {
+      const ExpandArgs<T> args = expand_args<T>(b, scales, ys, outs, kMmaCols);
+      launch_expand_mma(t, args.first_block[b.size()], [&](const __nv_bfloat16* tp, dim3 grid, auto mt) {
+        lora_expand_mma_kernel<decltype(mt)::value><<<grid, kMmaWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+            tp, t.size(0), t.stride(0), args, residual.defined() ? residual.data_ptr<T>() : nullptr);
+        check_launch("lora_expand_mma_kernel");
+      });
+      return;
+    }
+  }
   const ExpandArgs<T> args = expand_args<T>(b, scales, ys, outs);
   launch_expand<T>(t, args.first_block[b.size()], [&](auto* tp, dim3 grid, int tile, auto rows_tag) {
     using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
@@ -516,6 +714,18 @@ void expand(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::ve
 template <typename T>
 void expand_silu(const at::Tensor& t, const std::vector<at::Tensor>& b, const std::vector<double>& scales,
                  const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (mma_expand_fits(t, b, {gate, up}, {}, out)) {
+      const ExpandArgs<T> args = expand_args<T>(b, scales, {gate, up}, {}, kMmaCols);
+      launch_expand_mma(t, (gate.size(1) + kMmaCols - 1) / kMmaCols, [&](const __nv_bfloat16* tp, dim3 grid, auto mt) {
+        lora_expand_silu_mma_kernel<decltype(mt)::value><<<grid, kMmaWarps * 32, 0,
+                                                           at::cuda::getCurrentCUDAStream()>>>(
+            tp, t.size(0), t.stride(0), args, out.data_ptr<T>());
+        check_launch("lora_expand_silu_mma_kernel");
+      });
+      return;
+    }
+  }
   const ExpandArgs<T> args = expand_args<T>(b, scales, {gate, up}, {});
   launch_expand<T>(t, (gate.size(1) + kExpandCols - 1) / kExpandCols, [&](auto* tp, dim3 grid, int tile,
                                                                           auto rows_tag) {
