@@ -6,10 +6,11 @@
 // tensor-core quantized projections at 1-2 rows), `--few-row-kernel streaming` the session-4 GEMV,
 // `--few-row-rows` sets which projections take the few-row GEMV at which batch (EngineOptions::few_row_rows);
 // `--lora R` attaches rank-R adapters to every projection first (the RL rollout's decode, as bench_train runs it),
-// `--lora-expand-rows 4` sets EngineOptions::lora_expand_rows, `--lora-expand-simt` turns EngineOptions::lora_expand_mma off;
+// `--lora-expand-rows 4` sets EngineOptions::lora_expand_rows, `--lora-expand-simt` turns EngineOptions::lora_expand_mma off, `--lora-norm-fusion` sets
+// EngineOptions::lora_norm_fusion;
 // `--attention-kernel simt` the SIMT paged attention instead of the tensor-core one (kernels/cpu/registry.h).
 // Usage: bench_generate --model DIR [--batches 1,16,64] [--prompt 128] [--new 128] [--rollout] [--quantize q4|q8]
-//        [--pdl] [--quant-mma] [--few-row-kernel streaming|staged] [--lora R] [--lora-expand-rows 4|8] [--lora-expand-simt]
+//        [--pdl] [--quant-mma] [--few-row-kernel streaming|staged] [--lora R] [--lora-expand-rows 4|8] [--lora-expand-simt] [--lora-norm-fusion]
 //        [--attention-kernel tensor-core|simt] --out FILE.json
 #include <chrono>
 #include <cstdio>
@@ -66,7 +67,7 @@ int main(int argc, char** argv) {
   int64_t prompt = 128, new_tokens = 128, lora_r = 0;
   int lora_expand_rows = 8;
   bool rollout = false, pdl = false, lora_shrink_kernel = false, tuned_gemm = false, quant_mma = false;
-  bool lora_expand_simt = false;
+  bool lora_expand_simt = false, lora_norm_fusion = false;
   app.add_option("--model", model_dir, "HF folder or .gguf")->required();
   app.add_option("--out", out, "JSON results file");
   app.add_option("--batches", batches);
@@ -91,6 +92,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({4, 8}));
   app.add_flag("--lora-expand-simt", lora_expand_simt,
                "the batched CUDA LoRA expands on the SIMT kernels, not tensor cores (EngineOptions::lora_expand_mma)");
+  app.add_flag("--lora-norm-fusion", lora_norm_fusion,
+               "the o/down LoRA updates added by the next RMSNorm's launch (EngineOptions::lora_norm_fusion)");
   std::string attention = "tensor-core";
   app.add_option("--attention-kernel", attention, "CUDA paged attention: tensor-core (default) or simt")
       ->check(CLI::IsMember({"tensor-core", "simt"}));
@@ -148,6 +151,7 @@ int main(int argc, char** argv) {
     opt.lora_shrink_in_gemm = !lora_shrink_kernel;
     opt.lora_expand_rows = lora_expand_rows;
     opt.lora_expand_mma = !lora_expand_simt;
+    opt.lora_norm_fusion = lora_norm_fusion;
     opt.tuned_gemm = tuned_gemm;
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(B);
@@ -172,7 +176,7 @@ int main(int argc, char** argv) {
                                 (lora_r > 0 ? fmt::format(" lora r{}", lora_r) : "") +
                                 (lora_shrink_kernel ? " shrink kernel" : "") + (tuned_gemm ? " tuned gemm" : "") +
                                 (lora_expand_rows != 8 ? fmt::format(" expand rows {}", lora_expand_rows) : "") +
-                                (lora_expand_simt ? " simt expand" : "") +
+                                (lora_expand_simt ? " simt expand" : "") + (lora_norm_fusion ? " norm fusion" : "") +
                                 (attention == "simt" ? " simt attention" : "");
     std::printf("rlaif %s%s batch %ld: %.1f tok/s (%ld tokens in %.3f s)\n", engine.backend().c_str(), variant.c_str(),
                 static_cast<long>(B), n / dt, static_cast<long>(n), dt);
@@ -182,7 +186,8 @@ int main(int argc, char** argv) {
                        {"quant_few_row_mma", quant_mma}, {"few_row_kernel", few_row},
                        {"few_row_rows", rows_text}, {"lora_rank", lora_r}, {"attention_kernel", attention},
                        {"lora_shrink_in_gemm", !lora_shrink_kernel}, {"tuned_gemm", tuned_gemm},
-                       {"lora_expand_rows", lora_expand_rows}, {"lora_expand_mma", !lora_expand_simt}});
+                       {"lora_expand_rows", lora_expand_rows}, {"lora_expand_mma", !lora_expand_simt},
+                       {"lora_norm_fusion", lora_norm_fusion}});
   }
   if (rollout) {
     EngineOptions opt;

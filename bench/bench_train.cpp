@@ -37,7 +37,7 @@ struct Options {
   bool checkpointing = false, no_autocast = false, full_head = false, no_fused_lora = false, phase_times = false;
   bool eager_norm = false, lora_shrink_kernel = false, tuned_gemm = false;
   int lora_expand_rows = 8;
-  bool lora_expand_simt = false;
+  bool lora_expand_simt = false, lora_norm_fusion = false;
 };
 
 constexpr int64_t kChunkRows = 1024;  // token_logprobs' default LM-head chunk
@@ -98,6 +98,7 @@ class Bench {
     eo.tuned_gemm = o.tuned_gemm;
     eo.lora_expand_rows = o.lora_expand_rows;
     eo.lora_expand_mma = !o.lora_expand_simt;
+    eo.lora_norm_fusion = o.lora_norm_fusion;
     engine_ = std::make_unique<Engine>(model_, eo);
     std::mt19937 g(0);
     std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(model_->config().vocab_size - 1));
@@ -244,6 +245,7 @@ int main(int argc, char** argv) {
   app.add_option("--lora-expand-rows", o.lora_expand_rows, "rows a CUDA LoRA expand block serves (EngineOptions)")
       ->check(CLI::IsMember({4, 8}));
   app.add_flag("--lora-expand-simt", o.lora_expand_simt, "the engine's batched LoRA expands on the SIMT kernels");
+  app.add_flag("--lora-norm-fusion", o.lora_norm_fusion, "the engine's o/down LoRA updates in the next RMSNorm");
   app.add_flag("--eager-norm", o.eager_norm, "RMSNorm through transformers' op sequence (not the fused kernel)");
   app.add_flag("--phase-times", o.phase_times, "split the training time (policy forward / reference forward / "
                "backward / optimizer; syncs after each)");
@@ -283,7 +285,7 @@ int main(int argc, char** argv) {
       {"lm_head_rows", o.full_head ? "all" : "completion"}, {"fused_lora", !o.no_fused_lora},
       {"fused_rms_norm", !o.eager_norm && o.device == "cuda"}, {"lora_shrink_in_gemm", !o.lora_shrink_kernel},
       {"tuned_gemm", o.tuned_gemm}, {"lora_expand_rows", o.lora_expand_rows},
-      {"lora_expand_mma", !o.lora_expand_simt}, {"steps", o.steps},
+      {"lora_expand_mma", !o.lora_expand_simt}, {"lora_norm_fusion", o.lora_norm_fusion}, {"steps", o.steps},
       {"step_s", total / o.steps}, {"generate_s", sum.gen_s / o.steps}, {"score_s", sum.score_s / o.steps},
       {"train_s", sum.train_s / o.steps}, {"generate_fraction", sum.gen_s / total},
       {"score_fraction", sum.score_s / total}, {"train_fraction", sum.train_s / total},

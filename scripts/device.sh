@@ -70,10 +70,19 @@ if has test && [ -f "$BUILD/PREBUILT_COMMIT" ] && [ -f "$PREBUILT" ]; then
   # Prebuilt: no ctest files here, so each carried test binary runs directly (kernel tests: no fixtures), with
   # RLAIF_DEVICE_TESTS's alternatives as a gtest filter.
   filter=$(echo "${RLAIF_DEVICE_TESTS:-}" | sed -E 's/([^|]+)/*\1*/g; s/\|/:/g')
+  # Paths the tests read (built in as this machine's paths otherwise); a carried test_engine (model tests) needs
+  # transformers' reference models first, made here as the ctest fixture would.
+  export RLAIF_SOURCE_DIR=$PWD RLAIF_BINARY_DIR=$PWD/$BUILD RLAIF_PYTHON=$PY
+  if tar tJf "$PREBUILT" | grep -qE '^(\./)?tests/test_engine$'; then
+    $PY tests/reference/make_tiny_models.py --out "$BUILD/reference" --bf16-device cuda > "$OUT/reference_models.log" 2>&1 \
+      || log "reference models failed (see reference_models.log)"
+    export RLAIF_REF_DIR=$PWD/$BUILD/reference
+  fi
   for t in $(tar tJf "$PREBUILT" | grep -E '^(\./)?tests/test_[^/]+$'); do  # the carried ones only
     RLAIF_TEST_DEVICE=cuda "$BUILD/$t" ${filter:+--gtest_filter="$filter"} >> "$OUT/ctest_cuda.log" 2>&1 \
       && log "GPU tests $(basename "$t"): passed" || log "GPU tests $(basename "$t"): FAILED"
   done
+  grep -E "^\[(fp32|bf16|engine)" "$OUT/ctest_cuda.log" | sort -u >> "$OUT/summary.txt"
   grep -B2 -A20 "Failure" "$OUT/ctest_cuda.log" | head -60
 elif has test; then
   # The reference models also get transformers' bf16 outputs on this GPU. GgufRepack needs python's gguf and the

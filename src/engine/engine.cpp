@@ -487,6 +487,24 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
   at::Tensor h = layers::embed(W, in.tokens);                                          // [S, D]
   const AdapterMode base{/*enabled=*/false, /*training=*/false};  // adapters go through add_lora_group
   const double eps = c.rms_norm_eps;
+  // An o or down update not yet in h (EngineOptions::lora_norm_fusion): the next RMSNorm of h adds it in its own
+  // launch (norm_h); any other reader of h adds it first (flush_h).
+  struct PendingUpdate {
+    at::Tensor t, y, b;  // x·Aᵀ and the base output (columns of the GEMM's output), B
+    double scale = 0.0;
+  } pending;
+  auto flush_h = [&] {
+    if (!pending.t.defined()) return;
+    K::lora_expand(pending.t, {pending.b}, {pending.scale}, {pending.y}, h, {h});
+    pending = {};
+  };
+  auto norm_h = [&](const at::Tensor& norm_w) {
+    if (!pending.t.defined()) return K::rms_norm(h, norm_w, eps);
+    at::Tensor x = at::empty_like(h);
+    K::lora_expand_rms_norm(pending.t, pending.b, pending.scale, pending.y, h, norm_w, eps, x);
+    pending = {};
+    return x;
+  };
   // A norm of h fused into the few-row launch that reads it (no launch of its own) when h fits its shared memory.
   const bool norm_fuses = gpu && h.numel() * h.element_size() <= K::kSmallLinearNormMaxBytes;
   // Quantized projections (MLX folders, a re-quantized generator) at up to 8 rows on the GPU: the quantized few-row
@@ -570,6 +588,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     bool lora = false;
     for (Proj p : ps) lora = lora || adapter(L, p).defined();
     if (std::vector<K::QuantMatrix> qs; quant_group(L, ps, qs)) {  // the quantized kernels stage the norm themselves
+      flush_h();
       x = lora ? at::empty_like(h) : at::Tensor();
       std::vector<at::Tensor> bs, ys;
       for (size_t i = 0; i < ps.size(); ++i) {
@@ -580,19 +599,22 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
       return ys;
     }
     if (!norm_fuses || !few_row_fits(h, L, ps, small)) {
-      x = K::rms_norm(h, norm_w, eps);
+      x = norm_h(norm_w);
       return project_group(x, L, ps, small, lora_t);
     }
+    flush_h();
     x = lora ? at::empty_like(h) : at::Tensor();
     return few_row(h, L, ps, {norm_w, eps, x});
   };
   // A few-row launch's input for rms_norm(h, norm_w): h with the norm fused in when it fits, else the norm's rows.
   auto norm_input = [&](const at::Tensor& norm_w) {
+    flush_h();
     if (norm_fuses) return std::pair<at::Tensor, K::InputNorm>{h, {norm_w, eps, at::Tensor()}};
     return std::pair<at::Tensor, K::InputNorm>{K::rms_norm(h, norm_w, eps), {}};
   };
   // h += project(in_x) (adapter included), the add fused into the projection or the LoRA expand.
   auto residual_proj = [&](const at::Tensor& in_x, const LayerWeights& L, Proj p) {
+    flush_h();
     if (std::vector<K::QuantMatrix> qs; !adapter(L, p).defined() && quant_group(L, {p}, qs)) {
       K::quant_small_linear(in_x, qs, {L.bias(p)}, h, {h});
       return h;
@@ -611,7 +633,14 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
         const at::Tensor y = linear(in_x, w, b);                                       // [S, O + r]
         const int64_t O = out_features(L, p);
         std::vector<at::Tensor> ys{y.narrow(1, 0, O)};
-        add_lora_group(in_x, L, {p}, ys, h, y.narrow(1, O, y.size(1) - O));
+        const at::Tensor t = y.narrow(1, O, y.size(1) - O);
+        const LoraAdapter& ad = adapter(L, p);
+        if (options_.lora_norm_fusion && lora_group(in_x, L, {p}, ys).expand_fits &&
+            K::lora_expand_rms_norm_takes(t, ad.b, ys[0], h)) {
+          pending = {t, ys[0], ad.b, ad.scale};  // added by the next norm_h (or flush_h)
+          return h;
+        }
+        add_lora_group(in_x, L, {p}, ys, h, t);
         return h;
       }
     }
@@ -649,12 +678,13 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     std::vector<K::QuantMatrix> qgu;
     if (!L.b_gate.defined() && !L.b_up.defined() && !adapter(L, Proj::kGate).defined() &&
         !adapter(L, Proj::kUp).defined() && quant_group(L, {Proj::kGate, Proj::kUp}, qgu)) {
+      flush_h();
       K::quant_small_linear_silu_mul(h, qgu[0], qgu[1], act, {L.post_norm, eps, at::Tensor()});
     } else if (swiglu) {
       const auto [in_x, norm] = norm_input(L.post_norm);
       K::small_linear_silu_mul(in_x, L.w_gate, L.w_up, act, norm);
     } else {
-      x = K::rms_norm(h, L.post_norm, eps);
+      x = norm_h(L.post_norm);
       at::Tensor t_gu;
       std::vector<at::Tensor> gu = project_group(x, L, {Proj::kGate, Proj::kUp}, small_gate_up, &t_gu);  // [S, F] each
       lora_swiglu(x, L, gu, act, t_gu);
@@ -662,6 +692,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     h = residual_proj(act, L, Proj::kDown);                                             // [S, D]
   }
   if (std::vector<K::QuantMatrix> qs; quant_fits({&W.lm_head_q}, qs)) {
+    flush_h();
     at::Tensor logits = at::empty({S, qs[0].rows()}, h.options());
     K::quant_small_linear(h, qs, {at::Tensor()}, {}, {logits}, {W.final_norm, eps, at::Tensor()});
     return logits;                                                                      // [S, V]
@@ -672,7 +703,7 @@ at::Tensor Engine::decode_compute(const StepInputs& in, int64_t max_context) {
     K::small_linear(in_x, {W.lm_head}, {at::Tensor()}, at::Tensor(), {logits}, norm);
     return logits;                                                                      // [S, V]
   }
-  return layers::logits(W, K::rms_norm(h, W.final_norm, eps));                         // [S, V]
+  return layers::logits(W, norm_h(W.final_norm));                                     // [S, V]
 }
 
 SampleResult Engine::decode_step(const std::vector<Seq*>& seqs) {

@@ -64,6 +64,10 @@ struct EngineOptions {
   // rounding of the SIMT kernels, not bit-equal). Session 13, H100, 3B r16, 512 new tokens, batch 64: 12,098 tok/s
   // against 11,848 with the SIMT expands (docs/PERFORMANCE.md).
   bool lora_expand_mma = true;
+  // Above the few-row batch (with lora_shrink_in_gemm), the o and down projections' LoRA update is added to h by the launch of the
+  // RMSNorm that reads h next (kernels::lora_expand_rms_norm: the post-attention norm, the next layer's input norm or
+  // the final norm) instead of an expand launch of its own. Opt-in until measured (session 13 built it).
+  bool lora_norm_fusion = false;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
 

@@ -402,3 +402,63 @@ TEST(LoraKernel, CudaTensorCoreExpandProbe) {
   EXPECT_TRUE(run(false).eq(up).all().item<bool>()) << "SIMT kernel";
   EXPECT_TRUE(run(true).eq(1.0f).all().item<bool>()) << "tensor-core kernel";
 }
+
+// The o/down update carried into the next RMSNorm (lora_expand_rms_norm): the CPU reference equals `h = h +
+// project(x)` with the adapter (layers::project, PEFT's math) followed by layers::rms_norm, and CUDA's single launch
+// equals the CPU reference — t float32 (the shrink kernel's) or bf16/fp32 columns of the base GEMM's output (y and t
+// slices of one [S, D + r] buffer), rows of 1, 13 and 64, widths 2048 (one vector a thread) and 896, ranks 16, 8
+// and 6 (scalar B loads).
+TEST(LoraKernel, ExpandRmsNormEqualsProjectThenNorm) {
+  SCOPED_TRACE(test::seed_fresh());
+  const bool cuda = at::hasCUDA() && kernels::cuda_kernels_available();
+  const double eps = 1e-6;
+  for (at::ScalarType dt : test::activation_dtypes()) {
+    for (int64_t S : {1, 13, 64}) {
+      for (int64_t D : {2048, 896}) {
+        for (int64_t r : {16, 8, 6}) {
+          SCOPED_TRACE(fmt::format("{} S={} D={} r={}", c10::toString(dt), S, D, r));
+          const LayerWeights L = one_projection(D, 96, r, dt);
+          const LoraAdapter& ad = L.lora[0];
+          const at::Tensor x = at::randn({S, 96}).to(dt), h = at::randn({S, D}).to(dt);
+          const at::Tensor w = (at::rand({D}) + 0.5).to(dt);
+          const at::Tensor want_h = h + layers::project(x, L, Proj::kQ, AdapterMode{true, false});
+          const at::Tensor want = layers::rms_norm(want_h, w, eps);
+          const at::Tensor base = layers::project(x, L, Proj::kQ, AdapterMode{false, false});
+          at::Tensor t = at::empty({S, r});
+          kernels::lora_shrink_cpu(x, {ad.a}, t);
+          at::Tensor h_ref = h.clone(), out = at::empty_like(h);
+          test::poison(out);
+          kernels::lora_expand_rms_norm_cpu(t, ad.b, ad.scale, base, h_ref, w, eps, out);
+          EXPECT_LE(test::rel_err(h_ref, want_h), test::tolerance(dt)) << "CPU h";
+          EXPECT_LE(test::rel_err(out, want), test::tolerance(dt)) << "CPU out";
+          if (!cuda) continue;
+          // The GEMM's layout: [y | t] in one buffer of the activation dtype (t rounded to it, as the engine's).
+          const at::Tensor packed = at::cat({base, t.to(dt)}, 1), packed_gpu = packed.cuda();
+          const at::Tensor y_p = packed.narrow(1, 0, D), t_p = packed.narrow(1, D, r);
+          at::Tensor h_ref_p = h.clone(), out_ref_p = at::empty_like(h);
+          kernels::lora_expand_rms_norm_cpu(t_p, ad.b, ad.scale, y_p, h_ref_p, w, eps, out_ref_p);
+          const at::Tensor b_gpu = ad.b.cuda(), w_gpu = w.cuda();
+          for (bool gemm_columns : {false, true}) {
+            SCOPED_TRACE(gemm_columns ? "t and y in one GEMM output" : "t float32, y contiguous");
+            const at::Tensor tg = gemm_columns ? packed_gpu.narrow(1, D, r) : t.cuda();
+            const at::Tensor yg = gemm_columns ? packed_gpu.narrow(1, 0, D) : base.cuda();
+            if (!kernels::lora_expand_rms_norm_takes(tg, b_gpu, yg, h.cuda())) {
+              EXPECT_NE((D + r) % (dt == at::kFloat ? 4 : 8), 0) << "an aligned layout was refused";
+              continue;
+            }
+            at::Tensor h_gpu = h.cuda(), out_gpu = at::empty_like(h_gpu);
+            test::poison(out_gpu);
+            kernels::lora_expand_rms_norm(tg, b_gpu, ad.scale, yg, h_gpu, w_gpu, eps, out_gpu);
+            EXPECT_LE(test::rel_err(h_gpu, gemm_columns ? h_ref_p : h_ref), test::tolerance(dt)) << "CUDA h";
+            EXPECT_LE(test::rel_err(out_gpu, gemm_columns ? out_ref_p : out), test::tolerance(dt)) << "CUDA out";
+          }
+        }
+      }
+    }
+  }
+  // Ranks past the staging, and unaligned rows, are refused (the engine then expands and normalises separately).
+  const at::Tensor h = at::zeros({2, 64}), y = at::zeros({2, 64});
+  EXPECT_FALSE(kernels::lora_expand_rms_norm_takes(at::zeros({2, 300}), at::zeros({64, 300}), y, h));
+  EXPECT_FALSE(kernels::lora_expand_rms_norm_takes(at::zeros({2, 4}), at::zeros({64, 4}), at::zeros({2, 66}).narrow(1, 1, 64), h));
+  EXPECT_TRUE(kernels::lora_expand_rms_norm_takes(at::zeros({2, 4}), at::zeros({64, 4}), y, h));
+}

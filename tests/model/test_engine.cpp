@@ -43,6 +43,13 @@ EngineOptions shrink_kernel(EngineOptions o = {}) {
   return o;
 }
 
+// The o and down updates added to h by the next RMSNorm's launch (kernels::lora_expand_rms_norm), not their own.
+EngineOptions norm_fusion() {
+  EngineOptions o;
+  o.lora_norm_fusion = true;
+  return o;
+}
+
 class EngineParity : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
 
 // |engine log-prob − training forward log-prob| over every generated token: the trainer's view is one row
@@ -133,7 +140,8 @@ TEST(Engine, LogprobsEqualTrainingForward) {
 // LoRA on every projection (B randomised so the update is not zero): the engine's decode (on CUDA: the few-row
 // GEMVs and the LoRA shrink/expand kernels; on the CPU: ATen) gives the training forward's log-probs, at a batch
 // of 6 rows (the few-row path) and of 16 (cuBLAS + LoRA kernels); also with x·Aᵀ out of the base GEMMs
-// (lora_shrink_in_gemm: the expand kernels or their CPU references take it).
+// (lora_shrink_in_gemm: the expand kernels or their CPU references take it), and with the o and down updates
+// carried into the next RMSNorm (lora_norm_fusion).
 TEST(Engine, LoraLogprobsEqualTrainingForward) {
   const fs::path dir = test::reference_dir() / "qwen2_untied";
   auto model = DecoderModel::load(dir, {at::kFloat, test::test_device()});
@@ -149,7 +157,7 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
   for (const auto& [requests, opt] :
        {std::pair{int64_t{2}, shrink_kernel()}, std::pair{int64_t{2}, shrink_kernel(every_few_row())},
         std::pair{int64_t{4}, shrink_kernel()}, std::pair{int64_t{4}, EngineOptions{}},
-        std::pair{int64_t{2}, EngineOptions{}}}) {
+        std::pair{int64_t{2}, EngineOptions{}}, std::pair{int64_t{4}, norm_fusion()}}) {
     Engine engine(model, opt);
     std::vector<GenerationRequest> reqs(requests);
     for (int64_t i = 0; i < requests; ++i) {
@@ -160,8 +168,10 @@ TEST(Engine, LoraLogprobsEqualTrainingForward) {
       reqs[i].params.seed = 9;
     }
     const LogprobGap g = engine_vs_trainer(*model, reqs, engine.generate(reqs));
-    std::printf("[engine lora%s fp32 %s] %ld rows: engine vs training forward over %ld tokens: mean abs %.2e, max %.2e\n",
-                opt.lora_shrink_in_gemm ? " shrink-in-gemm" : "", test::test_device().str().c_str(),
+    std::printf("[engine lora%s%s fp32 %s] %ld rows: engine vs training forward over %ld tokens: mean abs %.2e, "
+                "max %.2e\n",
+                opt.lora_shrink_in_gemm ? " shrink-in-gemm" : "", opt.lora_norm_fusion ? " norm-fused" : "",
+                test::test_device().str().c_str(),
                 static_cast<long>(requests == 2 ? 6 : 16),
                 static_cast<long>(g.tokens), g.mean, g.max);
     EXPECT_LE(g.mean, 1e-5) << requests << " requests";
@@ -246,7 +256,8 @@ TEST(Engine, Bf16LogprobsAgainstTrainingForwardOnGpu) {
 // bf16 weights with float32 LoRA adapters at 16 rows: the shrink kernel (x·Aᵀ in float32) and x·Aᵀ out of the base
 // GEMM (lora_shrink_in_gemm: rounded to bf16, as the training forward's autocast rounds it) both stay within bf16's
 // error of the training forward (its expands on tensor cores, EngineOptions::lora_expand_mma), and so do an engine
-// whose graphs were captured before the weights moved and one whose expands run on the SIMT kernels.
+// whose graphs were captured before the weights moved, one whose expands run on the SIMT kernels and one that adds
+// the o and down updates in the next RMSNorm's launch (EngineOptions::lora_norm_fusion).
 TEST(Engine, Bf16LoraShrinkKernelAndInGemmOnGpu) {
   if (test::test_device().is_cpu()) GTEST_SKIP() << "the bf16 figure is measured on the GPU (RLAIF_TEST_DEVICE=cuda)";
   auto model = DecoderModel::load(test::reference_dir() / "qwen2_untied", {at::kBFloat16, test::test_device()});
@@ -259,13 +270,15 @@ TEST(Engine, Bf16LoraShrinkKernelAndInGemmOnGpu) {
   }
   EngineOptions simt;  // the expands on the SIMT kernels (the default: tensor cores, t in bf16 from the GEMM)
   simt.lora_expand_mma = false;
-  Engine plain(model, shrink_kernel()), packing(model, EngineOptions{}), simt_expand(model, simt);
+  Engine plain(model, shrink_kernel()), packing(model, EngineOptions{}), simt_expand(model, simt),
+      fused(model, norm_fusion());
   const std::vector<GenerationRequest> reqs = sampled_requests(4, 32, 7);
   // The plain engine captures its graphs first; the packing one then moves the weights ([W; A]); the plain one's
   // next call must notice and capture again rather than replay the old addresses.
   for (auto [engine, name] : {std::pair{&plain, "shrink kernel"}, std::pair{&packing, "shrink in the GEMM"},
                               std::pair{&plain, "shrink kernel, after the weights moved"},
-                              std::pair{&simt_expand, "shrink in the GEMM, SIMT expands"}}) {
+                              std::pair{&simt_expand, "shrink in the GEMM, SIMT expands"},
+                              std::pair{&fused, "shrink in the GEMM, o/down updates in the next norm"}}) {
     const LogprobGap g = engine_vs_trainer(*model, reqs, engine->generate(reqs));
     std::printf("[engine lora bf16 %s, %s] 16 rows: engine vs training forward over %ld tokens: mean abs %.2e, "
                 "max %.2e\n",

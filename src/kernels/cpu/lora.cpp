@@ -2,6 +2,7 @@
 #include "kernels/cpu/lora.h"
 
 #include "kernels/cpu/common.h"
+#include "kernels/cpu/rms_norm.h"
 #include "kernels/cpu/silu_mul.h"
 
 namespace rlaif::kernels {
@@ -146,6 +147,45 @@ void lora_expand_silu_mul(const at::Tensor& t, const std::vector<at::Tensor>& b,
   if (!t.is_cuda()) return lora_expand_silu_mul_cpu(t, b, scales, gate, up, out);
   check_expand_silu(t, b, scales, gate, up, out);
   cuda_kernel(&KernelRegistry::lora_expand_silu_mul_cuda, "lora_expand_silu_mul")(t, b, scales, gate, up, out);
+}
+
+namespace {
+
+void check_expand_rms_norm(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,
+                           const at::Tensor& h, const at::Tensor& w, const at::Tensor& out) {
+  check_expand(t, {b}, {scale}, {y}, h, {h});
+  check_same(out, h, "lora_expand_rms_norm", "out");
+  check_same(w, h, "lora_expand_rms_norm", "w");
+  RLAIF_CHECK(out.sizes() == h.sizes() && out.is_contiguous() && w.dim() == 1 && w.size(0) == h.size(1) &&
+                  w.is_contiguous(),
+              "lora_expand_rms_norm: out [S, O] contiguous and w [O], O = {}", h.size(1));
+}
+
+}  // namespace
+
+bool lora_expand_rms_norm_takes(const at::Tensor& t, const at::Tensor& b, const at::Tensor& y, const at::Tensor& h) {
+  const int64_t vec = 16 / h.element_size();
+  auto aligned = [](const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
+  return b.size(1) <= kLoraNormMaxRank && h.size(1) % vec == 0 && y.stride(0) % vec == 0 && aligned(y) &&
+         aligned(h) && h.is_contiguous() && t.stride(1) == 1;
+}
+
+void lora_expand_rms_norm_cpu(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,
+                              const at::Tensor& h, const at::Tensor& w, double eps, const at::Tensor& out) {
+  check_expand_rms_norm(t, b, scale, y, h, w, out);
+  RLAIF_CHECK(t.is_cpu(), "lora_expand_rms_norm_cpu: tensors must be on the CPU");
+  lora_expand_cpu(t, {b}, {scale}, {y}, h, {h});
+  rms_norm_cpu(h, w, eps, out);
+}
+
+void lora_expand_rms_norm(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,
+                          const at::Tensor& h, const at::Tensor& w, double eps, const at::Tensor& out) {
+  if (!t.is_cuda()) return lora_expand_rms_norm_cpu(t, b, scale, y, h, w, eps, out);
+  check_expand_rms_norm(t, b, scale, y, h, w, out);
+  RLAIF_CHECK(lora_expand_rms_norm_takes(t, b, y, h),
+              "lora_expand_rms_norm: rank {} (at most {}) or rows not 16-byte aligned: the caller asks "
+              "lora_expand_rms_norm_takes first", b.size(1), kLoraNormMaxRank);
+  cuda_kernel(&KernelRegistry::lora_expand_rms_norm_cuda, "lora_expand_rms_norm")(t, b, scale, y, h, w, eps, out);
 }
 
 }  // namespace rlaif::kernels

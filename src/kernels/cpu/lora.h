@@ -35,4 +35,17 @@ void lora_expand_silu_mul_cpu(const at::Tensor& t, const std::vector<at::Tensor>
                               const std::vector<double>& scales, const at::Tensor& gate, const at::Tensor& up,
                               const at::Tensor& out);
 
+// One adapter's update added to the residual, then the next RMSNorm, in one launch on the GPU (the o and down
+// projections' expand with the post-attention or next input norm after it): h = to(h + to(y + to(scale · t · Bᵀ)))
+// in place, then out = rms_norm(h, w, eps) (kernels/cpu/rms_norm.h's roundings). t [S, r] float32 or of h's dtype
+// (rows of any stride), B [O, r] float32 contiguous, y [S, O] with contiguous rows (any stride), h and out [S, O]
+// contiguous, w [O]. lora_expand_rms_norm_takes: whether the CUDA kernel serves these tensors (r ≤ 256; rows of y,
+// h, w and out 16-byte aligned), which the engine asks before it defers an update to the norm.
+constexpr int64_t kLoraNormMaxRank = 256;
+bool lora_expand_rms_norm_takes(const at::Tensor& t, const at::Tensor& b, const at::Tensor& y, const at::Tensor& h);
+void lora_expand_rms_norm(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,
+                          const at::Tensor& h, const at::Tensor& w, double eps, const at::Tensor& out);
+void lora_expand_rms_norm_cpu(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,
+                              const at::Tensor& h, const at::Tensor& w, double eps, const at::Tensor& out);
+
 }  // namespace rlaif::kernels

@@ -45,6 +45,9 @@ struct KernelRegistry {
   void (*lora_expand_silu_mul_cuda)(const at::Tensor& t, const std::vector<at::Tensor>& b,
                                     const std::vector<double>& scales, const at::Tensor& gate, const at::Tensor& up,
                                     const at::Tensor& out) = nullptr;
+  void (*lora_expand_rms_norm_cuda)(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,
+                                    const at::Tensor& h, const at::Tensor& w, double eps,
+                                    const at::Tensor& out) = nullptr;
   // The decode step's dense projections through tuned cuBLASLt algorithms (kernels/cpu/tuned_linear.h).
   void (*linear_tuned_cuda)(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out,
                             bool accumulate) = nullptr;

@@ -6,10 +6,15 @@
 // rank chunk of B (16 columns) in registers; t's rows for the tile go through shared memory; the tile's base outputs
 // are requested before the staging. Scaled, rounded, added to the base output (rows of any stride: column slices of
 // a packed GEMM's output) and optionally to the residual — or, for gate/up, followed by SwiGLU in the same thread.
+// Above the few-row batch the expands run on tensor cores (lora_expand_mma). One adapter's expand into the residual
+// can also carry the next RMSNorm (lora_expand_rms_norm: a block per row).
 #include "kernels/cuda/lora.h"
+
+#include "kernels/cpu/lora.h"  // kLoraNormMaxRank
 
 #include "kernels/cuda/common.cuh"
 
+#include <algorithm>
 #include <type_traits>
 
 namespace rlaif::kernels {
@@ -529,6 +534,64 @@ __global__ void __launch_bounds__(kMmaWarps * 32) lora_expand_silu_mma_kernel(co
     }
 }
 
+// lora_expand_rms_norm: a block per row s, a thread per VEC consecutive columns (rms_norm_kernel's mapping up to
+// 512 threads): t's row goes to shared memory; each thread's update is Σ_j t[j] ·
+// b[o, j] in order for its VEC columns (B's rows, float32, four at a time when r allows), then h = to(h + to(y +
+// to(scale · update))), its square summed; after the block sum, out = w · to(h · rms scale) from the thread's own
+// h (no second barrier). B is read whole by every row's block (O · r floats from L2).
+template <typename T, typename TT, int VEC>
+__global__ void __launch_bounds__(512) lora_expand_rms_norm_kernel(const TT* __restrict__ t, int64_t R, int r,
+                                                                    const float* __restrict__ b, float scale,
+                                                                    const T* __restrict__ y, int64_t y_stride,
+                                                                    T* __restrict__ h, const T* __restrict__ w,
+                                                                    T* __restrict__ out, int D, float inv_d,
+                                                                    float eps) {
+  __shared__ float ts[kLoraNormMaxRank];
+  const int64_t s = blockIdx.x, base = s * D;
+  const bool b4 = r % 4 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  for (int j = threadIdx.x; j < r; j += blockDim.x) ts[j] = static_cast<float>(t[s * R + j]);
+  __syncthreads();
+  float ss = 0.0f;
+  for (int i = threadIdx.x * VEC; i < D; i += blockDim.x * VEC) {
+    const Vec<T, VEC> yv = load_vec<T, VEC>(y + s * y_stride + i);
+    Vec<T, VEC> hv = load_vec<T, VEC>(h + base + i);
+    float acc[VEC] = {};
+    if (b4) {
+#pragma unroll 2
+      for (int j = 0; j < r; j += 4) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float4 bv = *reinterpret_cast<const float4*>(b + static_cast<int64_t>(i + e) * r + j);
+          acc[e] += ts[j] * bv.x;
+          acc[e] += ts[j + 1] * bv.y;
+          acc[e] += ts[j + 2] * bv.z;
+          acc[e] += ts[j + 3] * bv.w;
+        }
+      }
+    } else {
+      for (int j = 0; j < r; ++j)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += ts[j] * b[static_cast<int64_t>(i + e) * r + j];
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const T v = to<T>(static_cast<float>(yv.v[e]) + static_cast<float>(to<T>(acc[e] * scale)));
+      hv.v[e] = to<T>(static_cast<float>(hv.v[e]) + static_cast<float>(v));
+      ss += static_cast<float>(hv.v[e]) * static_cast<float>(hv.v[e]);
+    }
+    store_vec<T, VEC>(h + base + i, hv);
+  }
+  ss = block_sum(ss);
+  const float rs = rms_scale(ss, inv_d, eps);
+  for (int i = threadIdx.x * VEC; i < D; i += blockDim.x * VEC) {
+    const Vec<T, VEC> a = load_vec<T, VEC>(h + base + i), wv = load_vec<T, VEC>(w + i);
+    Vec<T, VEC> o;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o.v[e] = rms_apply(a.v[e], wv.v[e], rs);
+    store_vec<T, VEC>(out + base + i, o);
+  }
+}
+
 // Session 8's shrink: a block per (group of up to 4 rank columns, tile of up to 8 rows).
 template <typename T>
 void shrink_cols(const at::Tensor& x, const ShrinkArgs& args, const at::Tensor& t, bool vec, cudaStream_t stream) {
@@ -736,6 +799,28 @@ void expand_silu(const at::Tensor& t, const std::vector<at::Tensor>& b, const st
   });
 }
 
+template <typename T>
+void expand_rms_norm(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y, const at::Tensor& h,
+                     const at::Tensor& w, double eps, const at::Tensor& out) {
+  const int64_t S = h.size(0);
+  const int D = static_cast<int>(h.size(1));
+  if (S == 0) return;
+  const c10::cuda::CUDAGuard guard(h.device());
+  // rms_norm's launch (a 16-byte vector a thread: the sums of squares meet in the same order) up to 512 threads
+  // (D = 4096 in bf16); wider rows take several vectors a thread.
+  const int threads = std::clamp((D / kVec<T> + 31) / 32 * 32, 32, 512);
+  auto run = [&](const auto* tp) {
+    using TT = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
+    lora_expand_rms_norm_kernel<T, TT, kVec<T>><<<S, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        tp, t.stride(0), static_cast<int>(b.size(1)), b.data_ptr<float>(), static_cast<float>(scale),
+        y.data_ptr<T>(), y.stride(0), h.data_ptr<T>(), w.data_ptr<T>(), out.data_ptr<T>(), D,
+        1.0f / static_cast<float>(D), static_cast<float>(eps));
+  };
+  if (t.scalar_type() == at::kFloat) run(t.data_ptr<float>());
+  else run(t.data_ptr<T>());
+  check_launch("lora_expand_rms_norm_kernel");
+}
+
 }  // namespace
 
 void lora_shrink_cuda(const at::Tensor& x, const std::vector<at::Tensor>& a, const at::Tensor& t) {
@@ -753,6 +838,12 @@ void lora_expand_silu_mul_cuda(const at::Tensor& t, const std::vector<at::Tensor
                                const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
   if (gate.scalar_type() == at::kFloat) expand_silu<float>(t, b, scales, gate, up, out);
   else expand_silu<at::BFloat16>(t, b, scales, gate, up, out);
+}
+
+void lora_expand_rms_norm_cuda(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,
+                               const at::Tensor& h, const at::Tensor& w, double eps, const at::Tensor& out) {
+  if (h.scalar_type() == at::kFloat) expand_rms_norm<float>(t, b, scale, y, h, w, eps, out);
+  else expand_rms_norm<at::BFloat16>(t, b, scale, y, h, w, eps, out);
 }
 
 }  // namespace rlaif::kernels

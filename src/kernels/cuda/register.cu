@@ -28,6 +28,7 @@ extern "C" bool rlaif_register_cuda_kernels() {
   r.lora_shrink_cuda = &lora_shrink_cuda;
   r.lora_expand_cuda = &lora_expand_cuda;
   r.lora_expand_silu_mul_cuda = &lora_expand_silu_mul_cuda;
+  r.lora_expand_rms_norm_cuda = &lora_expand_rms_norm_cuda;
   r.linear_tuned_cuda = &linear_tuned_cuda;
   r.quantize_affine_cuda = &quantize_affine_cuda;
   r.dequantize_affine_cuda = &dequantize_affine_cuda;
