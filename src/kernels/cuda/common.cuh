@@ -77,6 +77,18 @@ template <typename T>
 __device__ __forceinline__ T rms_apply(T a, T w, float scale) {
   return to<T>(static_cast<float>(w) * static_cast<float>(to<T>(static_cast<float>(a) * scale)));
 }
+// The norm's second pass over one row (x and out at the row's start): each thread re-reads only the VEC-wide
+// vectors of x it wrote itself in the first pass, so no barrier is needed.
+template <typename T, int VEC>
+__device__ __forceinline__ void rms_apply_row(const T* x, const T* w, T* out, int D, float scale) {
+  for (int i = threadIdx.x * VEC; i < D; i += blockDim.x * VEC) {
+    const Vec<T, VEC> a = load_vec<T, VEC>(x + i), wv = load_vec<T, VEC>(w + i);
+    Vec<T, VEC> o;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o.v[j] = rms_apply(a.v[j], wv.v[j], scale);
+    store_vec<T, VEC>(out + i, o);
+  }
+}
 
 // 16-byte global → shared copies that bypass registers (and L1): cp_async_commit closes a group,
 // cp_async_wait<N> waits until at most N groups are in flight, cp_async_wait_all for every copy of this thread.

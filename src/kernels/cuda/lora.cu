@@ -582,14 +582,7 @@ __global__ void __launch_bounds__(512) lora_expand_rms_norm_kernel(const TT* __r
     store_vec<T, VEC>(h + base + i, hv);
   }
   ss = block_sum(ss);
-  const float rs = rms_scale(ss, inv_d, eps);
-  for (int i = threadIdx.x * VEC; i < D; i += blockDim.x * VEC) {
-    const Vec<T, VEC> a = load_vec<T, VEC>(h + base + i), wv = load_vec<T, VEC>(w + i);
-    Vec<T, VEC> o;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) o.v[e] = rms_apply(a.v[e], wv.v[e], rs);
-    store_vec<T, VEC>(out + base + i, o);
-  }
+  rms_apply_row<T, VEC>(h + base, w, out + base, D, rms_scale(ss, inv_d, eps));
 }
 
 // Session 8's shrink: a block per (group of up to 4 rank columns, tile of up to 8 rows).

@@ -28,15 +28,7 @@ __global__ void rms_norm_kernel(T* __restrict__ x, const T* __restrict__ delta, 
     for (int j = 0; j < VEC; ++j) ss += static_cast<float>(a.v[j]) * static_cast<float>(a.v[j]);
   }
   ss = block_sum(ss);
-  const float scale = rms_scale(ss, inv_d, eps);
-  // Second pass: this thread re-reads only the elements it wrote itself, so no barrier is needed.
-  for (int i = threadIdx.x * VEC; i < D; i += blockDim.x * VEC) {
-    const Vec<T, VEC> a = load_vec<T, VEC>(x + base + i), wv = load_vec<T, VEC>(w + i);
-    Vec<T, VEC> o;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) o.v[j] = rms_apply(a.v[j], wv.v[j], scale);
-    store_vec<T, VEC>(out + base + i, o);
-  }
+  rms_apply_row<T, VEC>(x + base, w, out + base, D, rms_scale(ss, inv_d, eps));
 }
 
 template <typename T, bool ADD>
