@@ -561,12 +561,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   if constexpr (SILU) tiles = static_cast<int>(segs.s[0].rows / 8);
   else
     for (int i = 0; i < segs.count; ++i) tiles += static_cast<int>(segs.s[i].rows / 8);
+  pdl_begin(pdl);  // the weights do not depend on the previous kernel; x, the norm's input and the residual do
+  stage<R, WPT, BITS>(x, K, norm_w, eps, normed, xs, sums);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const int per_warp = (groups + kWarps - 1) / kWarps, g_begin = warp * per_warp;
   const int g_end = min(groups, g_begin + per_warp);
-  // A tile's segments (gate and up, or the one holding the tile) and first row.
-  auto locate = [&](int tile, const QSegment<T, S>* (&seg)[NT], int64_t& row0) {
-    row0 = static_cast<int64_t>(tile) * 8;
+  int buf = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, buf ^= 1) {
+    // The task's segments (gate and up, or the one holding the tile) and first row.
+    const QSegment<T, S>* seg[NT];
+    int64_t row0 = static_cast<int64_t>(tile) * 8;
     if constexpr (SILU) {
       seg[0] = &segs.s[0];
       seg[1] = &segs.s[1];
@@ -575,33 +579,6 @@ __global__ void __launch_bounds__(kThreads, 2)
       while (row0 >= segs.s[si].rows) row0 -= segs.s[si++].rows;
       seg[0] = &segs.s[si];
     }
-  };
-  // Sends this warp's share of a tile (its groups' words, scales and biases in the 8 rows) towards L2, so the
-  // tile's loads, issued only after the previous tile's barrier, wait on L2 rather than memory.
-  const int share_bytes = (g_end - g_begin) * kGroup * BITS / 8;
-  const int sb_bytes = (g_end - g_begin) * static_cast<int>(sizeof(S));
-  auto prefetch_tile = [&](int tile) {
-    if (tile >= tiles || g_begin >= g_end) return;
-    const QSegment<T, S>* seg[NT];
-    int64_t row0;
-    locate(tile, seg, row0);
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll 1
-      for (int64_t r = row0; r < row0 + 8; ++r)
-        prefetch_row(reinterpret_cast<const uint32_t*>(seg[t]->w) + r * words_per_row + g_begin * (kGroup * BITS / 32),
-                     share_bytes, seg[t]->scales + r * groups + g_begin, seg[t]->biases + r * groups + g_begin,
-                     sb_bytes);
-  };
-  prefetch_tile(blockIdx.x);  // before the wait and the staging
-  pdl_begin(pdl);  // x, the norm's input and the residual depend on the previous kernel
-  stage<R, WPT, BITS>(x, K, norm_w, eps, normed, xs, sums);
-  int buf = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, buf ^= 1) {
-    const QSegment<T, S>* seg[NT];
-    int64_t row0;
-    locate(tile, seg, row0);
-    prefetch_tile(tile + static_cast<int>(gridDim.x));  // while this tile's loads and arithmetic run
     float acc[NT][2] = {};
     for (int gi0 = g_begin; gi0 < g_end; gi0 += UG) {
       Words<WPT * kCW> w[UG][NT];
