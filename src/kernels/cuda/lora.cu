@@ -390,7 +390,11 @@ __global__ void __launch_bounds__(kExpandCols, kExpandBlocksPerSm<ROWS>) lora_ex
 // t·Bᵀ is m16n8k16 MMAs over the rank in chunks of 16 (columns past the rank are zeros). B is float32; each value
 // enters as two bf16s, hi = bf16(b) and lo = bf16(b - hi), so the MMAs see b to 16 bits (the products are exact,
 // the sums float32). The SIMT kernels above spend most of their instructions on addressing and predicates around
-// the 16 FMAs per output; the MMAs need two instructions per 128 outputs and rank chunk.
+// the 16 FMAs per output; the MMAs need two instructions per 128 outputs and rank chunk. Session 13's Nsight Compute
+// sections of the first version (batch-64 gate/up + SwiGLU, MT = 4: 14.7 µs, ~1,860 instructions a warp at 9.1
+// cycles each, 2.6 warps a scheduler) led to this one: each lane's fragment rows become pointers and in-range flags
+// once (a load is then one add), 2 row tiles a warp where that still fills the SMs (twice the warps), and SwiGLU's
+// division as __fdividef.
 constexpr int kMmaWarps = 4;               // warps of a tensor-core expand block
 constexpr int kMmaCols = 8 * kMmaWarps;    // output columns of a block
 
@@ -403,27 +407,50 @@ __device__ __forceinline__ void split_bf16(float2 v, uint32_t& hi, uint32_t& lo)
 }
 
 __device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ float2 unpack_pair(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+__device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
-// acc[mt] (C fragments) += t[s0 + 16 mt + 16 rows, 0..r) · b[o0 + 8 columns, 0..r)ᵀ: t bf16 with rows R apart (its
-// pairs 4-byte aligned: R and the adapter's first column even), b float32 rows of r (even) values.
+// A lane's fragment rows (16·mt + g + 8·half below the warp's first row) of a bf16 matrix with rows `stride` apart,
+// as pointers at column `col` (the base already there) and whether each row is below `rows_left`.
 template <int MT>
-__device__ __forceinline__ void mma_update(const __nv_bfloat16* t, int64_t R, int64_t S, int64_t s0, const float* b,
-                                           int64_t r, int64_t O, int64_t o0, float (&acc)[MT][4]) {
-  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int64_t n = o0 + g;  // B fragment column of this lane
-  for (int64_t k0 = 0; k0 < r; k0 += 16) {
-    const int64_t k = k0 + 2 * c;
+struct FragRows {
+  const __nv_bfloat16* p[MT][2];
+  bool ok[MT][2];
+  __device__ __forceinline__ FragRows(const __nv_bfloat16* base, int64_t stride, int64_t rows_left) {
+    const int g = (threadIdx.x % 32) / 4;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = 16 * mt + g + 8 * half;
+        ok[mt][half] = row < rows_left;
+        p[mt][half] = base + (ok[mt][half] ? row : 0) * stride;
+      }
+  }
+};
+
+// acc[mt] (C fragments) += t[fragment rows, 0..r) · b[o0 + 8 columns, 0..r)ᵀ: t's rows from `tr` (pairs 4-byte
+// aligned: the row stride and the adapter's first column even), `brow` = B's row o0 + g (float32, r even values),
+// n_ok whether that row exists.
+template <int MT>
+__device__ __forceinline__ void mma_update(const FragRows<MT>& tr, const float* brow, bool n_ok, int r,
+                                           float (&acc)[MT][4]) {
+  const int c = threadIdx.x % 4;
+  for (int k0 = 0; k0 < r; k0 += 16) {
+    const int k = k0 + 2 * c;
+    const bool lo_ok = k < r, hi_ok = k + 8 < r;
     const float2 zero = make_float2(0.0f, 0.0f);
-    const float2 v0 = n < O && k < r ? *reinterpret_cast<const float2*>(b + n * r + k) : zero;
-    const float2 v1 = n < O && k + 8 < r ? *reinterpret_cast<const float2*>(b + n * r + k + 8) : zero;
+    const float2 v0 = n_ok && lo_ok ? *reinterpret_cast<const float2*>(brow + k) : zero;
+    const float2 v1 = n_ok && hi_ok ? *reinterpret_cast<const float2*>(brow + k + 8) : zero;
     uint32_t a[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const int64_t row0 = s0 + 16 * mt + g, row1 = row0 + 8;
-      a[mt][0] = row0 < S && k < r ? load_pair(t + row0 * R + k) : 0u;
-      a[mt][1] = row1 < S && k < r ? load_pair(t + row1 * R + k) : 0u;
-      a[mt][2] = row0 < S && k + 8 < r ? load_pair(t + row0 * R + k + 8) : 0u;
-      a[mt][3] = row1 < S && k + 8 < r ? load_pair(t + row1 * R + k + 8) : 0u;
+      a[mt][0] = tr.ok[mt][0] && lo_ok ? load_pair(tr.p[mt][0] + k) : 0u;
+      a[mt][1] = tr.ok[mt][1] && lo_ok ? load_pair(tr.p[mt][1] + k) : 0u;
+      a[mt][2] = tr.ok[mt][0] && hi_ok ? load_pair(tr.p[mt][0] + k + 8) : 0u;
+      a[mt][3] = tr.ok[mt][1] && hi_ok ? load_pair(tr.p[mt][1] + k + 8) : 0u;
     }
     uint32_t h0, l0, h1, l1;
     split_bf16(v0, h0, l0);
@@ -441,96 +468,100 @@ __device__ __forceinline__ void mma_update(const __nv_bfloat16* t, int64_t R, in
 // before the MMAs. Outputs as lora_expand_kernel's: out = to(y + to(scale · update)), then to(h + out).
 template <int MT>
 __global__ void __launch_bounds__(kMmaWarps * 32) lora_expand_mma_kernel(const __nv_bfloat16* __restrict__ t, int64_t S,
-                                                                     int64_t R, ExpandArgs<at::BFloat16> args,
-                                                                     const at::BFloat16* residual) {
+                                                                       int64_t R, ExpandArgs<at::BFloat16> args,
+                                                                       const at::BFloat16* residual) {
   int i = 0;
   while (i + 1 < args.count && blockIdx.x >= args.first_block[i + 1]) ++i;
   const int64_t O = args.rows[i];
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t o0 = (blockIdx.x - args.first_block[i]) * kMmaCols + (threadIdx.x / 32) * 8;
   if (o0 >= O) return;  // the whole warp: no MMA waits for it
-  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * 16 * MT, o = o0 + 2 * c;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * 16 * MT, o = o0 + 2 * c, left = S - s0;
+  const bool o_ok = o < O;
   const auto* y = reinterpret_cast<const __nv_bfloat16*>(args.y[i]);
   const auto* h = reinterpret_cast<const __nv_bfloat16*>(residual);
+  const FragRows<MT> yr(y + s0 * args.y_stride[i] + o, args.y_stride[i], left);
   uint32_t yv[MT][2] = {}, hv[MT][2] = {};
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = s0 + 16 * mt + g + 8 * half;
-      if (row < S && o < O) {
-        yv[mt][half] = load_pair(y + row * args.y_stride[i] + o);
-        if (h) hv[mt][half] = load_pair(h + row * O + o);
+    for (int half = 0; half < 2; ++half)
+      if (yr.ok[mt][half] && o_ok) {
+        yv[mt][half] = load_pair(yr.p[mt][half]);
+        if (h) hv[mt][half] = load_pair(h + (s0 + 16 * mt + g + 8 * half) * O + o);
       }
-    }
   float acc[MT][4] = {};
-  mma_update<MT>(reinterpret_cast<const __nv_bfloat16*>(t) + args.col[i], R, S, s0, args.b[i], args.rank[i], O, o0, acc);
+  const FragRows<MT> tr(t + s0 * R + args.col[i], R, left);
+  const int r = static_cast<int>(args.rank[i]);
+  mma_update<MT>(tr, args.b[i] + (o0 + g) * r, o0 + g < O, r, acc);
   const float scale = args.scale[i];
-  auto* out = reinterpret_cast<__nv_bfloat16*>(args.out[i]);
+  auto* out = reinterpret_cast<__nv_bfloat16*>(args.out[i]) + s0 * args.out_stride[i] + o;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t row = s0 + 16 * mt + g + 8 * half;
-      if (row >= S || o >= O) continue;
-      const float2 yf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&yv[mt][half]));
-      float v0 = __bfloat162float(__float2bfloat16_rn(yf.x + __bfloat162float(__float2bfloat16_rn(acc[mt][2 * half] * scale))));
-      float v1 = __bfloat162float(__float2bfloat16_rn(yf.y + __bfloat162float(__float2bfloat16_rn(acc[mt][2 * half + 1] * scale))));
+      if (!yr.ok[mt][half] || !o_ok) continue;
+      const float2 yf = unpack_pair(yv[mt][half]);
+      float v0 = round_bf16(yf.x + round_bf16(acc[mt][2 * half] * scale));
+      float v1 = round_bf16(yf.y + round_bf16(acc[mt][2 * half + 1] * scale));
       if (h) {
-        const float2 hf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv[mt][half]));
+        const float2 hf = unpack_pair(hv[mt][half]);
         v0 = hf.x + v0, v1 = hf.y + v1;
       }
-      *reinterpret_cast<__nv_bfloat162*>(out + row * args.out_stride[i] + o) = __floats2bfloat162_rn(v0, v1);
+      *reinterpret_cast<__nv_bfloat162*>(out + (16 * mt + g + 8 * half) * args.out_stride[i]) =
+          __floats2bfloat162_rn(v0, v1);
     }
 }
 
 // The gate/up form (adapters 0 and 1 over the same F columns): out[s, f] = silu_mul of the two updated outputs,
-// with lora_expand_silu_kernel's roundings; out is contiguous [S, F].
+// with lora_expand_silu_kernel's roundings (the division by __fdividef: within 2 float32 ulps before the bf16
+// rounding); out is contiguous [S, F].
 template <int MT>
 __global__ void __launch_bounds__(kMmaWarps * 32) lora_expand_silu_mma_kernel(const __nv_bfloat16* __restrict__ t,
-                                                                          int64_t S, int64_t R,
-                                                                          ExpandArgs<at::BFloat16> args,
-                                                                          at::BFloat16* out) {
+                                                                            int64_t S, int64_t R,
+                                                                            ExpandArgs<at::BFloat16> args,
+                                                                            at::BFloat16* out) {
   const int64_t F = args.rows[0];
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kMmaCols + (threadIdx.x / 32) * 8;
   if (o0 >= F) return;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * 16 * MT, o = o0 + 2 * c;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * 16 * MT, o = o0 + 2 * c, left = S - s0;
+  const bool o_ok = o < F;
   const auto* gate = reinterpret_cast<const __nv_bfloat16*>(args.y[0]);
   const auto* up = reinterpret_cast<const __nv_bfloat16*>(args.y[1]);
+  const FragRows<MT> gr(gate + s0 * args.y_stride[0] + o, args.y_stride[0], left);
+  const FragRows<MT> ur(up + s0 * args.y_stride[1] + o, args.y_stride[1], left);
   uint32_t gv[MT][2] = {}, uv[MT][2] = {};
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = s0 + 16 * mt + g + 8 * half;
-      if (row < S && o < F) {
-        gv[mt][half] = load_pair(gate + row * args.y_stride[0] + o);
-        uv[mt][half] = load_pair(up + row * args.y_stride[1] + o);
+    for (int half = 0; half < 2; ++half)
+      if (gr.ok[mt][half] && o_ok) {
+        gv[mt][half] = load_pair(gr.p[mt][half]);
+        uv[mt][half] = load_pair(ur.p[mt][half]);
       }
-    }
   float acc_g[MT][4] = {}, acc_u[MT][4] = {};
-  const auto* tb = reinterpret_cast<const __nv_bfloat16*>(t);
-  mma_update<MT>(tb + args.col[0], R, S, s0, args.b[0], args.rank[0], F, o0, acc_g);
-  mma_update<MT>(tb + args.col[1], R, S, s0, args.b[1], args.rank[1], F, o0, acc_u);
-  auto* dst = reinterpret_cast<__nv_bfloat16*>(out);
-  auto rnd = [](float x) { return __bfloat162float(__float2bfloat16_rn(x)); };
+  const auto* tb = reinterpret_cast<const __nv_bfloat16*>(t) + s0 * R;
+  const int rg = static_cast<int>(args.rank[0]), ru = static_cast<int>(args.rank[1]);
+  const bool n_ok = o0 + g < F;
+  mma_update<MT>(FragRows<MT>(tb + args.col[0], R, left), args.b[0] + (o0 + g) * rg, n_ok, rg, acc_g);
+  mma_update<MT>(FragRows<MT>(tb + args.col[1], R, left), args.b[1] + (o0 + g) * ru, n_ok, ru, acc_u);
+  auto* dst = reinterpret_cast<__nv_bfloat16*>(out) + s0 * F + o;
+  const float sg = args.scale[0], su = args.scale[1];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t row = s0 + 16 * mt + g + 8 * half;
-      if (row >= S || o >= F) continue;
-      const float2 gf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv[mt][half]));
-      const float2 uf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&uv[mt][half]));
-      float r[2];
+      if (!gr.ok[mt][half] || !o_ok) continue;
+      const float2 gf = unpack_pair(gv[mt][half]), uf = unpack_pair(uv[mt][half]);
+      float res[2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float gg = rnd((e ? gf.y : gf.x) + rnd(acc_g[mt][2 * half + e] * args.scale[0]));
-        const float uu = rnd((e ? uf.y : uf.x) + rnd(acc_u[mt][2 * half + e] * args.scale[1]));
-        r[e] = rnd(gg / (1.0f + expf(-gg))) * uu;
+        const float gg = round_bf16((e ? gf.y : gf.x) + round_bf16(acc_g[mt][2 * half + e] * sg));
+        const float uu = round_bf16((e ? uf.y : uf.x) + round_bf16(acc_u[mt][2 * half + e] * su));
+        res[e] = round_bf16(__fdividef(gg, 1.0f + __expf(-gg))) * uu;
       }
-      *reinterpret_cast<__nv_bfloat162*>(dst + row * F + o) = __floats2bfloat162_rn(r[0], r[1]);
+      *reinterpret_cast<__nv_bfloat162*>(dst + (16 * mt + g + 8 * half) * F) = __floats2bfloat162_rn(res[0], res[1]);
     }
 }
 
@@ -727,7 +758,7 @@ bool mma_expand_fits(const at::Tensor& t, const std::vector<at::Tensor>& b, cons
 }
 
 // The tensor-core expand's grid (`blocks` of 32 columns × row tiles of 16·MT rows): MT = 4 while that leaves at
-// least 8 warps an SM (batch-64 gate/up), else 2 or 1 (more, shorter warps for narrow outputs).
+// least 16 warps an SM, else 2 (batch-64 gate/up: 2,752 warps) or 1 (more, shorter warps for narrow outputs).
 template <typename Launch>
 void launch_expand_mma(const at::Tensor& t, int64_t blocks, Launch&& launch) {
   const int64_t S = t.size(0);
@@ -736,7 +767,7 @@ void launch_expand_mma(const at::Tensor& t, int64_t blocks, Launch&& launch) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto tiles = [&](int mt) { return (S + 16 * mt - 1) / (16 * mt); };
   int mt = 4;
-  while (mt > 1 && blocks * kMmaWarps * tiles(mt) < 8 * sms) mt /= 2;
+  while (mt > 1 && blocks * kMmaWarps * tiles(mt) < 16 * sms) mt /= 2;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles(mt)));
   const auto* tp = static_cast<const __nv_bfloat16*>(t.data_ptr());
   if (mt == 4) launch(tp, grid, std::integral_constant<int, 4>{});
