@@ -220,7 +220,7 @@ if has train; then
   # picks the runs (default all): main, kernel (the LoRA shrink kernels), ckpt (checkpointing, micro-batch 8),
   # hf (transformers + peft), old (the pre-optimisation training path: eager attention, full head, PEFT's LoRA
   # ops, eager norm); variant (only when named: the main configuration plus RLAIF_TRAIN_VARIANT_ARGS, e.g.
-  # '--lora-expand-rows 4', right after main for a same-machine A/B).
+  # '--lora-norm-fusion', right after main for a same-machine A/B).
   save_model 3b
   # The card's clocks, power and temperature every 0.5 s while the runs go: the training phase (compute-bound) took
   # 2.6 s on one machine and 3.4-3.7 s on others with the same code, while the memory-bound generation did not move.

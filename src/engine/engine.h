@@ -61,12 +61,13 @@ struct EngineOptions {
   // registers; session 13 measured it slower (H100, 3B r16 batch 64: 11,620 tok/s against 11,848).
   int lora_expand_rows = 8;
   // The CUDA LoRA expands above the few-row batch on tensor cores (kernels/cpu/registry.h lora_expand_mma; within a
-  // rounding of the SIMT kernels, not bit-equal). Session 13, H100, 3B r16, 512 new tokens, batch 64: 12,098 tok/s
-  // against 11,848 with the SIMT expands (docs/PERFORMANCE.md).
+  // rounding of the SIMT kernels, not bit-equal). Session 13, H100, 3B r16, 512 new tokens, batch 64: 12,749 tok/s
+  // against 12,110 with the SIMT expands (docs/PERFORMANCE.md).
   bool lora_expand_mma = true;
   // Above the few-row batch (with lora_shrink_in_gemm), the o and down projections' LoRA update is added to h by the launch of the
   // RMSNorm that reads h next (kernels::lora_expand_rms_norm: the post-attention norm, the next layer's input norm or
-  // the final norm) instead of an expand launch of its own. Opt-in until measured (session 13 built it).
+  // the final norm) instead of an expand launch of its own. Opt-in: slower as built (session 13, H100, 3B r16
+  // batch 64: 11,826 tok/s against 12,280; its block per row leaves most SMs idle; docs/KERNELS.md).
   bool lora_norm_fusion = false;
   std::vector<int64_t> eos_ids;  // every id that ends a sequence (generation_config.json)
 };
