@@ -26,6 +26,11 @@ inline void check_index(const at::Tensor& t, const at::Tensor& like, int64_t n, 
               "{}: {} must be a contiguous int32/int64 vector of {} on {}", op, name, n, like.device().str());
 }
 
+// Whether t (if defined) starts 16-byte aligned: what the CUDA kernels' vector paths need of a tensor's start.
+inline bool aligned16(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 // Reads element i of an int32 or int64 vector (CPU tensors).
 inline int64_t index_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kLong ? t.data_ptr<int64_t>()[i] : t.data_ptr<int32_t>()[i];

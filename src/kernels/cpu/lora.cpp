@@ -165,9 +165,8 @@ void check_expand_rms_norm(const at::Tensor& t, const at::Tensor& b, double scal
 
 bool lora_expand_rms_norm_takes(const at::Tensor& t, const at::Tensor& b, const at::Tensor& y, const at::Tensor& h) {
   const int64_t vec = 16 / h.element_size();
-  auto aligned = [](const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
-  return b.size(1) <= kLoraNormMaxRank && h.size(1) % vec == 0 && y.stride(0) % vec == 0 && aligned(y) &&
-         aligned(h) && h.is_contiguous() && t.stride(1) == 1;
+  return b.size(1) <= kLoraNormMaxRank && h.size(1) % vec == 0 && y.stride(0) % vec == 0 && aligned16(y) &&
+         aligned16(h) && h.is_contiguous() && t.stride(1) == 1;
 }
 
 void lora_expand_rms_norm_cpu(const at::Tensor& t, const at::Tensor& b, double scale, const at::Tensor& y,

@@ -21,12 +21,6 @@ bool quant_small_linear_fits(int64_t rows, int64_t in_features, int64_t bits) {
                                             kQuantSmallLinearStageMaxBytes;
 }
 
-namespace {
-
-bool aligned16(const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
-}  // namespace
-
 bool quant_small_linear_takes(const QuantMatrix& w, int64_t rows) {
   if (!w.wq.defined() || w.wq.dim() != 2 || (w.bits != 4 && w.bits != 8) || w.group_size <= 0) return false;
   const int64_t vpc = 128 / w.bits, cpg = w.group_size / vpc, K = w.wq.size(1) * 32 / w.bits;
